@@ -1,0 +1,41 @@
+"""The PAA R50-FPN network: backbone, neck and head with mmdetection's state-dict names."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .fpn import FPN
+from .head import PAAHead
+from .resnet import ResNet50
+
+NUM_LEVELS = 5
+STRIDES = (8, 16, 32, 64, 128)
+
+
+class PAANet(nn.Module):
+    """ResNet-50 + FPN + PAA head. The raw network, without pre- or post-processing.
+
+    Input: normalised RGB images ``[N, 3, H, W]`` (H, W multiples of 32 are what the checkpoint saw).
+    Output: three lists over the 5 levels P3..P7 (strides 8..128):
+    class logits ``[N, num_classes, H_l, W_l]``, box deltas ``[N, 4, H_l, W_l]``, IoU logits
+    ``[N, 1, H_l, W_l]``.
+
+    ``state_dict()`` keys are mmdetection's (``backbone.*``, ``neck.*``, ``bbox_head.*``: 369 entries),
+    so the official checkpoint loads with ``strict=True``.
+    """
+
+    def __init__(self, num_classes: int = 80) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone = ResNet50()
+        self.neck = FPN((512, 1024, 2048), 256)
+        self.bbox_head = PAAHead(num_classes=num_classes, channels=256, stacked_convs=4, num_levels=NUM_LEVELS)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "PAANet":
+        """Inference-only network: BatchNorm always uses its running statistics."""
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        c2, c3, c4, c5 = self.backbone(images)
+        feats = self.neck([c3, c4, c5])
+        return self.bbox_head(feats)

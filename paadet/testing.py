@@ -1,0 +1,81 @@
+"""Deterministic synthetic weights and images, for tests, golden files and timing-only benchmarks.
+
+Nothing here is a stand-in for the official checkpoint: these weights detect nothing real. They are
+shaped so that the head produces thousands of candidates per image, which exercises top-k, NMS and
+score voting hard, and they are reproducible from a seed on any machine (CPU generator).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .model import PAANet
+
+
+def seeded_state_dict(seed: int = 0, cls_bias: float = -9.0, cls_std: float = 0.035, num_classes: int = 80) -> dict[str, Tensor]:
+    """A random PAA state dict with mmdetection's 369 keys, identical for the same arguments.
+
+    Args:
+        seed: seed of the CPU generator.
+        cls_bias: bias of the classification logits; with ``cls_std`` it sets how many
+            (anchor, class) pairs pass the 0.05 score threshold (thousands at the defaults).
+        cls_std: standard deviation of the classification conv weights.
+        num_classes: classes of the head.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    template = PAANet(num_classes=num_classes).state_dict()
+    out: dict[str, Tensor] = {}
+
+    def normal(shape: torch.Size, std: float, mean: float = 0.0) -> Tensor:
+        return torch.randn(shape, generator=gen) * std + mean
+
+    def uniform(shape: torch.Size, low: float, high: float) -> Tensor:
+        return torch.rand(shape, generator=gen) * (high - low) + low
+
+    for key, ref in template.items():
+        shape = ref.shape
+        if key.endswith("num_batches_tracked"):
+            value = torch.zeros((), dtype=torch.long)
+        elif key.endswith("scale"):
+            value = uniform(shape, 0.8, 1.2)
+        elif "atss_cls" in key:
+            value = normal(shape, cls_std) if key.endswith("weight") else normal(shape, 0.3, cls_bias)
+        elif "atss_reg" in key:
+            value = normal(shape, 0.004) if key.endswith("weight") else normal(shape, 0.1)
+        elif "atss_centerness" in key:
+            value = normal(shape, 0.01) if key.endswith("weight") else normal(shape, 0.2, 0.5)
+        elif ref.ndim == 4:  # conv weights: He initialisation keeps activations bounded
+            fan_in = shape[1] * shape[2] * shape[3]
+            value = normal(shape, math.sqrt(2.0 / fan_in))
+        elif key.endswith("running_var"):
+            value = uniform(shape, 0.5, 1.5)
+        elif key.endswith("running_mean"):
+            value = normal(shape, 0.1)
+        elif key.endswith("weight"):  # BatchNorm / GroupNorm affine weights
+            low, high = (0.1, 0.3) if key.endswith("bn3.weight") else (0.5, 1.0)
+            value = uniform(shape, low, high)
+        else:  # biases
+            value = normal(shape, 0.05)
+        out[key] = value.to(ref.dtype).contiguous()
+    return out
+
+
+def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A reproducible BGR ``uint8`` image ``[height, width, 3]`` with smooth shapes and some noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.zeros((height, width, 3), np.float32)
+    for c in range(3):
+        fx, fy = rng.uniform(0.005, 0.05, 2)
+        px, py = rng.uniform(0, 2 * np.pi, 2)
+        img[..., c] = 127 + 60 * np.sin(xx * fx + px) * np.cos(yy * fy + py)
+    for _ in range(int(rng.integers(3, 8))):
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        rx, ry = rng.uniform(0.05, 0.3) * width, rng.uniform(0.05, 0.3) * height
+        mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
+        img[mask] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
