@@ -232,8 +232,16 @@ def multiclass_nms(
     g_boxes_offset = g_boxes + offsets[:, None, None]
 
     keep_groups = torch.zeros_like(g_valid)
-    for start, end in _chunks(len(groups), k * k, config.nms_chunk_elements):
-        keep_groups[start:end] = greedy_nms_sorted(g_boxes_offset[start:end], g_valid[start:end], config.iou_thr)
+    # Groups are padded to the next power of two of their own size, not to the largest group's:
+    # one crowded class must not make every other class pay for its K x K matrix.
+    g_counts = counts[groups]
+    bucket = torch.clamp(g_counts, min=8)
+    bucket = torch.pow(2, torch.ceil(torch.log2(bucket.to(torch.float32)))).to(torch.long).clamp(max=k)
+    for size in torch.unique(bucket).tolist():
+        members = (bucket == size).nonzero().squeeze(1)
+        for start, end in _chunks(len(members), size * size, config.nms_chunk_elements):
+            idx = members[start:end]
+            keep_groups[idx, :size] = greedy_nms_sorted(g_boxes_offset[idx, :size], g_valid[idx, :size], config.iou_thr)
 
     keep = torch.zeros_like(slot_valid)
     keep[groups] = keep_groups

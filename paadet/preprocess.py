@@ -84,7 +84,10 @@ def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, 
         raise ValueError(f"image size must be positive, got {height}x{width}")
     long_max, short_max = max(scale), min(scale)
     factor = min(long_max / max(height, width), short_max / min(height, width))
-    return int(height * float(factor) + 0.5), int(width * float(factor) + 0.5)
+    new_h, new_w = int(height * float(factor) + 0.5), int(width * float(factor) + 0.5)
+    if new_h < 1 or new_w < 1:
+        raise ValueError(f"image {height}x{width} is too thin: it would resize to {new_h}x{new_w}")
+    return new_h, new_w
 
 
 def resize(image: np.ndarray, preset: str | Preset) -> tuple[np.ndarray, ImageMeta]:
@@ -113,6 +116,8 @@ def normalize_pad(resized: np.ndarray | Tensor, pad_shape: tuple[int, int]) -> T
     t = (t - mean) / std
     h, w = t.shape[-2:]
     pad_h, pad_w = pad_shape
+    if pad_h < h or pad_w < w:
+        raise ValueError(f"pad shape {pad_h}x{pad_w} is smaller than the image {h}x{w}")
     if (pad_h, pad_w) != (h, w):
         t = torch.nn.functional.pad(t, (0, pad_w - w, 0, pad_h - h), value=0.0)
     return t
@@ -130,6 +135,8 @@ def collate(tensors: list[Tensor], metas: list[ImageMeta]) -> tuple[Tensor, Tens
     Returns ``images [B, 3, H, W]``, ``img_shapes [B, 2]`` (h, w) and ``scale_factors [B, 2]``
     (w_scale, h_scale; float32 as mmdetection's ``new_tensor`` makes them).
     """
+    if len(tensors) != len(metas):
+        raise ValueError(f"got {len(tensors)} images but {len(metas)} metas")
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:
         raise ValueError(f"a batch needs images of one padded size, got {sorted(shapes)}")

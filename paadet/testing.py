@@ -15,7 +15,7 @@ from torch import Tensor
 from .model import PAANet
 
 
-def seeded_state_dict(seed: int = 0, cls_bias: float = -9.0, cls_std: float = 0.035, num_classes: int = 80) -> dict[str, Tensor]:
+def seeded_state_dict(seed: int = 0, cls_bias: float = -8.0, cls_std: float = 0.035, num_classes: int = 80) -> dict[str, Tensor]:
     """A random PAA state dict with mmdetection's 369 keys, identical for the same arguments.
 
     Args:

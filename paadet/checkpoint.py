@@ -1,0 +1,212 @@
+"""Safe loading of PAA checkpoints (mmdetection's format or a bare state dict).
+
+Files are read with ``torch.load(..., weights_only=True)`` only: tensors and plain containers,
+never arbitrary pickled objects. A file name carrying mmdetection's hash suffix
+(``..._20200821-936edec3.pth``) is checked against the file's sha256 before it is unpickled.
+Every error is a :class:`CheckpointError` whose message is one line and names the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import PaadetError
+
+__all__ = [
+    "CheckpointError",
+    "expected_sha256_prefix",
+    "key_mismatch_report",
+    "load_state_dict",
+    "load_weights",
+    "sha256_file",
+    "verify_sha256_prefix",
+]
+
+HASH_SUFFIX_RE = re.compile(r"-([0-9a-f]{8,})\.pth$")
+_CHUNK_BYTES = 1 << 20
+_MAX_LISTED = 3
+
+
+class CheckpointError(PaadetError):
+    """A checkpoint is missing, unreadable, unsafe or does not fit the model; the message names the file."""
+
+
+def _one_line(text: str) -> str:
+    """Collapse whitespace (newlines, tabs) so that an error message stays on one line."""
+    return " ".join(str(text).split())
+
+
+def expected_sha256_prefix(path: str | os.PathLike[str]) -> str | None:
+    """The hex prefix of the sha256 that mmdetection encodes in a file name, or ``None``.
+
+    ``paa_r50_fpn_1x_coco_20200821-936edec3.pth`` -> ``"936edec3"``; names without a suffix of
+    at least 8 lower-case hex digits before ``.pth`` carry no hash.
+    """
+    match = HASH_SUFFIX_RE.search(Path(path).name)
+    return match.group(1) if match else None
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = _CHUNK_BYTES) -> str:
+    """The sha256 hex digest of a file, read in chunks of ``chunk_bytes``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_mismatch_message(path: str | os.PathLike[str], expected: str, actual: str) -> str:
+    """The one-line error for a file whose sha256 does not start with the hash in its name."""
+    return (
+        f"{path}: sha256 starts with {actual[:len(expected)]} but the file name expects {expected}; "
+        f"the file is corrupt or truncated, delete it and re-download it"
+    )
+
+
+def verify_sha256_prefix(path: str | os.PathLike[str]) -> None:
+    """Check the file against the hash suffix of its name, if it has one; raise on a mismatch."""
+    expected = expected_sha256_prefix(path)
+    if expected is None:
+        return
+    actual = sha256_file(path)
+    if not actual.startswith(expected):
+        raise CheckpointError(_hash_mismatch_message(path, expected, actual))
+
+
+def _check_readable_file(path: Path) -> None:
+    """Raise unless ``path`` is an existing, non-empty regular file."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file, expected a .pth checkpoint")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty, not a checkpoint (an interrupted download?)")
+
+
+def _describe_load_failure(path: Path, exc: Exception) -> str:
+    """A one-line message for an exception raised by ``torch.load(weights_only=True)``."""
+    text = str(exc)
+    if "Unsupported global" in text:
+        detail = re.search(r"Unsupported global:\s*(.*?)(?:\.\s|$)", text, re.DOTALL)
+        reason = _one_line(detail.group(1)) if detail else "unsupported global"
+        return (
+            f"{path}: refused to load, the file pickles Python objects other than tensors and plain "
+            f"containers ({reason}); paadet never unpickles arbitrary objects (weights_only=True)"
+        )
+    unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    first = unpickler.group(1) if unpickler else next((ln for ln in text.splitlines() if ln.strip()), "")
+    first = _one_line(first).split(". ")[0].rstrip(".")
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"{path}: cannot be read as a PyTorch checkpoint (corrupt, truncated or not a checkpoint): {detail}"
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, with failures as CheckpointError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError, ...
+        raise CheckpointError(_describe_load_failure(path, exc)) from exc
+
+
+def _extract_state_dict(path: Path, obj: Any) -> Mapping[Any, Any]:
+    """The state dict inside mmdetection's ``{"meta", "state_dict"}`` layout, or ``obj`` itself."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: not a checkpoint, it holds a {type(obj).__name__} instead of a dict of tensors")
+    inner = obj.get("state_dict")
+    if isinstance(inner, Mapping):
+        return inner
+    return obj
+
+
+def _validate_tensors(path: Path, state: Mapping[Any, Any]) -> dict[str, Tensor]:
+    """Check that ``state`` maps strings to tensors and return it as a plain dict."""
+    if not state:
+        raise CheckpointError(f"{path}: not a checkpoint, its state dict is empty")
+    bad = [key for key, value in state.items() if not (isinstance(key, str) and isinstance(value, Tensor))]
+    if len(bad) == len(state):
+        raise CheckpointError(f"{path}: not a checkpoint, it holds no tensors (keys: {_list_names(list(state))})")
+    if bad:
+        raise CheckpointError(f"{path}: not a state dict, {len(bad)} entries are not named tensors ({_list_names(bad)})")
+    return dict(state)
+
+
+def _strip_module_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the ``module.`` prefix that (Distributed)DataParallel adds, when every key has it."""
+    prefix = "module."
+    if all(key.startswith(prefix) for key in state):
+        return {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a checkpoint file into a ``{name: tensor}`` dict on the CPU.
+
+    Accepts mmdetection's ``{"meta": ..., "state_dict": {...}}`` layout and a bare state dict;
+    a ``module.`` prefix on every key is removed. If the file name carries mmdetection's hash
+    suffix, the file's sha256 is checked before anything is unpickled.
+
+    Raises:
+        CheckpointError: missing, empty, corrupt or truncated file, hash mismatch, a file that is
+            not a checkpoint, or one that would need ``weights_only=False``.
+    """
+    path = Path(path)
+    _check_readable_file(path)
+    verify_sha256_prefix(path)
+    obj = _torch_load(path)
+    state = _validate_tensors(path, _extract_state_dict(path, obj))
+    return _strip_module_prefix(state)
+
+
+def _list_names(names: list[Any]) -> str:
+    """The first few names, comma-separated, with ``...`` when there are more."""
+    shown = ", ".join(str(name) for name in names[:_MAX_LISTED])
+    return f"{shown}, ..." if len(names) > _MAX_LISTED else shown
+
+
+def _shape(tensor: Tensor) -> str:
+    """A shape as ``[a, b]`` (``[]`` for a 0-dim tensor)."""
+    return "[" + ", ".join(str(size) for size in tensor.shape) + "]"
+
+
+def key_mismatch_report(checkpoint: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str | None:
+    """Describe missing, unexpected and mis-shaped keys on one line, or ``None`` when all match."""
+    missing = [key for key in expected if key not in checkpoint]
+    unexpected = [key for key in checkpoint if key not in expected]
+    misshaped = [
+        f"{key} (checkpoint {_shape(checkpoint[key])} vs model {_shape(ref)})"
+        for key, ref in expected.items()
+        if key in checkpoint and checkpoint[key].shape != ref.shape
+    ]
+    parts = [
+        f"{kind} keys: {len(names)} ({_list_names(names)})"
+        for kind, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if names
+    ]
+    return "; ".join(parts) if parts else None
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load a checkpoint into ``model`` strictly (every key present, no extra key, same shapes).
+
+    Raises:
+        CheckpointError: any error of :func:`load_state_dict`, or keys that do not match the model
+            (the message counts missing, unexpected and mis-shaped keys and names the first few).
+    """
+    state = load_state_dict(path)
+    report = key_mismatch_report(state, model.state_dict())
+    if report is not None:
+        raise CheckpointError(f"{path}: checkpoint does not match {type(model).__name__}: {report}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: cannot load into {type(model).__name__}: {_one_line(str(exc))}") from exc

@@ -1,0 +1,143 @@
+"""Reading images the way mmdetection does, and listing image files on disk.
+
+Decoding is mmcv's ``imfrombytes(..., flag="color", backend="cv2")``:
+``cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)``. That gives BGR ``uint8``
+``[H, W, 3]``: the EXIF orientation is applied, grey images are expanded to three equal channels,
+alpha is dropped and 16-bit samples are reduced to 8 bits (``v >> 8``).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from ..errors import PaadetError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+"""Lower-case suffixes (with the dot) that :func:`list_images` picks up in folders; matched case-insensitively."""
+
+
+class ImageReadError(PaadetError):
+    """An image file that cannot be read or decoded; the message is one line naming the file and the reason."""
+
+
+def _one_line(text: str) -> str:
+    """Collapse whitespace (newlines included) so that a message stays on one line."""
+    return " ".join(text.split())
+
+
+def _error(name: str, reason: str) -> ImageReadError:
+    """Build the one-line :class:`ImageReadError` for ``name``."""
+    return ImageReadError(_one_line(f"cannot read image {name}: {reason}"))
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decode an encoded image (JPEG, PNG, ...) to BGR ``uint8`` ``[H, W, 3]``, exactly as mmcv does.
+
+    Args:
+        data: the file's bytes.
+        name: the file's name, for error messages.
+
+    Raises:
+        ImageReadError: ``data`` is empty or OpenCV cannot decode it.
+    """
+    if len(data) == 0:
+        raise _error(name, "the file is empty")
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise _error(name, f"OpenCV failed to decode it ({exc.err or exc})") from None
+    if image is None:
+        raise _error(name, "not a supported image format, or the data is corrupt")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise _error(name, f"decoded to an unexpected {image.dtype} array of shape {tuple(image.shape)}")
+    return image
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read and decode an image file to BGR ``uint8`` ``[H, W, 3]`` (see :func:`decode_image`).
+
+    Raises:
+        ImageReadError: the file is missing, is a folder, cannot be read, or cannot be decoded.
+    """
+    name = os.fspath(path)
+    file = pathlib.Path(path)
+    if file.is_dir():
+        raise _error(name, "it is a directory")
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise _error(name, "no such file") from None
+    except IsADirectoryError:
+        raise _error(name, "it is a directory") from None
+    except PermissionError:
+        raise _error(name, "permission denied") from None
+    except OSError as exc:
+        raise _error(name, exc.strerror or str(exc)) from None
+    return decode_image(data, name)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """An image file found by :func:`list_images`.
+
+    Attributes:
+        path: where to read it (the input joined with the relative path; not resolved).
+        file_name: the name to report it under: the path relative to the folder given (posix
+            separators), or the argument as given for a file named directly.
+    """
+
+    path: pathlib.Path
+    file_name: str
+
+
+def _raise(exc: OSError) -> None:
+    """``os.walk`` error handler: do not skip unreadable folders silently."""
+    raise exc
+
+
+def _folder_images(folder: pathlib.Path) -> list[ImageSource]:
+    """Image files under ``folder`` (recursively, symlinked sub-folders not followed), sorted by relative name."""
+    found: list[ImageSource] = []
+    for root, _dirs, files in os.walk(folder, onerror=_raise):
+        for file in files:
+            if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS:
+                path = pathlib.Path(root, file)
+                found.append(ImageSource(path, path.relative_to(folder).as_posix()))
+    found.sort(key=lambda source: source.file_name)
+    return found
+
+
+def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[ImageSource]:
+    """List the images named by ``inputs``: any mix of image files and folders, in input order.
+
+    Folders are searched recursively for files with an extension in :data:`IMAGE_EXTENSIONS`
+    (case-insensitive), sorted by their path relative to the folder, which becomes their
+    ``file_name``. A file given directly is taken whatever its extension (an undecodable one fails
+    later, in :func:`read_image`), with the argument as given as its ``file_name``. A file reached
+    twice (same resolved path) is listed once, at its first occurrence. A single path may be passed
+    instead of a sequence.
+
+    Raises:
+        FileNotFoundError: an input does not exist (the error names it).
+        OSError: a folder cannot be listed.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    sources: list[ImageSource] = []
+    seen: set[pathlib.Path] = set()
+    for item in inputs:
+        path = pathlib.Path(item)
+        if not path.exists():
+            raise FileNotFoundError(f"no such image file or folder: {os.fspath(item)}")
+        found = _folder_images(path) if path.is_dir() else [ImageSource(path, os.fspath(item))]
+        for source in found:
+            key = source.path.resolve()
+            if key not in seen:
+                seen.add(key)
+                sources.append(source)
+    return sources

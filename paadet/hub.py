@@ -1,0 +1,199 @@
+"""Finding and downloading the official PAA R50-FPN checkpoint.
+
+The file is cached in :func:`cache_dir` under its original name, whose hash suffix
+(``-936edec3``) is checked on download and again by :func:`paadet.checkpoint.load_state_dict`.
+Downloads use the standard library only, stream to a temporary file in the destination folder
+and are renamed into place atomically, so an interrupted download never leaves a partial file
+under the final name. Every error is a one-line :class:`~paadet.checkpoint.CheckpointError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, expected_sha256_prefix
+
+__all__ = [
+    "OFFICIAL_FILENAME",
+    "OFFICIAL_URL",
+    "cache_dir",
+    "default_checkpoint",
+    "download",
+    "resolve_checkpoint",
+]
+
+OFFICIAL_URL = (
+    "https://download.openmmlab.com/mmdetection/v2.0/paa/paa_r50_fpn_1x_coco/"
+    "paa_r50_fpn_1x_coco_20200821-936edec3.pth"
+)
+OFFICIAL_FILENAME = "paa_r50_fpn_1x_coco_20200821-936edec3.pth"
+
+_CHUNK_BYTES = 1 << 20
+
+
+def cache_dir() -> Path:
+    """Where checkpoints are cached: ``$PAADET_CACHE``, else ``$XDG_CACHE_HOME/paadet``, else ``~/.cache/paadet``."""
+    override = os.environ.get("PAADET_CACHE")
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "paadet"
+
+
+def _filename_from_url(url: str) -> str:
+    """The last path component of ``url`` (query and fragment ignored)."""
+    name = PurePosixPath(urlsplit(url).path).name
+    if not name:
+        raise CheckpointError(f"{url}: the URL names no file")
+    return name
+
+
+def _by_hand(url: str, dest: Path) -> str:
+    """The advice that ends every download error: where to put the file manually."""
+    return f"download {url} by hand and save it as {dest}"
+
+
+def _content_length(response: http.client.HTTPResponse) -> int | None:
+    """The ``Content-Length`` header as an int, or ``None`` when absent or malformed."""
+    value = response.headers.get("Content-Length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _stream(url: str, out: BinaryIO, dest: Path, progress: bool, timeout: float) -> str:
+    """Copy the body at ``url`` into ``out`` with a progress bar; return its sha256 hex digest.
+
+    Raises:
+        CheckpointError: HTTP error, no network, timeout, or a body shorter than its Content-Length.
+    """
+    digest = hashlib.sha256()
+    received = 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            total = _content_length(response)
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress) as bar:
+                while chunk := response.read(_CHUNK_BYTES):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as exc:
+        raise CheckpointError(f"cannot download {url}: HTTP {exc.code} {exc.reason}; {_by_hand(url, dest)}") from exc
+    except (urllib.error.URLError, TimeoutError, http.client.HTTPException, OSError) as exc:
+        raise CheckpointError(f"cannot download {url}: {_reason(exc, timeout)}; {_by_hand(url, dest)}") from exc
+    if total is not None and received != total:
+        raise CheckpointError(
+            f"cannot download {url}: incomplete, got {received} of {total} bytes; {_by_hand(url, dest)}"
+        )
+    return digest.hexdigest()
+
+
+def _reason(exc: BaseException, timeout: float) -> str:
+    """A one-line reason for a network failure (unwrapping URLError)."""
+    cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(cause, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    text = " ".join(str(cause).split())
+    return text or type(cause).__name__
+
+
+def download(url: str, dest: str | os.PathLike[str], progress: bool = True, timeout: float = 30) -> Path:
+    """Download ``url`` to ``dest`` atomically and return ``dest``.
+
+    The body is streamed into a temporary file next to ``dest`` and renamed into place with
+    :func:`os.replace` only once complete. If ``dest``'s name carries mmdetection's hash suffix
+    (``...-936edec3.pth``), the body's sha256 must start with it; otherwise nothing is kept.
+
+    Args:
+        url: what to download (``http``, ``https`` or anything else urllib opens).
+        dest: the final path; its folder is created if needed.
+        progress: show a tqdm progress bar on stderr.
+        timeout: seconds to wait for the connection and for each read.
+
+    Raises:
+        CheckpointError: one line with the URL and the path where the file can be put by hand.
+    """
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as exc:
+        raise CheckpointError(f"cannot create {dest}: {exc}; {_by_hand(url, dest)}") from exc
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest = _stream(url, out, dest, progress, timeout)
+        _check_download_hash(url, dest, digest)
+        _move_into_place(url, tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _move_into_place(url: str, tmp: Path, dest: Path) -> None:
+    """Rename the complete download onto ``dest`` atomically (same folder, so same file system)."""
+    try:
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {dest}: {exc.strerror or exc}; {_by_hand(url, dest)}") from exc
+
+
+def _check_download_hash(url: str, dest: Path, digest: str) -> None:
+    """Raise if ``dest``'s name carries a hash suffix that ``digest`` does not start with."""
+    expected = expected_sha256_prefix(dest)
+    if expected is not None and not digest.startswith(expected):
+        raise CheckpointError(
+            f"downloaded {url} but its sha256 starts with {digest[:len(expected)]}, not {expected} as the name "
+            f"{dest.name} requires; the download is corrupt or truncated and was deleted, try again or "
+            f"{_by_hand(url, dest)}"
+        )
+
+
+def default_checkpoint(url: str = OFFICIAL_URL, download_if_missing: bool = True, progress: bool = True) -> Path:
+    """The official checkpoint in :func:`cache_dir`, downloaded from ``url`` first if it is not there.
+
+    Raises:
+        CheckpointError: the file is missing and ``download_if_missing`` is false, or the download failed.
+    """
+    dest = cache_dir() / _filename_from_url(url)
+    if dest.is_file():
+        return dest
+    if not download_if_missing:
+        raise CheckpointError(f"{dest}: checkpoint not found and downloading is disabled; {_by_hand(url, dest)}")
+    return download(url, dest, progress=progress)
+
+
+def resolve_checkpoint(
+    path: str | os.PathLike[str] | None,
+    *,
+    url: str = OFFICIAL_URL,
+    download_if_missing: bool = True,
+    progress: bool = True,
+) -> Path:
+    """The checkpoint to use: ``path`` itself, or the cached official file when ``path`` is ``None``.
+
+    Args:
+        path: a checkpoint file, or ``None`` for :func:`default_checkpoint`.
+        url, download_if_missing, progress: passed to :func:`default_checkpoint` when ``path`` is ``None``.
+
+    Raises:
+        CheckpointError: ``path`` is not an existing file, or the default checkpoint is unavailable.
+    """
+    if path is None:
+        return default_checkpoint(url, download_if_missing=download_if_missing, progress=progress)
+    resolved = Path(path).expanduser()
+    if not resolved.is_file():
+        raise CheckpointError(f"{resolved}: checkpoint file not found")
+    return resolved

@@ -1,0 +1,86 @@
+"""What every runtime backend provides, and a stage timer that is honest about GPU work."""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..postprocess import Detections
+from ..preprocess import ImageMeta, Preset
+
+STAGES = ("decode", "preprocess", "network", "postprocess")
+
+
+class StageTimer:
+    """Accumulates wall time per named stage.
+
+    With a CUDA ``device`` the timer synchronises the device at both ends of each stage, so queued
+    kernels are charged to the stage that launched them.
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.device = torch.device(device) if device is not None else None
+
+    def _sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[name] += time.perf_counter() - start
+
+    def add(self, name: str, seconds: float) -> None:
+        self.totals[name] += seconds
+
+    def merge(self, other: "StageTimer") -> None:
+        for name, seconds in other.totals.items():
+            self.totals[name] += seconds
+
+    def ms_per_image(self, num_images: int) -> dict[str, float]:
+        """Milliseconds per image for each stage seen (in :data:`STAGES` order first)."""
+        n = max(num_images, 1)
+        names = [s for s in STAGES if s in self.totals] + [s for s in self.totals if s not in STAGES]
+        return {name: 1000.0 * self.totals[name] / n for name in names}
+
+    def summary(self, num_images: int) -> str:
+        parts = [f"{name} {ms:.1f}" for name, ms in self.ms_per_image(num_images).items()]
+        return "ms/image: " + ", ".join(parts)
+
+
+class Backend(ABC):
+    """Runs the detector on batches of resized images of one padded size.
+
+    Attributes:
+        name: backend name (``torch``, ``onnxruntime``).
+        preset: the pre-processing preset the backend was built for.
+        fixed_batch: batch size a static graph requires (the backend pads short batches), or None.
+    """
+
+    name: str = "base"
+    preset: Preset
+    fixed_batch: int | None = None
+
+    @abstractmethod
+    def infer(self, images: list[np.ndarray], metas: list[ImageMeta], timer: StageTimer | None = None) -> Detections:
+        """Detect on resized BGR ``uint8`` images ``[h, w, 3]`` that share ``metas[i].pad_shape``.
+
+        Normalisation and padding happen here (on the backend's device). Returns CPU tensors,
+        boxes in original-image pixels. Adds ``preprocess``, ``network`` and ``postprocess`` times to
+        ``timer`` when given.
+        """
+
+    def describe(self) -> dict:
+        """Short facts for reports (backend, device, precision...)."""
+        return {"backend": self.name, "preset": self.preset.name}
