@@ -1,4 +1,4 @@
-"""The ``paadet`` command: ``predict``, ``eval``, ``export``, ``bench``."""
+"""The ``paadet`` command: ``predict``, ``eval``, ``export``, ``bench``, ``batch``."""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +8,11 @@ import sys
 from . import __version__
 from .errors import PaadetError
 
-COMMANDS = ("predict", "eval", "export", "bench")
+COMMANDS = ("predict", "eval", "export", "bench", "batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paadet", description="PAA object detector: predict, evaluate, export, benchmark.")
+    parser = argparse.ArgumentParser(prog="paadet", description="PAA object detector: predict, evaluate, export, benchmark, batch-predict over Ray.")
     parser.add_argument("--version", action="version", version=f"paadet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:

@@ -1,0 +1,139 @@
+"""``paadet eval``: COCO box AP of the detector on a COCO-format dataset, or of an existing results file."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..data.coco import LOADERS, VAL2017_ANNOTATIONS, CocoDataset, DatasetError, resolve_layout
+from ..evaluate import METRICS_NAME, CocoMetrics, EvalReport, evaluate_detector, evaluate_results_file, format_metrics
+from ..fileio import atomic_write_json
+from .common import add_model_options, build_detector
+
+DESCRIPTION = """\
+Evaluate the detector on a COCO-format dataset (such as COCO val2017) with pycocotools,
+or score an existing COCO results file (--results) without running a model.
+
+Data: --data ROOT (ROOT/annotations/instances_val2017.json, images in ROOT/images/val2017/ or
+ROOT/val2017/), or --ann FILE --images DIR. With --output-dir the run writes journal.jsonl as it
+goes (resume an interrupted run with --resume), then detections.json and metrics.json.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="COCO AP on a COCO-format dataset, or of a results file",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="ROOT", default=None,
+                   help="dataset root: ROOT/annotations/instances_val2017.json, images in ROOT/images/val2017/ or ROOT/val2017/")
+    g.add_argument("--ann", metavar="FILE", default=None, help="COCO annotation file (instead of --data)")
+    g.add_argument("--images", metavar="DIR", default=None, help="folder the annotation file's file_name entries are relative to")
+    g.add_argument("--limit", metavar="N", type=int, default=None, help="evaluate only the first N images by image id")
+    g.add_argument("--results", metavar="FILE", default=None,
+                   help="score this COCO results file (e.g. detections.json) against --ann/--data; no model is run")
+    g.add_argument("--loader", choices=LOADERS, default="threads",
+                   help="run the --workers decoders as threads (default; fastest measured) or DataLoader processes")
+    o = p.add_argument_group("output")
+    o.add_argument("--output-dir", metavar="DIR", default=None,
+                   help="write journal.jsonl, detections.json and metrics.json here (needed for --resume)")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --output-dir (same model settings), computing only the images it lacks")
+    o.add_argument("--per-class", action="store_true", help="also report AP per category")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def dataset_files(data: str | None, ann: str | None, images: str | None, need_images: bool = True) -> tuple[Path, Path | None]:
+    """The annotation file and image folder named by ``--data`` or ``--ann``/``--images``."""
+    if data is not None:
+        if ann is not None or images is not None:
+            raise DatasetError("give the dataset as --data ROOT or as --ann FILE --images DIR, not both")
+        if not need_images:
+            return Path(data) / VAL2017_ANNOTATIONS, None
+        return resolve_layout(data)
+    if ann is None:
+        raise DatasetError("no dataset: give --data ROOT, or --ann FILE --images DIR")
+    if need_images and images is None:
+        raise DatasetError(f"--ann {ann} needs --images DIR (the folder its file_name entries are relative to)")
+    return Path(ann), None if images is None else Path(images)
+
+
+def _print_metrics(metrics: CocoMetrics) -> None:
+    print(format_metrics(metrics))
+
+
+def run_results(results: str, ann_file: Path, limit: int | None, per_class: bool, output_dir: str | None) -> CocoMetrics:
+    """Score a results file; print the table; write ``metrics.json`` when ``output_dir`` is given."""
+    metrics = evaluate_results_file(results, ann_file, limit=limit, per_class=per_class)
+    _print_metrics(metrics)
+    print(f"images: {metrics.num_images} evaluated; {metrics.num_detections} detections from {results}")
+    if output_dir is not None:
+        out = metrics.to_json()
+        out.update(images={"evaluated": metrics.num_images}, detections=metrics.num_detections,
+                   results=str(results), annotations=str(ann_file))
+        atomic_write_json(Path(output_dir) / METRICS_NAME, out, indent=2)
+    return metrics
+
+
+def run_model(
+    ann_file: Path,
+    image_dir: Path,
+    limit: int | None,
+    output_dir: str | None,
+    per_class: bool,
+    resume: bool,
+    loader: str,
+    progress: bool,
+    backend: str,
+    checkpoint: str | None,
+    model: str | None,
+    providers: str | None,
+    preset: str,
+    device: str,
+    batch_size: int,
+    fp16: bool,
+    score_voting: bool,
+    workers: int,
+) -> EvalReport:
+    """Load the dataset, build the detector, evaluate; print warnings, the table and the summary."""
+    from ..checkpoint import sha256_file
+    from ..hub import resolve_checkpoint
+
+    dataset = CocoDataset.load(ann_file, image_dir, limit=limit)
+    for warning in dataset.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if backend == "torch":
+        checkpoint = str(resolve_checkpoint(checkpoint))
+        weights = f"sha256:{sha256_file(checkpoint)}"
+    else:
+        weights = f"sha256:{sha256_file(model)}" if model is not None and Path(model).is_file() else None
+    detector = build_detector(backend=backend, checkpoint=checkpoint, model=model, providers=providers, preset=preset,
+                              device=device, batch_size=batch_size, fp16=fp16, score_voting=score_voting, workers=workers)
+    described = ", ".join(f"{k} {v}" for k, v in detector.backend.describe().items())
+    print(f"evaluating {dataset.annotation_summary()} from {ann_file} ({described})", file=sys.stderr)
+    report = evaluate_detector(detector, dataset, output_dir=output_dir, per_class=per_class, resume=resume,
+                               weights=weights, loader=loader, workers=workers, progress=progress)
+    _print_metrics(report.metrics)
+    print(report.summary())
+    if report.missing_images:
+        print(f"warning: {len(report.missing_images)} images missing or unreadable (no detections): "
+              f"{', '.join(report.missing_images[:5])}{' ...' if len(report.missing_images) > 5 else ''}", file=sys.stderr)
+    if report.output_dir is not None:
+        print(f"wrote {report.output_dir / 'detections.json'} and {report.output_dir / METRICS_NAME}")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.results is not None:
+        ann_file, _ = dataset_files(args.data, args.ann, args.images, need_images=False)
+        run_results(args.results, ann_file, limit=args.limit, per_class=args.per_class, output_dir=args.output_dir)
+        return 0
+    ann_file, image_dir = dataset_files(args.data, args.ann, args.images)
+    run_model(
+        ann_file, image_dir, limit=args.limit, output_dir=args.output_dir, per_class=args.per_class, resume=args.resume,
+        loader=args.loader, progress=not args.no_progress, backend=args.backend, checkpoint=args.checkpoint,
+        model=args.model, providers=args.providers, preset=args.preset, device=args.device,
+        batch_size=args.batch_size, fp16=args.fp16, score_voting=not args.no_score_voting, workers=args.workers,
+    )
+    return 0

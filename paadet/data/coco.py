@@ -1,0 +1,365 @@
+"""COCO-format datasets: finding the files, loading and checking the annotations, loading images.
+
+A dataset is an annotation file in COCO's ``instances`` format plus a folder of images whose
+``file_name`` entries are relative to it. Two ways to name one:
+
+* a root in the seed's layout: ``ROOT/annotations/instances_val2017.json`` with the images in
+  ``ROOT/images/val2017/`` (the ultralytics labels zip + val2017.zip) or ``ROOT/val2017/`` (the
+  official zips unpacked side by side);
+* an annotation file and an image folder, named separately.
+
+Every problem with the files is a :class:`DatasetError` whose one-line message names the file.
+
+Images are decoded and resized ahead of the network by :func:`iter_images`, in worker threads
+(the default, fastest here: OpenCV releases the GIL while decoding and resizing, and nothing is
+pickled) or in the worker processes of a ``torch.utils.data.DataLoader``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch.utils.data
+from pycocotools.coco import COCO
+
+from ..coco import CATEGORY_IDS, CLASS_NAMES
+from ..detector import LoadedImage, iter_loaded, load_one
+from ..errors import PaadetError
+from ..preprocess import Preset
+from .images import ImageSource
+
+VAL2017_ANNOTATIONS = Path("annotations", "instances_val2017.json")
+"""The annotation file under a ``--data`` root."""
+
+VAL2017_IMAGE_DIRS = (Path("images", "val2017"), Path("val2017"))
+"""Where the images may be under a ``--data`` root, tried in this order."""
+
+LOADERS = ("threads", "processes")
+"""How :func:`iter_images` runs its workers."""
+
+_MAX_LISTED = 5
+
+
+class DatasetError(PaadetError):
+    """An annotation file, image folder or dataset that cannot be evaluated; the message names the file."""
+
+
+def _listed(values: Sequence[Any]) -> str:
+    """``1, 2, 3 and 4 more``: the first few values of a list, for one-line messages."""
+    head = ", ".join(str(v) for v in values[:_MAX_LISTED])
+    return head + (f" and {len(values) - _MAX_LISTED} more" if len(values) > _MAX_LISTED else "")
+
+
+def resolve_layout(root: str | os.PathLike) -> tuple[Path, Path]:
+    """The annotation file and image folder of a dataset root in the seed's layout.
+
+    Raises:
+        DatasetError: the root, its annotation file or both candidate image folders are missing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found")
+    ann_file = root / VAL2017_ANNOTATIONS
+    if not ann_file.is_file():
+        raise DatasetError(f"{ann_file}: annotation file not found (expected the layout ROOT/{VAL2017_ANNOTATIONS.as_posix()})")
+    for candidate in VAL2017_IMAGE_DIRS:
+        if (root / candidate).is_dir():
+            return ann_file, root / candidate
+    tried = " or ".join(str(root / c) for c in VAL2017_IMAGE_DIRS)
+    raise DatasetError(f"{tried}: image folder not found")
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON file, turning every failure into a one-line :class:`DatasetError` naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path}: {what} is a directory, not a JSON file")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} not found") from None
+    except PermissionError:
+        raise DatasetError(f"{path}: {what} is not readable (permission denied)") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: {what} is not valid JSON (not UTF-8 text: {exc.reason})") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+
+
+def is_coco_id(value: Any) -> bool:
+    """A usable COCO id: a JSON number or string (pycocotools only uses ids as dict keys)."""
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_annotations(data: Any, path: str | os.PathLike, need_file_names: bool = True) -> list[str]:
+    """Check a parsed COCO ``instances`` file for what box evaluation needs; returns warnings.
+
+    Errors are what would make pycocotools fail or silently score the wrong boxes: no ``images``,
+    ``annotations`` or ``categories`` list; an image or category without an ``id``, or an id used
+    twice; an annotation without a unique ``id`` or without a ``bbox`` of four numbers; and, with
+    ``need_file_names`` (when images are to be read), an image without a string ``file_name``.
+    Annotations on image or category ids that are not listed are ignored by pycocotools: a warning.
+    A missing ``area`` is filled in as the box's ``w * h`` (pycocotools needs it for the size
+    ranges); a missing ``iscrowd`` means 0, as in pycocotools. The dict is modified in place.
+
+    Raises:
+        DatasetError: the first problem found, naming ``path``.
+    """
+    def fail(reason: str) -> DatasetError:
+        return DatasetError(f"{path}: {reason}")
+
+    if not isinstance(data, dict):
+        raise fail(f"not a COCO annotation file (top level is a JSON {type(data).__name__}, expected an object)")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise fail(f"not a COCO annotation file (no {key!r} list)")
+        if not isinstance(data[key], list):
+            raise fail(f"{key!r} must be a list, got a JSON {type(data[key]).__name__}")
+    image_ids: set[Any] = set()
+    for i, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or not is_coco_id(image.get("id")):
+            raise fail(f"images[{i}] needs an 'id', got {json.dumps(image)[:120]}")
+        if need_file_names and not isinstance(image.get("file_name"), str):
+            raise fail(f"image {image['id']} has no 'file_name' (the image file, relative to the image folder)")
+        if image["id"] in image_ids:
+            raise fail(f"image id {image['id']} is listed twice")
+        image_ids.add(image["id"])
+    category_ids: set[Any] = set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not is_coco_id(cat.get("id")):
+            raise fail(f"categories[{i}] needs an 'id', got {json.dumps(cat)[:120]}")
+        if cat["id"] in category_ids:
+            raise fail(f"category id {cat['id']} is listed twice")
+        category_ids.add(cat["id"])
+    ann_ids: set[Any] = set()
+    orphans: list[Any] = []
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise fail(f"annotations[{i}] is not an object")
+        if not is_coco_id(ann.get("id")):
+            raise fail(f"annotations[{i}] has no 'id'")
+        if ann["id"] in ann_ids:
+            raise fail(f"annotation id {ann['id']} is used twice")
+        ann_ids.add(ann["id"])
+        if not is_coco_id(ann.get("image_id")) or not is_coco_id(ann.get("category_id")):
+            raise fail(f"annotation {ann['id']} needs an 'image_id' and a 'category_id'")
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
+            raise fail(f"annotation {ann['id']} needs a 'bbox' of four numbers [x, y, w, h], got {bbox!r}")
+        if "area" not in ann:
+            ann["area"] = float(bbox[2]) * float(bbox[3])
+        elif not is_number(ann["area"]):
+            raise fail(f"annotation {ann['id']} has a non-numeric 'area' {ann['area']!r}")
+        if ann["image_id"] not in image_ids or ann["category_id"] not in category_ids:
+            orphans.append(ann["id"])
+    warnings = []
+    if orphans:
+        warnings.append(f"{path}: {len(orphans)} annotations are on image or category ids that are not listed "
+                        f"(ids {_listed(orphans)}); they are ignored, as pycocotools ignores them")
+    return warnings
+
+
+def coco_from_dict(data: dict) -> COCO:
+    """A pycocotools ``COCO`` over an already parsed annotation dict (its index messages silenced)."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def load_coco(path: str | os.PathLike, need_file_names: bool = True) -> tuple[COCO, list[str]]:
+    """Read, check (:func:`validate_annotations`) and index a COCO annotation file; returns it and warnings."""
+    data = read_json(path, "annotation file")
+    warnings = validate_annotations(data, path, need_file_names)
+    return coco_from_dict(data), warnings
+
+
+def _normalise_name(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").split())
+
+
+def check_categories(coco: COCO, path: str | os.PathLike) -> list[str]:
+    """Check that the model's 80 COCO categories fit a dataset; returns warnings (one line each).
+
+    The model predicts COCO's category ids (:data:`paadet.coco.CATEGORY_IDS`). If none of the
+    dataset's category ids is one of them, nothing can match: that is an error. If only some are, the
+    others get no detections (AP 0 for them, averaged in as pycocotools does): a warning names them.
+    A COCO id whose name differs from COCO's is a warning too (the numbering may be another's).
+
+    Raises:
+        DatasetError: the dataset has no categories, or none with a COCO id.
+    """
+    cats = coco.dataset["categories"]
+    if not cats:
+        raise DatasetError(f"{path}: no categories listed")
+    known = set(CATEGORY_IDS)
+    foreign = sorted(c["id"] for c in cats if c["id"] not in known)
+    if len(foreign) == len(cats):
+        raise DatasetError(
+            f"{path}: none of the category ids ({_listed(foreign)}) is one of COCO's 80 that the model "
+            f"predicts (1-90 with gaps); map the categories to COCO's ids first"
+        )
+    warnings = []
+    if foreign:
+        warnings.append(
+            f"{path}: {len(foreign)} of {len(cats)} category ids are not COCO's ({_listed(foreign)}); "
+            f"the model never predicts them, so they score AP 0 and lower the mean"
+        )
+    name_of = dict(zip(CATEGORY_IDS, CLASS_NAMES))
+    renamed = [
+        f"{c['id']} '{c['name']}' (COCO: '{name_of[c['id']]}')"
+        for c in cats
+        if c["id"] in known and isinstance(c.get("name"), str) and _normalise_name(c["name"]) != _normalise_name(name_of[c["id"]])
+    ]
+    if renamed:
+        warnings.append(f"{path}: {len(renamed)} category ids are named differently from COCO's: {_listed(renamed)}")
+    return warnings
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of a dataset.
+
+    Attributes:
+        image_id: COCO image id.
+        file_name: as listed in the annotation file (relative to the image folder).
+        path: where to read it.
+    """
+
+    image_id: int
+    file_name: str
+    path: Path
+
+    def source(self) -> ImageSource:
+        return ImageSource(self.path, self.file_name)
+
+
+@dataclass
+class CocoDataset:
+    """An indexed, checked COCO dataset and the images chosen from it.
+
+    Attributes:
+        ann_file: the annotation file.
+        image_dir: the folder the ``file_name`` entries are relative to.
+        coco: the pycocotools index of the annotations.
+        images: the images to evaluate, by ascending image id.
+        warnings: one-line warnings found while loading (categories).
+    """
+
+    ann_file: Path
+    image_dir: Path
+    coco: COCO
+    images: list[ImageEntry]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [e.image_id for e in self.images]
+
+    @classmethod
+    def load(
+        cls,
+        ann_file: str | os.PathLike,
+        image_dir: str | os.PathLike,
+        limit: int | None = None,
+        check_model_categories: bool = True,
+    ) -> "CocoDataset":
+        """Load a dataset; ``limit`` keeps the first N images by image id.
+
+        Raises:
+            DatasetError: a missing image folder, a bad annotation file, no images (after
+                ``limit``), or categories the model cannot predict (see :func:`check_categories`).
+        """
+        ann_file, image_dir = Path(ann_file), Path(image_dir)
+        if limit is not None and limit < 1:
+            raise DatasetError(f"--limit must be at least 1, got {limit}")
+        if not image_dir.is_dir():
+            raise DatasetError(f"{image_dir}: image folder not found")
+        coco, warnings = load_coco(ann_file)
+        if not coco.dataset["images"]:
+            raise DatasetError(f"{ann_file}: the dataset is empty (no images listed)")
+        if check_model_categories:
+            warnings += check_categories(coco, ann_file)
+        ids = sorted(coco.imgs)
+        if limit is not None:
+            ids = ids[:limit]
+        images = [ImageEntry(i, coco.imgs[i]["file_name"], image_dir / coco.imgs[i]["file_name"]) for i in ids]
+        return cls(ann_file, image_dir, coco, images, warnings)
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike, limit: int | None = None, check_model_categories: bool = True) -> "CocoDataset":
+        """Load a dataset in the seed's layout (see :func:`resolve_layout`)."""
+        ann_file, image_dir = resolve_layout(root)
+        return cls.load(ann_file, image_dir, limit=limit, check_model_categories=check_model_categories)
+
+    def category_names(self) -> dict[int, str]:
+        """Category id -> name (the id as text where the file gives no name)."""
+        return {c["id"]: str(c.get("name", c["id"])) for c in self.coco.dataset["categories"]}
+
+    def annotation_summary(self) -> str:
+        """``N images, M boxes, K categories`` for the selected images."""
+        counts = Counter(a["image_id"] for a in self.coco.dataset["annotations"])
+        boxes = sum(counts[i] for i in self.image_ids)
+        return f"{len(self.images)} images, {boxes} boxes, {len(self.coco.cats)} categories"
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decode + resize as a map-style dataset, for a ``DataLoader`` with worker processes."""
+
+    def __init__(self, sources: Sequence[ImageSource], preset: Preset) -> None:
+        self.sources = list(sources)
+        self.preset = preset
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> LoadedImage:
+        return load_one(index, self.sources[index], self.preset)
+
+
+def _identity(item: LoadedImage) -> LoadedImage:
+    return item
+
+
+def iter_images(
+    sources: Sequence[ImageSource],
+    preset: Preset,
+    workers: int = 2,
+    loader: Literal["threads", "processes"] = "threads",
+    prefetch: int = 16,
+) -> Iterator[LoadedImage]:
+    """Decode and resize ``sources`` ahead of the network, yielding :class:`LoadedImage` in order.
+
+    Args:
+        sources: the images.
+        preset: the resize preset.
+        workers: parallel workers (0: decode in the calling thread).
+        loader: ``threads`` (:func:`paadet.detector.iter_loaded`) or ``processes`` (a
+            ``torch.utils.data.DataLoader`` over :class:`ImageDataset`).
+        prefetch: images decoded ahead (threads), or per worker ``prefetch // workers`` (processes).
+    """
+    if loader not in LOADERS:
+        raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+    if loader == "threads" or workers <= 0:
+        yield from iter_loaded(sources, preset, workers=workers, prefetch=prefetch)
+        return
+    data_loader = torch.utils.data.DataLoader(
+        ImageDataset(sources, preset), batch_size=None, shuffle=False, num_workers=workers,
+        collate_fn=_identity, prefetch_factor=max(1, prefetch // workers), persistent_workers=False,
+    )
+    yield from data_loader
