@@ -130,9 +130,9 @@ class ModelSpec:
     checkpoint: str | None = None
     model: str | None = None
     providers: str | None = None
-    preset: str | Preset = "mmdet"
+    preset: str | Preset | None = None
     device: str = "cpu"
-    batch_size: int = 1
+    batch_size: int | None = None
     fp16: bool = False
     score_voting: bool = True
     workers: int = 2
@@ -147,7 +147,7 @@ class ModelSpec:
             "backend": self.backend,
             "checkpoint": os.path.abspath(self.checkpoint) if self.checkpoint else None,
             "model": os.path.abspath(self.model) if self.model else None,
-            "preset": dataclasses.asdict(get_preset(self.preset)),
+            "preset": dataclasses.asdict(get_preset(self.preset)) if self.preset is not None else None,
             "fp16": self.fp16,
             "score_voting": self.score_voting,
         }))

@@ -36,10 +36,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:
-    """The model options of :func:`~paadet.commands.common.add_model_options` as a :class:`ModelSpec`."""
+    """The model options of :func:`~paadet.commands.common.add_model_options` as a :class:`ModelSpec`.
+
+    The torch backend's preset is made explicit (so a re-run with or without ``--preset mmdet`` is the
+    same run); ONNX Runtime keeps None, meaning the graph's.
+    """
+    preset = args.preset if args.preset is not None or args.backend != "torch" else args.default_preset
     return ModelSpec(
         backend=args.backend, checkpoint=args.checkpoint, model=args.model, providers=args.providers,
-        preset=args.preset, device=args.device, batch_size=args.batch_size, fp16=args.fp16,
+        preset=preset, device=args.device, batch_size=args.batch_size, fp16=args.fp16,
         score_voting=not args.no_score_voting, workers=args.workers,
     )
 

@@ -5,11 +5,17 @@ import argparse
 
 from ..detector import Detector
 from ..postprocess import PostprocessConfig
-from ..preprocess import PRESETS, get_preset
+from ..preprocess import PRESETS, Preset, get_preset
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_preset: str = "mmdet", default_batch: int = 1) -> None:
-    """``--backend --model --providers --checkpoint --preset --device --batch-size --fp16 --no-score-voting --workers``."""
+    """``--backend --model --providers --checkpoint --preset --device --batch-size --fp16 --no-score-voting --workers``.
+
+    ``--preset`` and ``--batch-size`` are None unless given: :func:`build_detector` then takes the
+    command's defaults (recorded here as ``default_preset`` / ``default_batch``) for the torch backend
+    and the graph's settings for ONNX Runtime.
+    """
+    parser.set_defaults(default_preset=default_preset, default_batch=default_batch)
     g = parser.add_argument_group("model")
     g.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="runtime (default: torch)")
@@ -19,10 +25,12 @@ def add_model_options(parser: argparse.ArgumentParser, default_preset: str = "mm
     g.add_argument("--model", default=None, help="ONNX graph from `paadet export` (onnxruntime backend)")
     g.add_argument("--providers", default=None,
                    help="comma-separated ONNX Runtime execution providers (default: the best installed)")
-    g.add_argument("--preset", choices=tuple(PRESETS), default=default_preset,
-                   help=f"pre-processing: mmdet = fit 1333x800, pad to /32; 800 = fit and pad to 800x800 (default: {default_preset})")
+    g.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help=f"pre-processing: mmdet = fit 1333x800, pad to /32; 800 = fit and pad to 800x800 "
+                        f"(default: {default_preset}; with --backend onnxruntime, the graph's)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (torch backend; default: cpu)")
-    g.add_argument("--batch-size", type=int, default=default_batch, help=f"images per network call (default: {default_batch})")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per network call (default: {default_batch}; with --backend onnxruntime, the graph's static batch)")
     g.add_argument("--fp16", action="store_true", help="half precision (CUDA for the torch backend)")
     g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting (torch backend)")
     g.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the network (default: 2)")
@@ -33,28 +41,44 @@ def build_detector(
     checkpoint: str | None = None,
     model: str | None = None,
     providers: str | None = None,
-    preset: str = "mmdet",
+    preset: str | Preset | None = None,
     device: str = "cpu",
-    batch_size: int = 1,
+    batch_size: int | None = None,
     fp16: bool = False,
     score_voting: bool = True,
     workers: int = 2,
+    default_preset: str = "mmdet",
+    default_batch: int = 1,
 ) -> Detector:
-    """The detector the command-line options describe."""
-    if batch_size < 1:
+    """The detector the command-line options describe.
+
+    ``preset`` / ``batch_size`` None mean ``default_preset`` / ``default_batch`` for the torch backend,
+    and the graph's preset / static batch for ONNX Runtime. For ONNX Runtime, ``fp16`` and
+    ``score_voting=False`` must agree with how the graph was exported (they are baked into it).
+    """
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if backend == "torch":
         if model is not None:
             raise ValueError("--model is for --backend onnxruntime; the torch backend takes --checkpoint")
-        return Detector.from_checkpoint(checkpoint, preset=preset, device=device, fp16=fp16,
-                                        score_voting=score_voting, batch_size=batch_size, workers=workers)
+        return Detector.from_checkpoint(checkpoint, preset=get_preset(preset or default_preset), device=device, fp16=fp16,
+                                        score_voting=score_voting, batch_size=batch_size or default_batch, workers=workers)
     if model is None:
         raise ValueError("--backend onnxruntime needs --model FILE.onnx (make one with `paadet export`)")
+    if checkpoint is not None:
+        raise ValueError("--checkpoint is for --backend torch; ONNX Runtime runs the weights inside --model")
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-    ort_backend = OnnxRuntimeBackend.from_file(model, providers=provider_list, preset=get_preset(preset))
-    return Detector(ort_backend, batch_size=batch_size, workers=workers)
+    ort_backend = OnnxRuntimeBackend.from_file(model, providers=provider_list,
+                                               preset=get_preset(preset) if preset is not None else None)
+    info = ort_backend.info
+    if fp16 and info.precision != "fp16":
+        raise ValueError(f"--fp16 given but {model} is an {info.precision} graph; re-export it with `paadet export --fp16`")
+    if not score_voting and info.graph == "full" and info.score_voting:
+        raise ValueError(f"--no-score-voting given but {model} has score voting inside; "
+                         "re-export it with `paadet export --no-score-voting`")
+    return Detector(ort_backend, batch_size=batch_size or ort_backend.fixed_batch or default_batch, workers=workers)
 
 
 def detector_from_args(args: argparse.Namespace) -> Detector:
@@ -63,4 +87,5 @@ def detector_from_args(args: argparse.Namespace) -> Detector:
         backend=args.backend, checkpoint=args.checkpoint, model=args.model, providers=args.providers,
         preset=args.preset, device=args.device, batch_size=args.batch_size, fp16=args.fp16,
         score_voting=not args.no_score_voting, workers=args.workers,
+        default_preset=args.default_preset, default_batch=args.default_batch,
     )

@@ -1,0 +1,488 @@
+"""Timing paadet, and saying what each figure includes.
+
+Two figures, both in images per second and milliseconds per image:
+
+* ``engine``: the network alone, on an input batch already normalised, padded and resident on the
+  device; no decoding, no copies, no post-processing. Timers are synchronised with the device before
+  and after each call. This is the model-zoo (ixRT) entry's definition (it timed 10 calls after 3
+  warm-ups).
+* ``e2e``: JPEG files on disk to final detections in host memory, one batch after another, nothing
+  overlapped: read and decode, pre-process (resize, normalise, pad), copy to the device, network,
+  post-processing (top-k, decoding, NMS, score voting), copy back and split into per-image results.
+  Each stage is timed with device synchronisation, so the stages add up to the total (the small rest
+  is reported as ``untimed``).
+
+Latency percentiles are per batch (one network call for ``engine``, one batch of files for ``e2e``).
+Without a checkpoint (and no official file in the cache) the weights are random
+(``seeded_state_dict(0)``): the timings are real, the detections are not ("timing only").
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import CheckpointError
+from .data.images import list_images, read_image
+from .detector import split_detections
+from .preprocess import ImageMeta, Preset, get_preset, resize
+from .runtime.base import Backend, StageTimer
+
+SCHEMA_VERSION = 1
+E2E_STAGES = ("decode", "preprocess", "copy", "network", "postprocess", "copy_back")
+ENGINE_DEFINITION = (
+    "network forward only, on a normalised, padded input batch already on the device; no decoding, copies "
+    "or post-processing; device-synchronised timer around each call (the model-zoo entry's definition)"
+)
+E2E_DEFINITION = (
+    "JPEG files on disk -> final detections in host memory, batches run one after another without overlap: "
+    "read+decode, pre-process (resize, normalise, pad), host->device copy, network, post-processing "
+    "(top-k, decode, NMS, score voting), device->host copy and per-image results; device-synchronised "
+    "timer around each stage"
+)
+GENERATED_SIZES = ((480, 640), (427, 640), (640, 480), (480, 640))  # (height, width): COCO's usual shapes
+MAX_GENERATED = 64
+DECODE_MODES = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Resolved settings of one benchmark run (defaults filled in for the device)."""
+
+    backend: str
+    device: str
+    batch_size: int
+    warmup: int
+    iters: int
+    preset: Preset
+    fp16: bool
+    decode: str
+
+
+def default_device() -> str:
+    """``cuda`` when PyTorch sees a GPU, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_settings(
+    backend: str = "torch",
+    device: str | None = None,
+    batch_size: int | None = None,
+    warmup: int | None = None,
+    iters: int | None = None,
+    preset: str | Preset = "800",
+    fp16: bool = False,
+    decode: str = "auto",
+    model: str | None = None,
+) -> BenchSettings:
+    """Fill in the device-dependent defaults and reject bad values with one-line ``ValueError``s.
+
+    Defaults: device ``cuda`` if available else ``cpu``; on CUDA batch 32, 3 warm-up and 10 timed
+    iterations (the seed's protocol); on the CPU batch 1, 1 warm-up and 2 timed iterations.
+    """
+    if backend not in ("torch", "onnxruntime"):
+        raise ValueError(f"unknown backend {backend!r}; use torch or onnxruntime")
+    if backend == "onnxruntime" and model is None:
+        raise ValueError("--backend onnxruntime needs --model FILE.onnx (make one with `paadet export`)")
+    if backend == "torch" and model is not None:
+        raise ValueError("--model is for --backend onnxruntime; the torch backend takes --checkpoint")
+    device = device or ("cpu" if backend == "onnxruntime" else default_device())
+    on_gpu = torch.device(device).type == "cuda"
+    batch_size = batch_size if batch_size is not None else (32 if on_gpu else 1)
+    warmup = warmup if warmup is not None else (3 if on_gpu else 1)
+    iters = iters if iters is not None else (10 if on_gpu else 2)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if iters < 1:
+        raise ValueError(f"--iters must be >= 1, got {iters}")
+    if warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {warmup}")
+    if backend == "torch":
+        from .runtime.torch_backend import resolve_device
+
+        resolve_device(device)
+        if fp16 and not on_gpu:
+            raise ValueError("--fp16 needs a CUDA device for the torch backend; on CPU run in fp32")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"unknown --decode {decode!r}; choose one of {', '.join(DECODE_MODES)}")
+    if decode == "gpu" and (backend != "torch" or not on_gpu):
+        raise ValueError("--decode gpu needs the torch backend on a CUDA device")
+    return BenchSettings(backend=backend, device=device, batch_size=batch_size, warmup=warmup, iters=iters,
+                         preset=get_preset(preset), fp16=fp16, decode=decode)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else :func:`platform.processor`."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware_info(device: str) -> dict[str, Any]:
+    """CPU model and cores, PyTorch's thread count, and the GPU's name when the device is CUDA."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable,
+        "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "gpu": None,
+    }
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(dev)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    gpu_multiprocessors=props.multi_processor_count, cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def _version_of(module: str) -> str | None:
+    try:
+        return getattr(__import__(module), "__version__", "unknown")
+    except ImportError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of paadet and what it runs on (None for what is not installed)."""
+    return {
+        "paadet": __version__, "torch": torch.__version__, "onnxruntime": _version_of("onnxruntime"),
+        "torchvision": _version_of("torchvision"), "numpy": np.__version__, "opencv": cv2.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def percentiles(values_ms: Sequence[float]) -> dict[str, float]:
+    """p50, p90, p99, mean, min and max of per-batch latencies in milliseconds."""
+    arr = np.asarray(values_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(arr.mean()),
+            "min": float(arr.min()), "max": float(arr.max())}
+
+
+def write_generated_images(folder: str | os.PathLike, count: int, quality: int = 90) -> list[Path]:
+    """Write ``count`` reproducible synthetic JPEGs in COCO's usual sizes; returns their paths."""
+    from .testing import synthetic_image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        h, w = GENERATED_SIZES[i % len(GENERATED_SIZES)]
+        path = folder / f"bench_{i:04d}.jpg"
+        if not cv2.imwrite(str(path), synthetic_image(h, w, seed=i), [cv2.IMWRITE_JPEG_QUALITY, quality]):
+            raise OSError(f"cannot write the generated image {path}")
+        paths.append(path)
+    return paths
+
+
+def image_files(images: str | os.PathLike | None, needed: int, tmp: str) -> tuple[list[Path], str]:
+    """The files to time (cycled up to ``needed``) and a description of their source.
+
+    Raises:
+        ValueError: ``images`` is not a folder or holds no image files.
+    """
+    if images is None:
+        unique = write_generated_images(tmp, min(needed, MAX_GENERATED))
+        source = f"generated: {len(unique)} synthetic JPEGs ({', '.join(f'{w}x{h}' for h, w in sorted(set(GENERATED_SIZES)))})"
+    else:
+        folder = Path(images)
+        if not folder.is_dir():
+            raise ValueError(f"--images {images}: no such folder")
+        unique = [s.path for s in list_images(folder)]
+        if not unique:
+            raise ValueError(f"--images {images}: no image files in this folder")
+        source = f"{folder}: {len(unique)} files"
+    return [unique[i % len(unique)] for i in range(needed)], source
+
+
+def build_backend(
+    settings: BenchSettings,
+    checkpoint: str | None = None,
+    model: str | None = None,
+    providers: str | None = None,
+    score_voting: bool = True,
+    channels_last: bool | None = None,
+    compile_mode: str | None = None,
+    cuda_graphs: bool = False,
+    tf32: bool = False,
+    cudnn_benchmark: bool | None = None,
+) -> tuple[Backend, str, bool]:
+    """The backend to time, a description of its weights, and whether the timing is "timing only".
+
+    The torch backend loads ``checkpoint``, else the official file if it is already in the cache
+    (nothing is downloaded), else random weights ``seeded_state_dict(0)``. ``channels_last`` and
+    ``cudnn_benchmark`` None mean on for CUDA, off on the CPU.
+    """
+    from .postprocess import PostprocessConfig
+
+    if settings.backend == "onnxruntime":
+        from .commands.common import build_detector
+
+        detector = build_detector(backend="onnxruntime", model=model, providers=providers,
+                                  preset=settings.preset.name, batch_size=settings.batch_size, fp16=settings.fp16)
+        return detector.backend, f"from the ONNX graph {model}", False
+
+    from .hub import resolve_checkpoint
+    from .model import PAANet
+    from .runtime.torch_backend import TorchBackend
+
+    on_gpu = torch.device(settings.device).type == "cuda"
+    options = dict(
+        preset=settings.preset, device=settings.device, fp16=settings.fp16,
+        postprocess=PostprocessConfig(score_voting=score_voting),
+        channels_last=on_gpu if channels_last is None else channels_last,
+        compile_mode=compile_mode, cuda_graphs=cuda_graphs, tf32=tf32,
+        cudnn_benchmark=on_gpu if cudnn_benchmark is None else cudnn_benchmark,
+    )
+    try:
+        path = resolve_checkpoint(checkpoint, download_if_missing=False, progress=False)
+    except CheckpointError:
+        if checkpoint is not None:
+            raise
+        path = None
+    if path is not None:
+        return TorchBackend.from_checkpoint(str(path), **options), str(path), False
+    from .testing import seeded_state_dict
+
+    net = PAANet()
+    net.load_state_dict(seeded_state_dict(0))
+    return TorchBackend(net, **options), "random: seeded_state_dict(0), no checkpoint found (timing only)", True
+
+
+def load_batch(paths: Sequence[Path], preset: Preset, timer: StageTimer) -> tuple[list[np.ndarray], list[ImageMeta]]:
+    """Decode and resize a batch on the host (OpenCV, as ``paadet predict``), timing each step."""
+    with timer.stage("decode"):
+        decoded = [read_image(p) for p in paths]
+    with timer.stage("preprocess"):
+        pairs = [resize(img, preset) for img in decoded]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _groups_by_pad_shape(metas: Sequence[ImageMeta]) -> list[list[int]]:
+    """Indices of a batch grouped by padded size (a network call takes one size), in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, meta in enumerate(metas):
+        groups.setdefault(meta.pad_shape, []).append(i)
+    return list(groups.values())
+
+
+def run_e2e_batch(backend: Backend, paths: Sequence[Path], preset: Preset, gpu_decode: bool, timer: StageTimer) -> int:
+    """JPEG files -> per-image results in host memory for one batch; returns the number of detections."""
+    if gpu_decode:
+        with timer.stage("decode"):
+            encoded = [Path(p).read_bytes() for p in paths]
+        dets, metas = backend.infer_encoded(encoded, [str(p) for p in paths], timer)  # type: ignore[attr-defined]
+        with timer.stage("postprocess"):
+            results = split_detections(dets, metas, [str(p) for p in paths])
+        return sum(len(r.scores) for r in results)
+    resized, metas = load_batch(paths, preset, timer)
+    found = 0
+    for group in _groups_by_pad_shape(metas):
+        dets = backend.infer([resized[i] for i in group], [metas[i] for i in group], timer)
+        with timer.stage("postprocess"):
+            results = split_detections(dets, [metas[i] for i in group], [str(paths[i]) for i in group])
+        found += sum(len(r.scores) for r in results)
+    return found
+
+
+def time_engine(backend: Backend, paths: Sequence[Path], settings: BenchSettings) -> dict[str, Any]:
+    """``engine``: the network alone on a device-resident batch (the first image, repeated ``batch_size`` times)."""
+    resized, meta = resize(read_image(paths[0]), settings.preset)
+    images, metas = [resized] * settings.batch_size, [meta] * settings.batch_size
+    device = getattr(backend, "device", None)
+    latencies = []
+    if hasattr(backend, "network") and hasattr(backend, "prepare"):
+        batch = backend.prepare(images, metas)  # type: ignore[attr-defined]
+        input_shape = list(batch.shape)
+        for i in range(settings.warmup + settings.iters):
+            timer = StageTimer(device)
+            with timer.stage("network"):
+                backend.network(batch)  # type: ignore[attr-defined]
+            if i >= settings.warmup:
+                latencies.append(timer.totals["network"])
+        definition = ENGINE_DEFINITION
+    else:  # any other backend: its own "network" stage inside infer (input prepared by the runtime)
+        input_shape = [settings.batch_size, 3, *meta.pad_shape]
+        for i in range(settings.warmup + settings.iters):
+            timer = StageTimer(device)
+            backend.infer(images, metas, timer)
+            if i >= settings.warmup:
+                latencies.append(timer.totals["network"])
+        definition = (f"the {backend.name} backend's 'network' stage (the runtime's session call; for a full "
+                      "paadet ONNX graph it also holds normalisation, NMS and score voting), input prepared on the host")
+    return _summary(definition, latencies, settings.batch_size, extra={"input_shape": input_shape})
+
+
+def time_e2e(backend: Backend, paths: Sequence[Path], settings: BenchSettings, gpu_decode: bool) -> dict[str, Any]:
+    """``e2e``: ``settings.iters`` batches of files after ``settings.warmup`` warm-up batches."""
+    device = getattr(backend, "device", None)
+    b = settings.batch_size
+    batches = [paths[i * b:(i + 1) * b] for i in range(settings.warmup + settings.iters)]
+    total_timer = StageTimer(device)
+    latencies, detections = [], 0
+    for i, batch in enumerate(batches):
+        timer, wall = StageTimer(device), StageTimer(device)
+        with wall.stage("batch"):
+            found = run_e2e_batch(backend, batch, settings.preset, gpu_decode, timer)
+        if i >= settings.warmup:
+            latencies.append(wall.totals["batch"])
+            total_timer.merge(timer)
+            detections += found
+    images = b * settings.iters
+    summary = _summary(E2E_DEFINITION, latencies, b)
+    stages = {name: 1000.0 * total_timer.totals.get(name, 0.0) / images for name in E2E_STAGES}
+    stages.update({name: 1000.0 * s / images for name, s in total_timer.totals.items() if name not in E2E_STAGES})
+    summary.update(
+        decode_on="gpu" if gpu_decode else "cpu",
+        stages_ms_per_image=stages,
+        untimed_ms_per_image=summary["ms_per_image"] - sum(stages.values()),
+        detections_per_image=detections / images,
+    )
+    return summary
+
+
+def _summary(definition: str, latencies_s: Sequence[float], batch_size: int, extra: dict | None = None) -> dict[str, Any]:
+    seconds = float(sum(latencies_s))
+    images = batch_size * len(latencies_s)
+    out = {
+        "definition": definition, "iterations": len(latencies_s), "batch_size": batch_size, "images": images,
+        "seconds": seconds, "images_per_s": images / seconds if seconds > 0 else float("inf"),
+        "ms_per_image": 1000.0 * seconds / images,
+        "latency_ms_per_batch": percentiles([1000.0 * s for s in latencies_s]),
+    }
+    out.update(extra or {})
+    return out
+
+
+def run_benchmark(
+    backend: str = "torch",
+    model: str | None = None,
+    checkpoint: str | None = None,
+    providers: str | None = None,
+    preset: str | Preset = "800",
+    batch_size: int | None = None,
+    fp16: bool = False,
+    device: str | None = None,
+    warmup: int | None = None,
+    iters: int | None = None,
+    images: str | os.PathLike | None = None,
+    score_voting: bool = True,
+    channels_last: bool | None = None,
+    compile_mode: str | None = None,
+    cuda_graphs: bool = False,
+    tf32: bool = False,
+    cudnn_benchmark: bool | None = None,
+    decode: str = "auto",
+    skip_engine: bool = False,
+) -> dict[str, Any]:
+    """Time ``engine`` and ``e2e`` and return the report (every field of the JSON).
+
+    Args are ``paadet bench``'s options. ``decode``: ``cpu`` (OpenCV, as ``paadet predict``), ``gpu``
+    (nvJPEG through torchvision, torch backend on CUDA, ``800`` preset) or ``auto`` (GPU when possible).
+
+    Raises:
+        ValueError: a bad option (one line).
+    """
+    settings = resolve_settings(backend, device, batch_size, warmup, iters, preset, fp16, decode, model)
+    if images is not None and not Path(images).is_dir():
+        raise ValueError(f"--images {images}: no such folder")
+    be, weights, timing_only = build_backend(settings, checkpoint, model, providers, score_voting,
+                                             channels_last, compile_mode, cuda_graphs, tf32, cudnn_benchmark)
+    needed = settings.batch_size * (settings.warmup + settings.iters)
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="paadet-bench-"))
+        paths, source = image_files(images, needed, tmp)
+        gpu_decode = _use_gpu_decode(settings, be, paths)
+        engine = None if skip_engine else time_engine(be, paths, settings)
+        e2e = time_e2e(be, paths, settings, gpu_decode)
+    description = be.describe()
+    return {
+        "schema": SCHEMA_VERSION,
+        "tool": "paadet bench",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "backend": settings.backend,
+        "device": str(getattr(be, "device", settings.device)),
+        "precision": description.get("precision", "fp16" if settings.fp16 else "fp32"),
+        "batch_size": settings.batch_size,
+        "preset": settings.preset.name,
+        "input_size": _input_size(settings.preset),
+        "weights": weights,
+        "timing_only": timing_only,
+        "images": {"source": source, "timed_files": len(paths)},
+        "warmup": settings.warmup,
+        "iters": settings.iters,
+        "options": {key: value for key, value in description.items() if key not in ("backend", "preset", "device", "precision")},
+        "hardware": hardware_info(settings.device),
+        "versions": versions(),
+        "engine": engine,
+        "e2e": e2e,
+    }
+
+
+def _input_size(preset: Preset) -> str:
+    if preset.fixed_size is not None:
+        return f"{preset.fixed_size[1]}x{preset.fixed_size[0]} (fixed; images fit {preset.scale[0]}x{preset.scale[1]})"
+    return f"fit {preset.scale[0]}x{preset.scale[1]}, padded to a multiple of {preset.size_divisor}"
+
+
+def _use_gpu_decode(settings: BenchSettings, backend: Backend, paths: Sequence[Path]) -> bool:
+    """Whether ``e2e`` decodes on the GPU: ``--decode gpu``, or ``auto`` when it can (CUDA, torchvision, JPEGs, fixed size)."""
+    if settings.decode == "cpu":
+        return False
+    from .runtime.torch_backend import gpu_decode_available
+
+    jpegs = all(p.suffix.lower() in (".jpg", ".jpeg") for p in paths)
+    possible = (settings.backend == "torch" and torch.device(settings.device).type == "cuda"
+                and gpu_decode_available() and settings.preset.fixed_size is not None and jpegs)
+    if settings.decode == "gpu" and not possible:
+        raise ValueError("--decode gpu needs CUDA, torchvision, JPEG files and the 800 preset (one padded size)")
+    return possible
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a short table for the terminal."""
+    hw = report["hardware"]
+    where = f"{hw['gpu']} + {hw['cpu']}" if hw.get("gpu") else f"{hw['cpu']}, {hw['cpu_cores_usable']} cores"
+    lines = [
+        f"paadet bench: {report['backend']} on {report['device']} ({where}), {report['precision']}, "
+        f"batch {report['batch_size']}, preset {report['preset']} ({report['input_size']})",
+        f"weights: {report['weights']}",
+        f"images: {report['images']['source']}; {report['warmup']} warm-up + {report['iters']} timed batches",
+        "",
+        f"{'':8s} {'images/s':>10s} {'ms/image':>10s} {'p50 ms':>10s} {'p90 ms':>10s} {'p99 ms':>10s}  (latency per batch)",
+    ]
+    for name in ("engine", "e2e"):
+        r = report.get(name)
+        if not r:
+            continue
+        lat = r["latency_ms_per_batch"]
+        lines.append(f"{name:8s} {r['images_per_s']:10.2f} {r['ms_per_image']:10.2f} {lat['p50']:10.1f} {lat['p90']:10.1f} {lat['p99']:10.1f}")
+    e2e = report["e2e"]
+    stages = " | ".join(f"{k} {v:.2f}" for k, v in e2e["stages_ms_per_image"].items())
+    lines += [
+        "",
+        f"e2e ms/image by stage (decode on {e2e['decode_on']}): {stages} | untimed {e2e['untimed_ms_per_image']:.2f}",
+        f"e2e detections per image: {e2e['detections_per_image']:.1f}",
+        "engine = the network alone on a device-resident batch; e2e = JPEG files -> detections in host memory, "
+        "stage by stage, synchronised",
+    ]
+    if report["timing_only"]:
+        lines.append("timing only: random weights, the detections mean nothing")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""``paadet bench``: images per second, ``engine`` (the network alone) and ``e2e`` (JPEG files to detections)."""
+from __future__ import annotations
+
+import argparse
+
+from ..bench import DECODE_MODES, format_report, run_benchmark
+from ..fileio import atomic_write_json
+from ..preprocess import PRESETS
+from ..runtime.torch_backend import COMPILE_MODES
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="measure speed: engine (network alone) and e2e (JPEG files to detections)",
+        description=(
+            "Time the detector two ways and say what each includes. engine: the network alone on a "
+            "device-resident batch, synchronised timers (the model-zoo entry's definition). e2e: JPEG files "
+            "on disk to final detections in host memory (decode, pre-process, copy, network, post-process, "
+            "copy back), stage by stage. Without --checkpoint (and no official file in the cache) the weights "
+            "are random: timing only."
+        ),
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch", help="runtime (default: torch)")
+    g.add_argument("--model", default=None, help="ONNX graph from `paadet export` (onnxruntime backend)")
+    g.add_argument("--providers", default=None, help="comma-separated ONNX Runtime execution providers")
+    g.add_argument("--checkpoint", default=None,
+                   help="mmdetection checkpoint (.pth); default: the official file if cached (never downloaded), "
+                        "else random weights (timing only)")
+    g.add_argument("--preset", choices=tuple(PRESETS), default="800", help="pre-processing preset (default: 800)")
+    g.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per network call (default: 32 on GPU, 1 on CPU)")
+    g.add_argument("--fp16", action="store_true", help="half precision (CUDA, torch backend)")
+    g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting")
+    t = p.add_argument_group("timing")
+    t.add_argument("--warmup", type=int, default=None, help="untimed batches first (default: 3 on GPU, 1 on CPU)")
+    t.add_argument("--iters", type=int, default=None, help="timed batches (default: 10 on GPU, 2 on CPU)")
+    t.add_argument("--images", default=None, metavar="DIR",
+                   help="time these image files (cycled as needed; default: generated JPEGs in a temporary folder)")
+    t.add_argument("--json", default=None, metavar="FILE", help="also write the full report here")
+    t.add_argument("--skip-engine", action="store_true", help="time e2e only")
+    c = p.add_argument_group("CUDA options (torch backend)")
+    c.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                   help="channels-last memory format (default: on for CUDA)")
+    c.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    c.add_argument("--compile", dest="compile_mode", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the network (mode; default mode if none given)")
+    c.add_argument("--cuda-graphs", action="store_true", help="replay the network as a CUDA graph")
+    c.add_argument("--tf32", action="store_true", help="allow TF32 in FP32 convolutions")
+    c.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true", default=None,
+                   help="let cuDNN pick convolution algorithms by timing them (default: on for CUDA)")
+    c.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
+    c.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                   help="where e2e decodes JPEGs: gpu = nvJPEG via torchvision (800 preset); auto = gpu when possible")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = run_benchmark(
+        backend=args.backend, model=args.model, checkpoint=args.checkpoint, providers=args.providers,
+        preset=args.preset, batch_size=args.batch_size, fp16=args.fp16, device=args.device,
+        warmup=args.warmup, iters=args.iters, images=args.images, score_voting=not args.no_score_voting,
+        channels_last=args.channels_last, compile_mode=args.compile_mode, cuda_graphs=args.cuda_graphs,
+        tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark, decode=args.decode, skip_engine=args.skip_engine,
+    )
+    print(format_report(report))
+    if args.json:
+        atomic_write_json(args.json, report, indent=2)
+        print(f"wrote {args.json}")
+    return 0

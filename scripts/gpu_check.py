@@ -1,0 +1,195 @@
+"""GPU checks for paadet, run by ``scripts/gpu_check.sh`` on a machine with CUDA.
+
+``parity``: detections of the torch backend on CUDA (FP32 with TF32 off, FP16, channels-last, CUDA graphs,
+GPU JPEG decoding) against the CPU FP32 results, on generated images, with seeded random weights,
+by :func:`paadet.compare.match_detections`: FP32 needs IoU >= 0.99 and |score diff| <= 1e-4, FP16
+IoU >= 0.95 and |score diff| <= 1e-2. A variant passes with >= 99.5% (FP32) or >= 97% (FP16) of the
+CPU detections matched and no more than 0.5% (FP32) or 3% (FP16) extra. GPU-decoded images differ
+from OpenCV's by rounding, so that row is reported, not judged.
+
+``variants``: ``paadet bench`` (engine and e2e) at one batch size, FP16, for each CUDA option alone
+and together, so that each one's effect is measured on the same machine in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from paadet.bench import hardware_info, run_benchmark, versions
+from paadet.compare import MatchReport, match_detections
+from paadet.detector import Detector, split_detections
+from paadet.fileio import atomic_write_json
+from paadet.model import PAANet
+from paadet.postprocess import PostprocessConfig
+from paadet.runtime.torch_backend import TorchBackend, gpu_decode_available
+from paadet.testing import seeded_state_dict, synthetic_image
+
+IMAGES = [(480, 640, 1), (427, 640, 2), (640, 480, 3), (375, 500, 4), (300, 400, 5), (200, 1000, 6)]
+WEIGHTS = {"dense": (0, -8.0), "sparse": (2, -10.3)}  # name -> (seed, cls_bias): thousands vs tens of candidates
+RULES = {"fp32": (0.99, 1e-4, 0.995, 0.005), "fp16": (0.95, 1e-2, 0.97, 0.03)}  # iou, score tol, min matched, max extra
+CUDA_VARIANTS = {
+    "fp32": dict(fp16=False),
+    "fp32_channels_last": dict(fp16=False, channels_last=True),
+    "fp16": dict(fp16=True),
+    "fp16_channels_last": dict(fp16=True, channels_last=True),
+    "fp16_channels_last_cuda_graphs": dict(fp16=True, channels_last=True, cuda_graphs=True),
+}
+
+
+def _net(weights: str) -> PAANet:
+    seed, cls_bias = WEIGHTS[weights]
+    net = PAANet()
+    net.load_state_dict(seeded_state_dict(seed, cls_bias=cls_bias))
+    return net
+
+
+def _detections(backend: TorchBackend, arrays: list[np.ndarray], batch_size: int) -> list:
+    return Detector(backend, batch_size=batch_size, workers=0).predict(arrays)
+
+
+def _compare(reference: list, ours: list, precision: str) -> dict[str, Any]:
+    iou_thr, score_tol, min_matched, max_extra = RULES[precision]
+    total = MatchReport()
+    for ref, res in zip(reference, ours):
+        total += match_detections(ref.boxes, ref.scores, ref.labels, res.boxes, res.scores, res.labels,
+                                  iou_thr=iou_thr, score_tol=score_tol)
+    extra_fraction = total.extra / max(total.reference, 1)
+    return {"rule": f"iou>={iou_thr}, |score diff|<={score_tol}", "reference": total.reference, "ours": total.ours,
+            "matched": total.matched, "extra": total.extra, "matched_fraction": total.matched_fraction,
+            "pass": total.matched_fraction >= min_matched and extra_fraction <= max_extra}
+
+
+def parity(out: Path) -> bool:
+    """Run every CUDA variant against CPU FP32 for both weight sets and both presets; write ``out``."""
+    arrays = [synthetic_image(h, w, seed=s) for h, w, s in IMAGES]
+    rows: list[dict[str, Any]] = []
+    for weights in WEIGHTS:
+        net = _net(weights)
+        for preset in ("800", "mmdet"):
+            start = time.perf_counter()
+            reference = _detections(TorchBackend(net, preset=preset, device="cpu"), arrays, batch_size=1)
+            cpu_seconds = time.perf_counter() - start
+            for name, options in CUDA_VARIANTS.items():
+                row = {"weights": weights, "preset": preset, "variant": name, "cpu_reference_seconds": cpu_seconds}
+                try:
+                    backend = TorchBackend(net, preset=preset, device="cuda", **options)
+                    row.update(_compare(reference, _detections(backend, arrays, batch_size=8),
+                                        "fp16" if options["fp16"] else "fp32"))
+                except Exception as exc:  # record and go on: the other rows still tell something
+                    row.update({"pass": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+                rows.append(row)
+                print(_line(row), flush=True)
+            if preset == "800":
+                row = _gpu_decode_row(net, arrays, weights)
+                rows.append(row)
+                print(_line(row), flush=True)
+    ok = all(r["pass"] for r in rows if r.get("judged", True))
+    atomic_write_json(out, {"ok": ok, "rows": rows, "rules": RULES, "hardware": hardware_info("cuda"),
+                            "versions": versions()}, indent=2)
+    return ok
+
+
+def _gpu_decode_row(net: PAANet, arrays: list[np.ndarray], weights: str) -> dict[str, Any]:
+    """FP16 with nvJPEG decoding and GPU resizing vs CPU FP32 on the same JPEG files (reported, not judged)."""
+    import cv2
+
+    row: dict[str, Any] = {"weights": weights, "preset": "800", "variant": "fp16_channels_last_gpu_decode", "judged": False}
+    if not gpu_decode_available():
+        row.update({"pass": False, "error": "torchvision.io.decode_jpeg is not available"})
+        return row
+    try:
+        encoded = [cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for a in arrays]
+        decoded = [cv2.imdecode(np.frombuffer(e, np.uint8), cv2.IMREAD_COLOR) for e in encoded]
+        reference = _detections(TorchBackend(net, preset="800", device="cpu"), decoded, batch_size=1)
+        backend = TorchBackend(net, preset="800", device="cuda", fp16=True, channels_last=True)
+        dets, metas = backend.infer_encoded(encoded)
+        ours = split_detections(dets, metas, [None] * len(metas))
+        row.update(_compare(reference, ours, "fp16"))
+    except Exception as exc:
+        row.update({"pass": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+    return row
+
+
+def _line(row: dict[str, Any]) -> str:
+    head = f"{row['weights']:6s} {row['preset']:5s} {row['variant']:32s}"
+    if "error" in row:
+        return f"{head} ERROR {row['error']}"
+    verdict = "pass" if row["pass"] else ("FAIL" if row.get("judged", True) else "(not judged)")
+    return (f"{head} matched {row['matched']}/{row['reference']} ({100 * row['matched_fraction']:.2f}%), "
+            f"{row['extra']} extra [{row['rule']}] {verdict}")
+
+
+def variants(out: Path, batch_size: int, iters: int, with_compile: bool) -> None:
+    """``run_benchmark`` for each CUDA option at ``batch_size`` (FP16, preset 800); write ``out``."""
+    configs: dict[str, dict[str, Any]] = {
+        "fp32_tf32_off": dict(fp16=False, channels_last=False),
+        "fp32_tf32_channels_last": dict(fp16=False, tf32=True, channels_last=True),
+        "fp16": dict(fp16=True, channels_last=False),
+        "fp16_no_cudnn_benchmark": dict(fp16=True, channels_last=False, cudnn_benchmark=False),
+        "fp16_channels_last": dict(fp16=True, channels_last=True),
+        "fp16_channels_last_cuda_graphs": dict(fp16=True, channels_last=True, cuda_graphs=True),
+        "fp16_channels_last_cpu_decode": dict(fp16=True, channels_last=True, decode="cpu"),
+    }
+    if with_compile:
+        configs["fp16_channels_last_compile"] = dict(fp16=True, channels_last=True, compile_mode="default")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        from paadet.bench import write_generated_images
+
+        write_generated_images(tmp, 64)
+        for name, options in configs.items():
+            start = time.perf_counter()
+            try:
+                report = run_benchmark(preset="800", device="cuda", batch_size=batch_size, warmup=3, iters=iters,
+                                       images=tmp, **options)
+                e2e, engine = report["e2e"], report["engine"]
+                results[name] = {
+                    "engine_images_per_s": engine["images_per_s"], "e2e_images_per_s": e2e["images_per_s"],
+                    "e2e_stages_ms_per_image": e2e["stages_ms_per_image"], "e2e_decode_on": e2e["decode_on"],
+                    "postprocess_ms_per_batch": e2e["stages_ms_per_image"]["postprocess"] * batch_size,
+                    "engine_latency_ms_per_batch": engine["latency_ms_per_batch"], "options": report["options"],
+                    "wall_seconds": time.perf_counter() - start,
+                }
+                print(f"{name:34s} engine {engine['images_per_s']:8.1f} img/s   e2e {e2e['images_per_s']:8.1f} img/s   "
+                      f"post {results[name]['postprocess_ms_per_batch']:.1f} ms/batch   ({time.perf_counter() - start:.0f} s)",
+                      flush=True)
+            except Exception as exc:
+                results[name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                                 "traceback": traceback.format_exc()[-2000:]}
+                print(f"{name:34s} ERROR {results[name]['error']}", flush=True)
+            torch.cuda.empty_cache()
+            atomic_write_json(out, {"batch_size": batch_size, "iters": iters, "preset": "800", "results": results,
+                                    "hardware": hardware_info("cuda"), "versions": versions()}, indent=2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("parity", help="CUDA FP32/FP16 detections vs CPU FP32")
+    p.add_argument("--out", type=Path, required=True)
+    v = sub.add_parser("variants", help="bench each CUDA option at one batch size")
+    v.add_argument("--out", type=Path, required=True)
+    v.add_argument("--batch-size", type=int, default=32)
+    v.add_argument("--iters", type=int, default=10)
+    v.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check: CUDA is not available", file=sys.stderr)
+        return 2
+    if args.step == "parity":
+        return 0 if parity(args.out) else 1
+    variants(args.out, args.batch_size, args.iters, not args.no_compile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""``paadet bench`` on the CPU: report fields, stage accounting, image sources, bad arguments.
+
+Runs are tiny (small presets, 1-2 images per batch, 1-2 iterations) with random weights; the
+timings themselves are not asserted, only that they are sane and consistent.
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import paadet.testing
+from paadet import bench
+from paadet.cli import main
+from paadet.preprocess import PRESETS, Preset, normalize_pad
+from paadet.testing import synthetic_image
+
+TINY = Preset("tiny", (96, 96), size_divisor=None, fixed_size=(96, 96))
+TINY_DIV = Preset("tinydiv", (96, 64), size_divisor=32)
+_cached_weights = functools.cache(paadet.testing.seeded_state_dict)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """No official checkpoint is found (empty cache), random weights are made once, tiny presets exist,
+    and PyTorch uses one thread (tiny convolutions on a busy machine are many times slower with more)."""
+    monkeypatch.setenv("PAADET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(paadet.testing, "seeded_state_dict", _cached_weights)
+    monkeypatch.setitem(PRESETS, TINY.name, TINY)
+    monkeypatch.setitem(PRESETS, TINY_DIV.name, TINY_DIV)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_report(**kwargs):
+    options = dict(preset=TINY, device="cpu", batch_size=2, warmup=1, iters=2)
+    options.update(kwargs)
+    return bench.run_benchmark(**options)
+
+
+def test_report_has_every_field_with_sane_values():
+    report = _tiny_report()
+    for key in ("schema", "tool", "timestamp", "backend", "device", "precision", "batch_size", "preset", "input_size",
+                "weights", "timing_only", "images", "warmup", "iters", "options", "hardware", "versions", "engine", "e2e"):
+        assert key in report, key
+    assert report["backend"] == "torch" and report["device"] == "cpu" and report["precision"] == "fp32"
+    assert report["batch_size"] == 2 and report["preset"] == "tiny" and report["timing_only"] is True
+    assert "timing only" in report["weights"]
+    assert report["images"]["source"].startswith("generated")
+    assert report["images"]["timed_files"] == 2 * (1 + 2)
+    hw = report["hardware"]
+    assert hw["cpu"] and hw["cpu_cores"] >= 1 and hw["cpu_cores_usable"] >= 1 and hw["gpu"] is None
+    assert report["versions"]["paadet"] and report["versions"]["torch"] == torch.__version__
+    assert "onnxruntime" in report["versions"]
+    for name in ("engine", "e2e"):
+        part = report[name]
+        assert part["definition"] and part["iterations"] == 2 and part["images"] == 4
+        assert part["images_per_s"] > 0 and part["ms_per_image"] > 0
+        assert part["images_per_s"] == pytest.approx(1000.0 / part["ms_per_image"])
+        lat = part["latency_ms_per_batch"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert report["engine"]["input_shape"] == [2, 3, 96, 96]
+    assert report["e2e"]["decode_on"] == "cpu"
+    assert set(bench.E2E_STAGES) <= set(report["e2e"]["stages_ms_per_image"])
+    assert report["e2e"]["detections_per_image"] >= 0
+    json.dumps(report)  # serialisable as is
+
+
+def test_stages_add_up_to_the_e2e_time():
+    e2e = _tiny_report(preset=TINY_DIV, batch_size=2, iters=1)["e2e"]
+    stages = e2e["stages_ms_per_image"]
+    assert all(v >= 0 for v in stages.values())
+    assert stages["copy"] == 0 and stages["copy_back"] == 0  # no copies on the CPU
+    timed = sum(stages.values())
+    assert timed + e2e["untimed_ms_per_image"] == pytest.approx(e2e["ms_per_image"])
+    assert 0 <= e2e["untimed_ms_per_image"] <= 0.05 * e2e["ms_per_image"] + 2.0
+
+
+def test_images_folder_is_cycled(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.jpg"), synthetic_image(120, 160, seed=1))
+    cv2.imwrite(str(folder / "b.png"), synthetic_image(90, 150, seed=2))
+    report = _tiny_report(images=folder, batch_size=1, warmup=0, iters=3)
+    assert report["images"]["source"] == f"{folder}: 2 files"
+    assert report["images"]["timed_files"] == 3 and report["e2e"]["images"] == 3
+
+
+def test_cli_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--preset", "tiny", "--warmup", "0", "--iters", "1", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "engine" in printed and "e2e" in printed and "timing only" in printed
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["batch_size"] == 1  # CPU defaults
+    assert report["e2e"]["iterations"] == 1 and report["engine"]["iterations"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--images", "/no/such/folder"], "no such folder"),
+    (["--backend", "onnxruntime"], "needs --model"),
+    (["--model", "x.onnx"], "--model is for --backend onnxruntime"),
+    (["--fp16", "--device", "cpu"], "--fp16 needs a CUDA device"),
+    (["--decode", "gpu", "--device", "cpu"], "--decode gpu needs"),
+    (["--cuda-graphs", "--device", "cpu"], "need a CUDA device"),
+])
+def test_bad_arguments_give_one_line_errors(argv, message, capsys):
+    rc = main(["bench", "--preset", "tiny", "--iters", "1", "--warmup", "0", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("paadet bench: error:") and message in err, err
+
+
+def test_empty_images_folder(tmp_path, capsys):
+    assert main(["bench", "--preset", "tiny", "--images", str(tmp_path)]) == 2
+    assert "no image files" in capsys.readouterr().err
+
+
+def test_cuda_batch_normalisation_matches_the_cpu_path():
+    """The CUDA fast path's batched normalise-and-pad equals per-image normalize_pad (checked on CPU tensors)."""
+    from paadet.model import PAANet
+    from paadet.runtime.torch_backend import TorchBackend
+
+    backend = TorchBackend(PAANet(), preset=TINY, device="cpu")
+    rng = np.random.default_rng(0)
+    shapes, pad = [(64, 90), (50, 96), (64, 96)], (64, 96)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    staging = torch.from_numpy(rng.integers(0, 256, (3, *pad, 3), dtype=np.uint8))  # garbage padding
+    for i, img in enumerate(images):
+        staging[i, : img.shape[0], : img.shape[1]] = torch.from_numpy(img)
+    batched = backend._normalize_pad_batch(staging.permute(0, 3, 1, 2).flip(1), shapes)
+    reference = torch.stack([normalize_pad(img, pad) for img in images])
+    assert torch.equal(batched, reference)
+
+
+def test_onnxruntime_backend(tmp_path):
+    """``--backend onnxruntime --model`` goes through build_detector; engine falls back to the network stage."""
+    pytest.importorskip("onnxruntime")
+    export = pytest.importorskip("paadet.export")
+    from paadet.model import PAANet
+
+    net = PAANet()
+    net.load_state_dict(_cached_weights(0))
+    model = tmp_path / "tiny.onnx"
+    export.export_onnx(net, model, preset=TINY, batch_size=1, verify=False, simplify=False)
+    report = bench.run_benchmark(backend="onnxruntime", model=str(model), preset="tiny", warmup=0, iters=1)
+    assert report["backend"] == "onnxruntime" and report["timing_only"] is False
+    assert report["batch_size"] == 1 and report["engine"]["images_per_s"] > 0
+    assert "onnxruntime backend's 'network' stage" in report["engine"]["definition"]
+    assert report["e2e"]["stages_ms_per_image"]["network"] > 0
