@@ -4,6 +4,8 @@ What is timed, for each contender, after one warm-up image:
 
 * ``paadet torch``: ``paadet predict``'s code path (:func:`paadet.commands.predict.predict_files` with a
   :class:`~paadet.Detector`, batch 1, two decoding threads): JPEG files -> COCO results JSON on disk.
+* ``paadet torch --optimize``: the same with the network traced, frozen and optimised for inference
+  (BatchNorm folded, oneDNN); the one-off trace happens in the warm-up image and is reported apart.
 * ``paadet onnxruntime`` (when ONNX Runtime is installed): the same, with a full graph exported by
   ``paadet export`` from the same weights (the export itself is not timed), opened as ``--backend
   onnxruntime`` opens it (all graph optimisations) plus the ``--threads`` setting.
@@ -48,7 +50,9 @@ def run_paadet(name: str, detector, folder: Path, files: list[Path], out_json: P
     """Time ``paadet predict``'s path over ``folder`` after one warm-up image."""
     from paadet.commands.predict import predict_files
 
+    warm = time.perf_counter()
     detector.predict([str(files[0])])
+    warmup_seconds = time.perf_counter() - warm
     start, cpu_start = time.perf_counter(), time.process_time()
     done, skipped, timer = predict_files([str(folder)], str(out_json), detector, progress=False)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -58,7 +62,7 @@ def run_paadet(name: str, detector, folder: Path, files: list[Path], out_json: P
         "name": name, "images": done, "seconds": seconds, "cpu_seconds": cpu_seconds, "images_per_s": done / seconds,
         "ms_per_image": 1000.0 * seconds / done, "stages_ms_per_image": timer.ms_per_image(done),
         "stages_note": "decode and preprocess run in 2 threads ahead of the network, so stages overlap",
-        "backend": detector.backend.describe(),
+        "backend": detector.backend.describe(), "warmup_seconds_untimed": warmup_seconds,
     }
 
 
@@ -231,6 +235,10 @@ def compare(num_images: int, preset: str, weights: str, mmdet_python: str, with_
         detector = Detector.from_checkpoint(str(checkpoint), preset=preset, device="cpu")
         contenders["paadet_torch"] = run_paadet("paadet torch (predict)", detector, folder, files, tmp_path / "torch.json")
         ours = {"paadet_torch": paadet_detections(tmp_path / "torch.json", folder)}
+        optimized = Detector.from_checkpoint(str(checkpoint), preset=preset, device="cpu", optimize=True)
+        contenders["paadet_torch_optimize"] = run_paadet("paadet torch --optimize (predict)", optimized, folder, files,
+                                                         tmp_path / "torch_opt.json")
+        ours["paadet_torch_optimize"] = paadet_detections(tmp_path / "torch_opt.json", folder)
 
         if with_onnx and versions()["onnxruntime"] is not None:
             import onnxruntime as ort

@@ -177,15 +177,20 @@ class Detector:
         score_voting: bool = True,
         batch_size: int = 1,
         workers: int = 2,
+        **backend_options,
     ) -> "Detector":
-        """A PyTorch detector from an mmdetection checkpoint (the official one, downloaded, if ``path`` is None)."""
+        """A PyTorch detector from an mmdetection checkpoint (the official one, downloaded, if ``path`` is None).
+
+        ``backend_options`` go to :class:`~paadet.runtime.torch_backend.TorchBackend` (e.g.
+        ``optimize=True`` on a CPU, ``channels_last=True`` on CUDA).
+        """
         from .hub import resolve_checkpoint
         from .runtime.torch_backend import TorchBackend
 
         checkpoint = resolve_checkpoint(path)
         backend = TorchBackend.from_checkpoint(
             str(checkpoint), preset=get_preset(preset), device=device, fp16=fp16,
-            postprocess=PostprocessConfig(score_voting=score_voting),
+            postprocess=PostprocessConfig(score_voting=score_voting), **backend_options,
         )
         return cls(backend, batch_size=batch_size, workers=workers)
 

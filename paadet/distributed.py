@@ -136,6 +136,7 @@ class ModelSpec:
     fp16: bool = False
     score_voting: bool = True
     workers: int = 2
+    optimize: bool = False
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``build_detector`` (the preset object kept as is)."""
@@ -150,6 +151,7 @@ class ModelSpec:
             "preset": dataclasses.asdict(get_preset(self.preset)) if self.preset is not None else None,
             "fp16": self.fp16,
             "score_voting": self.score_voting,
+            "optimize": self.optimize,
         }))
 
 

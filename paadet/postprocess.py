@@ -39,6 +39,8 @@ class PostprocessConfig:
         voting_iou_thr: voting uses candidates with IoU strictly above this.
         voting_sigma: the Gaussian's ``sigma`` in ``exp(-(1 - iou)^2 / sigma)``.
         nms_chunk_elements: upper bound on the elements of one pairwise-IoU block (memory).
+        nms_prefix: NMS first runs on this many best candidates per (image, class) group and widens
+            the prefix only when the result could depend on the rest (speed only; results are exact).
     """
 
     nms_pre: int = 1000
@@ -49,6 +51,7 @@ class PostprocessConfig:
     voting_iou_thr: float = 0.01
     voting_sigma: float = 0.025
     nms_chunk_elements: int = 1 << 26
+    nms_prefix: int = 256
 
 
 class Detections(NamedTuple):
@@ -188,6 +191,24 @@ def _chunks(total: int, per_item: int, budget: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, total)) for s in range(0, total, step)]
 
 
+def _grouped_nms(boxes: Tensor, valid: Tensor, counts: Tensor, config: PostprocessConfig) -> Tensor:
+    """:func:`greedy_nms_sorted` over groups of very different sizes: ``[G, K, 4]`` -> ``[G, K]`` keep.
+
+    Groups are padded to the next power of two of their own size, not to the largest group's, so one
+    crowded class does not make every other class pay for its K x K matrix.
+    """
+    k = boxes.shape[1]
+    keep = torch.zeros_like(valid)
+    bucket = torch.clamp(counts, min=8)
+    bucket = torch.pow(2, torch.ceil(torch.log2(bucket.to(torch.float32)))).to(torch.long).clamp(max=k)
+    for size in torch.unique(bucket).tolist():
+        members = (bucket == size).nonzero().squeeze(1)
+        for start, end in _chunks(len(members), size * size, config.nms_chunk_elements):
+            idx = members[start:end]
+            keep[idx, :size] = greedy_nms_sorted(boxes[idx, :size], valid[idx, :size], config.iou_thr)
+    return keep
+
+
 def multiclass_nms(
     candidates: Candidates, config: PostprocessConfig = PostprocessConfig()
 ) -> Detections:
@@ -231,21 +252,27 @@ def multiclass_nms(
     offsets = g_cls.to(boxes.dtype) * (max_coord[g_img] + 1)
     g_boxes_offset = g_boxes + offsets[:, None, None]
 
-    keep_groups = torch.zeros_like(g_valid)
-    # Groups are padded to the next power of two of their own size, not to the largest group's:
-    # one crowded class must not make every other class pay for its K x K matrix.
+    # Greedy NMS decides a candidate from higher-scored ones only, so the first `limit` candidates of
+    # every group are decided exactly by NMS over those alone. Start with a prefix and double it
+    # until no undecided candidate could still enter an image's top `max_per_img`.
     g_counts = counts[groups]
-    bucket = torch.clamp(g_counts, min=8)
-    bucket = torch.pow(2, torch.ceil(torch.log2(bucket.to(torch.float32)))).to(torch.long).clamp(max=k)
-    for size in torch.unique(bucket).tolist():
-        members = (bucket == size).nonzero().squeeze(1)
-        for start, end in _chunks(len(members), size * size, config.nms_chunk_elements):
-            idx = members[start:end]
-            keep_groups[idx, :size] = greedy_nms_sorted(g_boxes_offset[idx, :size], g_valid[idx, :size], config.iou_thr)
+    limit = min(k, max(1, config.nms_prefix))
+    while True:
+        keep_groups = torch.zeros_like(g_valid)
+        keep_groups[:, :limit] = _grouped_nms(g_boxes_offset[:, :limit], g_valid[:, :limit], g_counts.clamp(max=limit), config)
+        keep = torch.zeros_like(slot_valid)
+        keep[groups] = keep_groups
+        kept_scores = torch.where(keep, sorted_scores, sorted_scores.new_tensor(-1.0)).reshape(batch, num_classes * k)
+        if limit >= k:
+            break
+        last_kept = kept_scores.topk(min(max_det, num_classes * k), dim=1, sorted=True).values[:, -1]  # -1: too few
+        undecided = torch.where(g_counts > limit, sorted_scores[groups, limit], sorted_scores.new_tensor(-1.0))
+        best_undecided = torch.full((batch,), -1.0, dtype=undecided.dtype, device=device)
+        best_undecided = best_undecided.scatter_reduce(0, g_img, undecided, reduce="amax")
+        if bool((best_undecided < last_kept).all()):
+            break
+        limit = min(k, 2 * limit)
 
-    keep = torch.zeros_like(slot_valid)
-    keep[groups] = keep_groups
-    kept_scores = torch.where(keep, sorted_scores, sorted_scores.new_tensor(-1.0)).reshape(batch, num_classes * k)
     top = min(max_det, num_classes * k)
     top_scores, top_idx = kept_scores.topk(top, dim=1, sorted=True)
     det_valid = top_scores > -1

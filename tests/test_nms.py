@@ -130,6 +130,20 @@ def test_small_chunks_give_the_same_result():
         assert torch.equal(a, b)
 
 
+def test_short_nms_prefix_is_widened_until_exact():
+    """A prefix of 2 candidates per group must be doubled several times; the result is still exact."""
+    cand = random_candidates(batch=3, anchors=240, classes=4, seed=2, empty_images=(1,))
+    for prefix in (1, 2, 7, 64):
+        for max_per_img in (5, 100):
+            config = PostprocessConfig(score_voting=False, nms_prefix=prefix, max_per_img=max_per_img)
+            assert_well_posed(cand, config)
+            check_against_reference(cand, config)
+    voted_short = multiclass_nms(cand, PostprocessConfig(nms_prefix=2))
+    voted_full = multiclass_nms(cand, PostprocessConfig(nms_prefix=10**6))
+    for a, b in zip(voted_short, voted_full):
+        assert torch.equal(a, b)
+
+
 def test_batch_equals_each_image_alone():
     cand = random_candidates(batch=3, anchors=200, classes=4, seed=5, empty_images=(2,))
     batched = multiclass_nms(cand, NO_VOTING)

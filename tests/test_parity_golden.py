@@ -21,7 +21,8 @@ from paadet.coco import LABEL_OF_CATEGORY
 from paadet.compare import match_detections
 from paadet.model import PAANet
 from paadet.postprocess import PAAPostprocess, PostprocessConfig
-from paadet.preprocess import collate, get_preset, preprocess
+from paadet.runtime.torch_backend import TorchBackend
+from paadet.preprocess import collate, get_preset, preprocess, resize
 from paadet.testing import seeded_state_dict, synthetic_image
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "mmdet_golden.json").read_text())
@@ -60,6 +61,20 @@ def test_matches_mmdetection(ref: dict) -> None:
     assert report.reference == len(ref["scores"])
     assert report.matched == report.reference, str(report)
     assert report.extra == 0, str(report)
+
+
+def test_optimized_cpu_network_keeps_parity() -> None:
+    """``optimize=True`` (traced, frozen, BatchNorm folded) changes logits by ~1e-5; detections still meet the rule."""
+    backend = TorchBackend(network("dense"), preset="mmdet", optimize=True)
+    refs = [r for r in GOLDEN["results"] if r["case"] == "dense" and r["preset"] == "mmdet" and r["score_voting"]]
+    for ref in refs:
+        im = ref["image"]
+        resized, meta = resize(synthetic_image(im["height"], im["width"], seed=im["seed"]), "mmdet")
+        dets = backend.infer([resized], [meta])
+        n = int(dets.num_dets[0])
+        report = match_detections(ref["boxes"], ref["scores"], ref["labels"], dets.boxes[0, :n], dets.scores[0, :n], dets.labels[0, :n])
+        assert report.matched == report.reference and report.extra == 0, str(report)
+    assert backend.describe()["optimize"]
 
 
 def test_golden_exercises_nms_and_voting() -> None:

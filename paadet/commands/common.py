@@ -34,6 +34,9 @@ def add_model_options(parser: argparse.ArgumentParser, default_preset: str = "mm
     g.add_argument("--fp16", action="store_true", help="half precision (CUDA for the torch backend)")
     g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting (torch backend)")
     g.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the network (default: 2)")
+    g.add_argument("--optimize", action="store_true",
+                   help="torch backend on CPU: trace and freeze the network (BatchNorm folded, oneDNN), about "
+                        "25%% faster after a one-off ~15 s; logits differ from the exact path by ~1e-5")
 
 
 def build_detector(
@@ -49,6 +52,7 @@ def build_detector(
     workers: int = 2,
     default_preset: str = "mmdet",
     default_batch: int = 1,
+    optimize: bool = False,
 ) -> Detector:
     """The detector the command-line options describe.
 
@@ -62,11 +66,14 @@ def build_detector(
         if model is not None:
             raise ValueError("--model is for --backend onnxruntime; the torch backend takes --checkpoint")
         return Detector.from_checkpoint(checkpoint, preset=get_preset(preset or default_preset), device=device, fp16=fp16,
-                                        score_voting=score_voting, batch_size=batch_size or default_batch, workers=workers)
+                                        score_voting=score_voting, batch_size=batch_size or default_batch, workers=workers,
+                                        optimize=optimize)
     if model is None:
         raise ValueError("--backend onnxruntime needs --model FILE.onnx (make one with `paadet export`)")
     if checkpoint is not None:
         raise ValueError("--checkpoint is for --backend torch; ONNX Runtime runs the weights inside --model")
+    if optimize:
+        raise ValueError("--optimize is for --backend torch; an exported graph is optimised by ONNX Runtime")
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
@@ -87,5 +94,5 @@ def detector_from_args(args: argparse.Namespace) -> Detector:
         backend=args.backend, checkpoint=args.checkpoint, model=args.model, providers=args.providers,
         preset=args.preset, device=args.device, batch_size=args.batch_size, fp16=args.fp16,
         score_voting=not args.no_score_voting, workers=args.workers,
-        default_preset=args.default_preset, default_batch=args.default_batch,
+        default_preset=args.default_preset, default_batch=args.default_batch, optimize=args.optimize,
     )

@@ -95,6 +95,7 @@ def run_model(
     fp16: bool,
     score_voting: bool,
     workers: int,
+    optimize: bool = False,
 ) -> EvalReport:
     """Load the dataset, build the detector, evaluate; print warnings, the table and the summary."""
     from ..checkpoint import sha256_file
@@ -109,7 +110,8 @@ def run_model(
     else:
         weights = f"sha256:{sha256_file(model)}" if model is not None and Path(model).is_file() else None
     detector = build_detector(backend=backend, checkpoint=checkpoint, model=model, providers=providers, preset=preset,
-                              device=device, batch_size=batch_size, fp16=fp16, score_voting=score_voting, workers=workers)
+                              device=device, batch_size=batch_size, fp16=fp16, score_voting=score_voting, workers=workers,
+                              optimize=optimize)
     described = ", ".join(f"{k} {v}" for k, v in detector.backend.describe().items())
     print(f"evaluating {dataset.annotation_summary()} from {ann_file} ({described})", file=sys.stderr)
     report = evaluate_detector(detector, dataset, output_dir=output_dir, per_class=per_class, resume=resume,
@@ -135,5 +137,6 @@ def run(args: argparse.Namespace) -> int:
         loader=args.loader, progress=not args.no_progress, backend=args.backend, checkpoint=args.checkpoint,
         model=args.model, providers=args.providers, preset=args.preset, device=args.device,
         batch_size=args.batch_size, fp16=args.fp16, score_voting=not args.no_score_voting, workers=args.workers,
+        optimize=args.optimize,
     )
     return 0

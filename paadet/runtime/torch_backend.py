@@ -117,6 +117,10 @@ class TorchBackend(Backend):
         cudnn_benchmark: let cuDNN time its convolution algorithms per input shape (first call of each
             shape is slow, later ones faster). CUDA only.
         pin_memory: stage host-to-device copies in pinned memory (CUDA; ignored on the CPU).
+        optimize: CPU only: trace the network on its first batch, freeze it and let PyTorch optimise it
+            for inference (BatchNorm folded into the convolutions, oneDNN kernels). About a quarter
+            faster on a CPU after a one-off ~15 s; logits differ from the exact path by ~1e-5, so
+            detections agree with mmdetection's to the parity rule rather than bit for bit.
     """
 
     name = "torch"
@@ -134,8 +138,11 @@ class TorchBackend(Backend):
         tf32: bool = False,
         cudnn_benchmark: bool = False,
         pin_memory: bool = True,
+        optimize: bool = False,
     ) -> None:
         self.device = resolve_device(device)
+        if optimize and self.device.type != "cpu":
+            raise ValueError("optimize (trace + freeze) is for the CPU; on CUDA use fp16, channels_last, cuda_graphs or compile_mode")
         if fp16 and self.device.type != "cuda":
             raise ValueError("--fp16 needs a CUDA device; on CPU run in fp32")
         cuda_only = {"channels_last": channels_last, "compile_mode": compile_mode, "cuda_graphs": cuda_graphs,
@@ -154,6 +161,7 @@ class TorchBackend(Backend):
         self.tf32 = tf32
         self.cudnn_benchmark = cudnn_benchmark
         self.pin_memory = pin_memory and self.device.type == "cuda"
+        self.optimize = optimize
         self.net = net.to(self.device).eval()
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -194,6 +202,9 @@ class TorchBackend(Backend):
             batch = batch.contiguous(memory_format=torch.channels_last)
         if self._graphed is not None:
             return self._graphed(batch)
+        if self.optimize and not isinstance(self._forward, torch.jit.ScriptModule):
+            traced = torch.jit.trace(self.net, batch, strict=False, check_trace=False)
+            self._forward = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
         with self._network_context():
             return self._forward(batch)
 
@@ -307,6 +318,8 @@ class TorchBackend(Backend):
         info = super().describe()
         info.update(device=str(self.device), precision="fp16" if self.fp16 else "fp32",
                     score_voting=self.post.config.score_voting)
+        if self.optimize:
+            info["optimize"] = "traced, frozen, optimised for inference"
         if self.device.type == "cuda":
             info.update(gpu=torch.cuda.get_device_name(self.device), channels_last=self.channels_last,
                         compile_mode=self.compile_mode, cuda_graphs=self.cuda_graphs, tf32=self.tf32,
