@@ -109,3 +109,28 @@ def test_predict_cli_json_matches_mmdetection(tmp_path: Path) -> None:
         labels = [LABEL_OF_CATEGORY[e["category_id"]] for e in mine]
         report = match_detections(r["boxes"], r["scores"], r["labels"], boxes, [e["score"] for e in mine], labels)
         assert report.matched == report.reference == len(mine), str(report)
+
+
+def test_onnxruntime_export_and_predict_match_mmdetection(tmp_path: Path) -> None:
+    """``paadet export`` (full graph, FP32) then ``paadet predict --backend onnxruntime``: the same parity rule."""
+    spec = GOLDEN["cases"]["dense"]
+    checkpoint = tmp_path / "dense.pth"
+    torch.save({"meta": {}, "state_dict": seeded_state_dict(spec["seed"], cls_bias=spec["cls_bias"])}, checkpoint)
+    model = tmp_path / "paa.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--preset", "mmdet", "--dynamic-batch",
+                 "--output", str(model), "--no-verify"]) == 0
+    refs = [r for r in GOLDEN["results"] if r["case"] == "dense" and r["preset"] == "mmdet" and r["score_voting"]]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for r in refs:
+        im = r["image"]
+        cv2.imwrite(str(folder / f"img{im['seed']}.png"), synthetic_image(im["height"], im["width"], seed=im["seed"]))
+    out = tmp_path / "results.json"
+    assert main(["predict", str(folder), "--backend", "onnxruntime", "--model", str(model), "--output", str(out)]) == 0
+    entries = json.loads(out.read_text())
+    for r in refs:
+        mine = [e for e in entries if e["file_name"] == f"img{r['image']['seed']}.png"]
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (e["bbox"] for e in mine)]
+        labels = [LABEL_OF_CATEGORY[e["category_id"]] for e in mine]
+        report = match_detections(r["boxes"], r["scores"], r["labels"], boxes, [e["score"] for e in mine], labels)
+        assert report.matched == report.reference == len(mine) == 100, str(report)
