@@ -89,20 +89,23 @@ def test_golden_exercises_nms_and_voting() -> None:
     assert len({label for r in GOLDEN["results"] for label in r["labels"]}) >= 5
 
 
-def test_predict_cli_json_matches_mmdetection(tmp_path: Path) -> None:
-    """The same parity through ``paadet predict``'s COCO JSON on PNG files (lossless, so pixels are equal)."""
-    spec = GOLDEN["cases"]["sparse"]
-    checkpoint = tmp_path / "sparse.pth"
-    torch.save({"meta": {}, "state_dict": seeded_state_dict(spec["seed"], cls_bias=spec["cls_bias"])}, checkpoint)
-    refs = [r for r in GOLDEN["results"] if r["case"] == "sparse" and r["score_voting"]]
-    folder = tmp_path / "images"
+def save_checkpoint(case: str, path: Path) -> Path:
+    spec = GOLDEN["cases"][case]
+    torch.save({"meta": {}, "state_dict": seeded_state_dict(spec["seed"], cls_bias=spec["cls_bias"])}, path)
+    return path
+
+
+def write_images(refs: list[dict], folder: Path) -> Path:
+    """The golden images as PNG files (lossless, so pixels are equal) named ``img<seed>.png``."""
     folder.mkdir()
     for r in refs:
         im = r["image"]
         cv2.imwrite(str(folder / f"img{im['seed']}.png"), synthetic_image(im["height"], im["width"], seed=im["seed"]))
-    out = tmp_path / "results.json"
-    assert main(["predict", str(folder), "--checkpoint", str(checkpoint), "--output", str(out), "--batch-size", "2"]) == 0
-    entries = json.loads(out.read_text())
+    return folder
+
+
+def assert_results_json_matches(results_json: Path, refs: list[dict]) -> None:
+    entries = json.loads(results_json.read_text())
     for r in refs:
         mine = [e for e in entries if e["file_name"] == f"img{r['image']['seed']}.png"]
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (e["bbox"] for e in mine)]
@@ -111,26 +114,24 @@ def test_predict_cli_json_matches_mmdetection(tmp_path: Path) -> None:
         assert report.matched == report.reference == len(mine), str(report)
 
 
+def test_predict_cli_json_matches_mmdetection(tmp_path: Path) -> None:
+    """The same parity through ``paadet predict``'s COCO JSON on PNG files."""
+    checkpoint = save_checkpoint("sparse", tmp_path / "sparse.pth")
+    refs = [r for r in GOLDEN["results"] if r["case"] == "sparse" and r["score_voting"]]
+    folder = write_images(refs, tmp_path / "images")
+    out = tmp_path / "results.json"
+    assert main(["predict", str(folder), "--checkpoint", str(checkpoint), "--output", str(out), "--batch-size", "2"]) == 0
+    assert_results_json_matches(out, refs)
+
+
 def test_onnxruntime_export_and_predict_match_mmdetection(tmp_path: Path) -> None:
     """``paadet export`` (full graph, FP32) then ``paadet predict --backend onnxruntime``: the same parity rule."""
-    spec = GOLDEN["cases"]["dense"]
-    checkpoint = tmp_path / "dense.pth"
-    torch.save({"meta": {}, "state_dict": seeded_state_dict(spec["seed"], cls_bias=spec["cls_bias"])}, checkpoint)
+    checkpoint = save_checkpoint("dense", tmp_path / "dense.pth")
     model = tmp_path / "paa.onnx"
     assert main(["export", "--checkpoint", str(checkpoint), "--preset", "mmdet", "--dynamic-batch",
                  "--output", str(model), "--no-verify"]) == 0
     refs = [r for r in GOLDEN["results"] if r["case"] == "dense" and r["preset"] == "mmdet" and r["score_voting"]]
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for r in refs:
-        im = r["image"]
-        cv2.imwrite(str(folder / f"img{im['seed']}.png"), synthetic_image(im["height"], im["width"], seed=im["seed"]))
+    folder = write_images(refs, tmp_path / "images")
     out = tmp_path / "results.json"
     assert main(["predict", str(folder), "--backend", "onnxruntime", "--model", str(model), "--output", str(out)]) == 0
-    entries = json.loads(out.read_text())
-    for r in refs:
-        mine = [e for e in entries if e["file_name"] == f"img{r['image']['seed']}.png"]
-        boxes = [[x, y, x + w, y + h] for x, y, w, h in (e["bbox"] for e in mine)]
-        labels = [LABEL_OF_CATEGORY[e["category_id"]] for e in mine]
-        report = match_detections(r["boxes"], r["scores"], r["labels"], boxes, [e["score"] for e in mine], labels)
-        assert report.matched == report.reference == len(mine) == 100, str(report)
+    assert_results_json_matches(out, refs)
