@@ -18,17 +18,30 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"paadet.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"paadet.commands.{name}":
-                raise
+        except ImportError as exc:  # an optional dependency of one command must not break the others
+            add_unavailable(sub, name, exc)
             continue
         module.add_parser(sub)
     return parser
 
 
+def add_unavailable(subparsers: argparse._SubParsersAction, name: str, exc: ImportError) -> None:
+    """Register ``name`` so that running it says which package is missing, in one line."""
+    missing = exc.name or str(exc)
+    p = subparsers.add_parser(name, help=f"(unavailable: needs {missing})", add_help=False)
+
+    def run(args: argparse.Namespace) -> int:
+        raise RuntimeError(f"`paadet {name}` needs the Python package {missing!r}, which is not installed "
+                           f"({' '.join(str(exc).split())}); install it with pip")
+
+    p.set_defaults(func=run, accepts_any_arguments=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
