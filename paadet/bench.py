@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -35,6 +36,7 @@ from . import __version__
 from .checkpoint import CheckpointError
 from .data.images import list_images, read_image
 from .detector import split_detections
+from .model import PAANet
 from .preprocess import ImageMeta, Preset, get_preset, resize
 from .runtime.base import Backend, StageTimer
 
@@ -53,6 +55,7 @@ E2E_DEFINITION = (
 GENERATED_SIZES = ((480, 640), (427, 640), (640, 480), (480, 640))  # (height, width): COCO's usual shapes
 MAX_GENERATED = 64
 DECODE_MODES = ("auto", "cpu", "gpu")
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,27 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def choose_backend(backend: str, device: str | None = None, model: str | None = None, fp16: bool = False) -> str:
+    """Resolve ``auto`` to the best backend available here.
+
+    With ``--model``: ONNX Runtime. On CUDA (or with ``--fp16``): the torch backend, whose FP16 fast
+    path is there. On the CPU: ONNX Runtime, the fastest CPU backend measured (1.3-1.7x the torch
+    backend, docs/benchmarks.md), with the weights exported to a temporary graph first; the torch
+    backend if onnxruntime is not installed.
+    """
+    if backend != "auto":
+        return backend
+    if model is not None:
+        return "onnxruntime"
+    if fp16 or torch.device(device or default_device()).type == "cuda":
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnxruntime"
+
+
 def resolve_settings(
     backend: str = "torch",
     device: str | None = None,
@@ -90,10 +114,9 @@ def resolve_settings(
     Defaults: device ``cuda`` if available else ``cpu``; on CUDA batch 32, 3 warm-up and 10 timed
     iterations (the seed's protocol); on the CPU batch 1, 1 warm-up and 2 timed iterations.
     """
-    if backend not in ("torch", "onnxruntime"):
-        raise ValueError(f"unknown backend {backend!r}; use torch or onnxruntime")
-    if backend == "onnxruntime" and model is None:
-        raise ValueError("--backend onnxruntime needs --model FILE.onnx (make one with `paadet export`)")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
+    backend = choose_backend(backend, device, model, fp16)
     if backend == "torch" and model is not None:
         raise ValueError("--model is for --backend onnxruntime; the torch backend takes --checkpoint")
     device = device or ("cpu" if backend == "onnxruntime" else default_device())
@@ -226,21 +249,23 @@ def build_backend(
 ) -> tuple[Backend, str, bool]:
     """The backend to time, a description of its weights, and whether the timing is "timing only".
 
-    The torch backend loads ``checkpoint``, else the official file if it is already in the cache
-    (nothing is downloaded), else random weights ``seeded_state_dict(0)``. ``channels_last`` and
-    ``cudnn_benchmark`` None mean on for CUDA, off on the CPU.
+    ONNX Runtime runs ``model``, or, without one, the weights of :func:`resolve_weights` exported to a
+    temporary graph. The torch backend runs those weights; ``channels_last`` and ``cudnn_benchmark``
+    None mean on for CUDA, off on the CPU.
     """
     from .postprocess import PostprocessConfig
 
-    if settings.backend == "onnxruntime":
+    if settings.backend == "onnxruntime" and model is not None:
         from .commands.common import build_detector
 
         detector = build_detector(backend="onnxruntime", model=model, providers=providers,
                                   preset=settings.preset.name, batch_size=settings.batch_size, fp16=settings.fp16)
         return detector.backend, f"from the ONNX graph {model}", False
 
-    from .hub import resolve_checkpoint
-    from .model import PAANet
+    net, weights, timing_only = resolve_weights(checkpoint)
+    if settings.backend == "onnxruntime":
+        return exported_backend(net, settings, providers, score_voting, weights), weights, timing_only
+
     from .runtime.torch_backend import TorchBackend
 
     on_gpu = torch.device(settings.device).type == "cuda"
@@ -251,19 +276,46 @@ def build_backend(
         compile_mode=compile_mode, cuda_graphs=cuda_graphs, tf32=tf32,
         cudnn_benchmark=on_gpu if cudnn_benchmark is None else cudnn_benchmark,
     )
+    return TorchBackend(net, **options), weights, timing_only
+
+
+def resolve_weights(checkpoint: str | None) -> tuple[PAANet, str, bool]:
+    """The network to time, a description of its weights, and whether they are random ("timing only").
+
+    ``checkpoint``, else the official file if it is already in the cache (nothing is downloaded), else
+    random weights ``seeded_state_dict(0)``.
+    """
+    from .checkpoint import load_weights
+    from .hub import resolve_checkpoint
+    from .testing import seeded_state_dict
+
     try:
         path = resolve_checkpoint(checkpoint, download_if_missing=False, progress=False)
     except CheckpointError:
         if checkpoint is not None:
             raise
         path = None
-    if path is not None:
-        return TorchBackend.from_checkpoint(str(path), **options), str(path), False
-    from .testing import seeded_state_dict
-
     net = PAANet()
+    if path is not None:
+        load_weights(net, path)
+        return net, str(path), False
     net.load_state_dict(seeded_state_dict(0))
-    return TorchBackend(net, **options), "random: seeded_state_dict(0), no checkpoint found (timing only)", True
+    return net, "random: seeded_state_dict(0), no checkpoint found (timing only)", True
+
+
+def exported_backend(net: PAANet, settings: BenchSettings, providers: str | None, score_voting: bool,
+                     weights: str) -> Backend:
+    """Export ``net`` to a temporary full graph (not timed) and open it with ONNX Runtime."""
+    from .export import export_onnx
+    from .runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
+    with tempfile.TemporaryDirectory(prefix="paadet-bench-export-") as tmp:
+        graph = Path(tmp) / "paa.onnx"
+        print("exporting the weights to a temporary ONNX graph for ONNX Runtime (not timed)...", file=sys.stderr, flush=True)
+        export_onnx(net, graph, settings.preset, batch_size=settings.batch_size, fp16=settings.fp16,
+                    score_voting=score_voting, verify=False)
+        return OnnxRuntimeBackend.from_file(graph, providers=provider_list, preset=settings.preset)
 
 
 def load_batch(paths: Sequence[Path], preset: Preset, timer: StageTimer) -> tuple[list[np.ndarray], list[ImageMeta]]:
@@ -401,6 +453,12 @@ def run_benchmark(
         ValueError: a bad option (one line).
     """
     settings = resolve_settings(backend, device, batch_size, warmup, iters, preset, fp16, decode, model)
+    torch_only = {"--channels-last": channels_last, "--compile": compile_mode, "--cuda-graphs": cuda_graphs,
+                  "--tf32": tf32, "--cudnn-benchmark": cudnn_benchmark}
+    asked = [flag for flag, value in torch_only.items() if value]
+    if settings.backend == "onnxruntime" and asked:
+        raise ValueError(f"{', '.join(asked)} are options of the torch backend on CUDA; this run uses ONNX Runtime "
+                         "(give --backend torch --device cuda)")
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"--images {images}: no such folder")
     be, weights, timing_only = build_backend(settings, checkpoint, model, providers, score_voting,

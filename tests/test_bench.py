@@ -108,11 +108,12 @@ def test_cli_writes_json_and_table(tmp_path, capsys):
     (["--iters", "0"], "--iters must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--images", "/no/such/folder"], "no such folder"),
-    (["--backend", "onnxruntime"], "needs --model"),
-    (["--model", "x.onnx"], "--model is for --backend onnxruntime"),
+    (["--backend", "onnxruntime", "--model", "missing.onnx"], "missing.onnx: ONNX model file not found"),
+    (["--backend", "torch", "--model", "x.onnx"], "--model is for --backend onnxruntime"),
     (["--fp16", "--device", "cpu"], "--fp16 needs a CUDA device"),
     (["--decode", "gpu", "--device", "cpu"], "--decode gpu needs"),
-    (["--cuda-graphs", "--device", "cpu"], "need a CUDA device"),
+    (["--backend", "torch", "--cuda-graphs", "--device", "cpu"], "need a CUDA device"),
+    (["--cuda-graphs", "--device", "cpu"], "options of the torch backend on CUDA"),
 ])
 def test_bad_arguments_give_one_line_errors(argv, message, capsys):
     rc = main(["bench", "--preset", "tiny", "--iters", "1", "--warmup", "0", *argv])
@@ -145,8 +146,7 @@ def test_cuda_batch_normalisation_matches_the_cpu_path():
 
 def test_onnxruntime_backend(tmp_path):
     """``--backend onnxruntime --model`` goes through build_detector; engine falls back to the network stage."""
-    pytest.importorskip("onnxruntime")
-    export = pytest.importorskip("paadet.export")
+    from paadet import export
     from paadet.model import PAANet
 
     net = PAANet()
@@ -158,3 +158,17 @@ def test_onnxruntime_backend(tmp_path):
     assert report["batch_size"] == 1 and report["engine"]["images_per_s"] > 0
     assert "onnxruntime backend's 'network' stage" in report["engine"]["definition"]
     assert report["e2e"]["stages_ms_per_image"]["network"] > 0
+
+
+def test_auto_backend_on_cpu_is_onnxruntime_exported_on_the_fly(tmp_path, capsys):
+    """``paadet bench`` with no backend on a CPU times ONNX Runtime (the faster CPU backend) on an exported graph."""
+    out = tmp_path / "auto.json"
+    assert main(["bench", "--preset", "tiny", "--iters", "1", "--warmup", "0", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["backend"] == "onnxruntime" and report["device"] == "cpu"
+    assert report["timing_only"] is True and "timing only" in report["weights"]
+    assert report["e2e"]["images_per_s"] > 0
+    assert "temporary ONNX graph" in capsys.readouterr().err
+    assert bench.choose_backend("auto", device="cpu", model="x.onnx") == "onnxruntime"
+    assert bench.choose_backend("auto", device="cpu", fp16=True) == "torch"
+    assert bench.choose_backend("torch", device="cpu") == "torch"
