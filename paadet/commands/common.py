@@ -35,8 +35,8 @@ def add_model_options(parser: argparse.ArgumentParser, default_preset: str = "mm
     g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting (torch backend)")
     g.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the network (default: 2)")
     g.add_argument("--optimize", action="store_true",
-                   help="torch backend on CPU: trace and freeze the network (BatchNorm folded, oneDNN), about "
-                        "25%% faster after a one-off ~15 s; logits differ from the exact path by ~1e-5")
+                   help="torch backend on CPU: trace and freeze the network (BatchNorm folded, oneDNN), "
+                        "up to 25%% faster after a one-off ~15 s; logits differ from the exact path by ~1e-5")
 
 
 def build_detector(

@@ -133,8 +133,8 @@ class TorchBackend(Backend):
             shape is slow, later ones faster). CUDA only.
         pin_memory: stage host-to-device copies in pinned memory (CUDA; ignored on the CPU).
         optimize: CPU only: trace the network on its first batch, freeze it and let PyTorch optimise it
-            for inference (BatchNorm folded into the convolutions, oneDNN kernels). About a quarter
-            faster on a CPU after a one-off ~15 s; logits differ from the exact path by ~1e-5, so
+            for inference (BatchNorm folded into the convolutions, oneDNN kernels). Up to a quarter
+            faster on a CPU (2-25% measured) after a one-off ~15 s; logits differ from the exact path by ~1e-5, so
             detections agree with mmdetection's to the parity rule rather than bit for bit.
     """
 
