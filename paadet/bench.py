@@ -307,15 +307,14 @@ def exported_backend(net: PAANet, settings: BenchSettings, providers: str | None
                      weights: str) -> Backend:
     """Export ``net`` to a temporary full graph (not timed) and open it with ONNX Runtime."""
     from .export import export_onnx
-    from .runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from .runtime.onnxruntime_backend import OnnxRuntimeBackend, parse_providers
 
-    provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
     with tempfile.TemporaryDirectory(prefix="paadet-bench-export-") as tmp:
         graph = Path(tmp) / "paa.onnx"
         print("exporting the weights to a temporary ONNX graph for ONNX Runtime (not timed)...", file=sys.stderr, flush=True)
         export_onnx(net, graph, settings.preset, batch_size=settings.batch_size, fp16=settings.fp16,
                     score_voting=score_voting, verify=False)
-        return OnnxRuntimeBackend.from_file(graph, providers=provider_list, preset=settings.preset)
+        return OnnxRuntimeBackend.from_file(graph, providers=parse_providers(providers), preset=settings.preset)
 
 
 def load_batch(paths: Sequence[Path], preset: Preset, timer: StageTimer) -> tuple[list[np.ndarray], list[ImageMeta]]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import PaadetError
+from .errors import PaadetError, one_line
 
 __all__ = [
     "CheckpointError",
@@ -37,11 +37,6 @@ _MAX_LISTED = 3
 
 class CheckpointError(PaadetError):
     """A checkpoint is missing, unreadable, unsafe or does not fit the model; the message names the file."""
-
-
-def _one_line(text: str) -> str:
-    """Collapse whitespace (newlines, tabs) so that an error message stays on one line."""
-    return " ".join(str(text).split())
 
 
 def expected_sha256_prefix(path: str | os.PathLike[str]) -> str | None:
@@ -96,14 +91,14 @@ def _describe_load_failure(path: Path, exc: Exception) -> str:
     text = str(exc)
     if "Unsupported global" in text:
         detail = re.search(r"Unsupported global:\s*(.*?)(?:\.\s|$)", text, re.DOTALL)
-        reason = _one_line(detail.group(1)) if detail else "unsupported global"
+        reason = one_line(detail.group(1)) if detail else "unsupported global"
         return (
             f"{path}: refused to load, the file pickles Python objects other than tensors and plain "
             f"containers ({reason}); paadet never unpickles arbitrary objects (weights_only=True)"
         )
     unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
     first = unpickler.group(1) if unpickler else next((ln for ln in text.splitlines() if ln.strip()), "")
-    first = _one_line(first).split(". ")[0].rstrip(".")
+    first = one_line(first).split(". ")[0].rstrip(".")
     detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return f"{path}: cannot be read as a PyTorch checkpoint (corrupt, truncated or not a checkpoint): {detail}"
 
@@ -209,4 +204,4 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: cannot load into {type(model).__name__}: {_one_line(str(exc))}") from exc
+        raise CheckpointError(f"{path}: cannot load into {type(model).__name__}: {one_line(exc)}") from exc

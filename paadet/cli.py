@@ -6,7 +6,7 @@ import importlib
 import sys
 
 from . import __version__
-from .errors import PaadetError
+from .errors import PaadetError, one_line
 
 COMMANDS = ("predict", "eval", "export", "bench", "batch")
 
@@ -32,7 +32,7 @@ def add_unavailable(subparsers: argparse._SubParsersAction, name: str, exc: Impo
 
     def run(args: argparse.Namespace) -> int:
         raise RuntimeError(f"`paadet {name}` needs the Python package {missing!r}, which is not installed "
-                           f"({' '.join(str(exc).split())}); install it with pip")
+                           f"({one_line(exc)}); install it with pip")
 
     p.set_defaults(func=run, accepts_any_arguments=True)
 

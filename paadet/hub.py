@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, expected_sha256_prefix
+from .errors import one_line
 
 __all__ = [
     "OFFICIAL_FILENAME",
@@ -105,7 +106,7 @@ def _reason(exc: BaseException, timeout: float) -> str:
     cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     if isinstance(cause, TimeoutError):
         return f"timed out after {timeout:g} s"
-    text = " ".join(str(cause).split())
+    text = one_line(cause)
     return text or type(cause).__name__
 
 

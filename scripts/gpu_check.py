@@ -13,7 +13,6 @@ and together, so that each one's effect is measured on the same machine in the s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,7 +28,6 @@ from paadet.compare import MatchReport, match_detections
 from paadet.detector import Detector, split_detections
 from paadet.fileio import atomic_write_json
 from paadet.model import PAANet
-from paadet.postprocess import PostprocessConfig
 from paadet.runtime.torch_backend import TorchBackend, gpu_decode_available
 from paadet.testing import seeded_state_dict, synthetic_image
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from ..detector import Detector
-from ..postprocess import PostprocessConfig
 from ..preprocess import PRESETS, Preset, get_preset
 
 
@@ -74,10 +73,9 @@ def build_detector(
         raise ValueError("--checkpoint is for --backend torch; ONNX Runtime runs the weights inside --model")
     if optimize:
         raise ValueError("--optimize is for --backend torch; an exported graph is optimised by ONNX Runtime")
-    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend, parse_providers
 
-    provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-    ort_backend = OnnxRuntimeBackend.from_file(model, providers=provider_list,
+    ort_backend = OnnxRuntimeBackend.from_file(model, providers=parse_providers(providers),
                                                preset=get_preset(preset) if preset is not None else None)
     info = ort_backend.info
     if fp16 and info.precision != "fp16":

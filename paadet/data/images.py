@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..errors import PaadetError
+from ..errors import PaadetError, one_line
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 """Lower-case suffixes (with the dot) that :func:`list_images` picks up in folders; matched case-insensitively."""
@@ -25,14 +25,9 @@ class ImageReadError(PaadetError):
     """An image file that cannot be read or decoded; the message is one line naming the file and the reason."""
 
 
-def _one_line(text: str) -> str:
-    """Collapse whitespace (newlines included) so that a message stays on one line."""
-    return " ".join(text.split())
-
-
 def _error(name: str, reason: str) -> ImageReadError:
     """Build the one-line :class:`ImageReadError` for ``name``."""
-    return ImageReadError(_one_line(f"cannot read image {name}: {reason}"))
+    return ImageReadError(one_line(f"cannot read image {name}: {reason}"))
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import PaadetError
+from ..errors import PaadetError, one_line
 from ..model import PAANet
 from ..postprocess import PostprocessConfig
 from ..preprocess import Preset, get_preset, normalize_pad, resize
@@ -269,7 +269,7 @@ def export_onnx(
                 do_constant_folding=True,
             )
     except Exception as exc:
-        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {one_line(exc)[:300]}") from exc
     model = onnx.load_from_string(buffer.getvalue())
     model, simplifier = _simplify(model, simplify)
     if not raw:
@@ -290,7 +290,7 @@ def export_onnx(
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
-        raise ExportError(f"the exported graph fails onnx.checker: {' '.join(str(exc).split())[:300]}") from exc
+        raise ExportError(f"the exported graph fails onnx.checker: {one_line(exc)[:300]}") from exc
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", suffix=".part", delete=False) as tmp:
         tmp.write(model.SerializeToString())

@@ -5,7 +5,6 @@ eval mode only (frozen statistics, eps 1e-5), as at mmdetection's test time.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 

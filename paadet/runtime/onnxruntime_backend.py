@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import PaadetError
+from ..errors import PaadetError, one_line
 from ..export.metadata import ExportFormatError, ExportInfo, same_preset
 from ..postprocess import Detections, PAAPostprocess, PostprocessConfig
 from ..preprocess import ImageMeta, Preset, get_preset, normalize_pad
@@ -23,10 +23,6 @@ PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 
 class OnnxModelError(PaadetError):
     """An ONNX graph that cannot be used as asked (wrong preset, size, batch, provider); names the file."""
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def choose_providers(requested: list[str] | None = None) -> list[str]:
@@ -43,6 +39,12 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
             )
         return list(requested)
     return [p for p in PREFERRED_PROVIDERS if p in available] or list(available)
+
+
+def parse_providers(text: str | None) -> list[str] | None:
+    """``--providers`` text (comma-separated) -> a provider list; None or empty -> None (the default choice)."""
+    providers = [p.strip() for p in (text or "").split(",") if p.strip()]
+    return providers or None
 
 
 class OnnxRuntimeBackend(Backend):
@@ -101,7 +103,7 @@ class OnnxRuntimeBackend(Backend):
             session = ort.InferenceSession(path, sess_options=session_options, providers=chosen)
         except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
             raise ExportFormatError(
-                f"{path}: cannot be read as an ONNX model ({type(exc).__name__}: {_one_line(exc)[:300]})"
+                f"{path}: cannot be read as an ONNX model ({type(exc).__name__}: {one_line(exc)[:300]})"
             ) from exc
         info = ExportInfo.from_metadata(dict(session.get_modelmeta().custom_metadata_map), path)
         if preset is not None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_weights
+from ..errors import one_line
 from ..model import PAANet
 from ..postprocess import Detections, PAAPostprocess, PostprocessConfig
 from ..preprocess import MEAN_RGB, STD_RGB, ImageMeta, Preset, get_preset, normalize_pad, rescale_size
@@ -308,7 +309,7 @@ class TorchBackend(Backend):
             try:
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError as exc:
-                raise ValueError(f"GPU JPEG decoding failed for one of {', '.join(names[:3])}...: {' '.join(str(exc).split())}") from None
+                raise ValueError(f"GPU JPEG decoding failed for one of {', '.join(names[:3])}...: {one_line(exc)}") from None
         with timer.stage("preprocess"):
             resized, metas = [], []
             for img in decoded:
