@@ -405,18 +405,14 @@ def merge_coco(output_dir: str | os.PathLike, sources: list[ImageSource]) -> lis
     Image ids follow :func:`paadet.commands.predict.image_ids` over ``sources``; inputs without results
     (unreadable, or not done yet) contribute nothing, as in ``predict``.
     """
-    from .commands.predict import image_ids
+    from .commands.predict import coco_entries
 
     wanted = {input_key(s): i for i, s in enumerate(sources)}
     results: dict[int, ImageResult] = {}
     for key, result in read_results(output_dir).items():
         if key in wanted:
             results[wanted[key]] = result
-    ids = image_ids(sources)
-    entries: list[dict[str, Any]] = []
-    for index in sorted(results):
-        entries.extend(results[index].to_coco(ids[index]))
-    return entries
+    return coco_entries(results, sources)
 
 
 # --- the run --------------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ def predict_files(
     skipped; the others' results are still written.
     """
     sources = list_images(paths)
-    ids = image_ids(sources)
     timer = StageTimer(getattr(detector.backend, "device", None))
     results: dict[int, ImageResult] = {}
     skipped = 0
@@ -68,11 +67,18 @@ def predict_files(
         if save_vis:
             write_visualisation(sources[item.index], result, Path(save_vis), vis_score_thr)
     bar.close()
-    entries = []
+    atomic_write_json(output, coco_entries(results, sources))
+    return len(results), skipped, timer
+
+
+def coco_entries(results: dict[int, ImageResult], sources: list[ImageSource]) -> list[dict]:
+    """COCO results entries for ``results`` keyed by input position, ids from :func:`image_ids` over
+    ``sources``, in input order; inputs without a result contribute nothing."""
+    ids = image_ids(sources)
+    entries: list[dict] = []
     for index in sorted(results):
         entries.extend(results[index].to_coco(ids[index]))
-    atomic_write_json(output, entries)
-    return len(results), skipped, timer
+    return entries
 
 
 def write_visualisation(source: ImageSource, result: ImageResult, folder: Path, score_thr: float) -> None:

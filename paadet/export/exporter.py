@@ -5,7 +5,6 @@ import dataclasses
 import importlib.metadata
 import io
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import torch
 
 from .. import __version__
 from ..errors import PaadetError, one_line
+from ..fileio import atomic_write_bytes
 from ..model import PAANet
 from ..postprocess import PostprocessConfig
 from ..preprocess import Preset, get_preset, normalize_pad, resize
@@ -291,10 +291,7 @@ def export_onnx(
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
         raise ExportError(f"the exported graph fails onnx.checker: {one_line(exc)[:300]}") from exc
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", suffix=".part", delete=False) as tmp:
-        tmp.write(model.SerializeToString())
-    os.replace(tmp.name, output)
+    atomic_write_bytes(output, model.SerializeToString())
 
     report = ExportReport(
         path=output, size_bytes=output.stat().st_size, info=info,
