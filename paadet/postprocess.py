@@ -16,7 +16,7 @@ Box format everywhere: xyxy, float, no +1.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -38,9 +38,11 @@ class PostprocessConfig:
         score_voting: refine each kept box by PAA's score voting.
         voting_iou_thr: voting uses candidates with IoU strictly above this.
         voting_sigma: the Gaussian's ``sigma`` in ``exp(-(1 - iou)^2 / sigma)``.
-        nms_chunk_elements: upper bound on the elements of one pairwise-IoU block (memory).
-        nms_prefix: NMS first runs on this many best candidates per (image, class) group and widens
-            the prefix only when the result could depend on the rest (speed only; results are exact).
+        nms_tile: candidates of each image that NMS decides per step (speed and memory only;
+            results are exact for any value, see :func:`greedy_nms_first`).
+        nms_sweeps_per_check: fixed-point sweeps between convergence tests in NMS (speed only: each
+            test is a host-device synchronisation on a GPU).
+        nms_chunk_elements: upper bound on the elements of one IoU block (memory).
     """
 
     nms_pre: int = 1000
@@ -50,8 +52,16 @@ class PostprocessConfig:
     score_voting: bool = True
     voting_iou_thr: float = 0.01
     voting_sigma: float = 0.025
+    nms_tile: int = 256
+    nms_sweeps_per_check: int = 4
     nms_chunk_elements: int = 1 << 26
-    nms_prefix: int = 256
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PostprocessConfig":
+        """The config from a dict such as :func:`dataclasses.asdict` gives, ignoring keys this version does not know
+        (speed-only settings of other versions, e.g. in an exported graph's metadata)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 class Detections(NamedTuple):
@@ -94,6 +104,9 @@ def select_candidates(
 ) -> Candidates:
     """Per-level top-k, decoding with clamps and clipping, and rescaling to the original image.
 
+    The top-k runs level by level; the decoding once for all levels. The logits may be float16 (they
+    are converted to float32 first).
+
     Args:
         cls_logits: per level ``[B, C, H, W]``.
         box_deltas: per level ``[B, 4, H, W]``.
@@ -105,40 +118,47 @@ def select_candidates(
         box_coder: decoder (default: PAA's delta-xywh with stds 0.1, 0.1, 0.2, 0.2).
     """
     coder = box_coder or DeltaXYWHBoxCoder()
-    all_boxes, all_scores = [], []
-    max_shape = img_shapes.to(torch.float32)[:, None, :]
-    for cls, deltas, iou, level_anchors in zip(cls_logits, box_deltas, iou_logits, anchors):
-        batch, num_classes = cls.shape[:2]
-        scores = cls.permute(0, 2, 3, 1).reshape(batch, -1, num_classes).sigmoid()
-        deltas = deltas.permute(0, 2, 3, 1).reshape(batch, -1, 4)
-        iou = iou.permute(0, 2, 3, 1).reshape(batch, -1).sigmoid()
-        level_anchors = level_anchors[None].expand(batch, -1, -1)
-        if 0 < nms_pre < scores.shape[1]:
-            max_scores = (scores * iou[..., None]).sqrt().max(dim=-1).values
-            topk = max_scores.topk(nms_pre, dim=1).indices
-            scores = scores.gather(1, topk[..., None].expand(-1, -1, num_classes))
-            deltas = deltas.gather(1, topk[..., None].expand(-1, -1, 4))
-            level_anchors = level_anchors.gather(1, topk[..., None].expand(-1, -1, 4))
-            iou = iou.gather(1, topk)
-        boxes = coder.decode(level_anchors, deltas, max_shape=max_shape)
-        all_boxes.append(boxes)
-        all_scores.append((scores * iou[..., None]).sqrt())
-    boxes = torch.cat(all_boxes, dim=1)
+    batch, num_classes = cls_logits[0].shape[:2]
+    level_scores, level_deltas, level_anchors = [], [], []
+    for cls, deltas, iou, anchors_l in zip(cls_logits, box_deltas, iou_logits, anchors):
+        # [B, HW, C] (classes innermost: the max over classes is a fast contiguous reduction)
+        scores = cls.permute(0, 2, 3, 1).reshape(batch, -1, num_classes).float().sigmoid()
+        deltas = deltas.permute(0, 2, 3, 1).reshape(batch, -1, 4).float()
+        iou = iou.reshape(batch, -1, 1).float().sigmoid()
+        nms_scores = (scores * iou).sqrt()
+        anchors_l = anchors_l[None].expand(batch, -1, -1)
+        if 0 < nms_pre < nms_scores.shape[1]:
+            topk = nms_scores.max(dim=-1).values.topk(nms_pre, dim=1).indices[..., None]
+            nms_scores = nms_scores.gather(1, topk.expand(-1, -1, num_classes))
+            deltas = deltas.gather(1, topk.expand(-1, -1, 4))
+            anchors_l = anchors_l.gather(1, topk.expand(-1, -1, 4))
+        level_scores.append(nms_scores)
+        level_deltas.append(deltas)
+        level_anchors.append(anchors_l)
+    # decoding once for all levels
+    all_anchors = torch.cat(level_anchors, dim=1)
+    deltas = torch.cat(level_deltas, dim=1)
+    nms_scores = torch.cat(level_scores, dim=1)
+    boxes = coder.decode(all_anchors, deltas, max_shape=img_shapes.to(torch.float32)[:, None, :])
     scale = scale_factors.to(boxes.dtype).repeat(1, 2)[:, None, :]
-    return Candidates(boxes / scale, torch.cat(all_scores, dim=1))
+    return Candidates(boxes / scale, nms_scores)
 
 
-def pairwise_iou_mmcv_nms(boxes: Tensor) -> Tensor:
-    """IoU between all pairs of ``[..., K, 4]`` boxes, as mmcv's CPU NMS kernel computes it.
+def pairwise_iou_mmcv_nms(rows: Tensor, cols: Tensor | None = None) -> Tensor:
+    """IoU of ``[..., M, 4]`` against ``[..., N, 4]`` boxes (``cols`` defaults to ``rows``), as mmcv's CPU NMS
+    kernel computes it, row ``i`` in the role of the kept box: ``inter / (area_i + area_j - inter)``.
 
-    Returns ``[..., K, K]``.
+    Returns ``[..., M, N]``.
     """
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    areas = (x2 - x1) * (y2 - y1)
-    w = (torch.minimum(x2[..., :, None], x2[..., None, :]) - torch.maximum(x1[..., :, None], x1[..., None, :])).clamp(min=0)
-    h = (torch.minimum(y2[..., :, None], y2[..., None, :]) - torch.maximum(y1[..., :, None], y1[..., None, :])).clamp(min=0)
+    cols = rows if cols is None else cols
+    rx1, ry1, rx2, ry2 = rows.unbind(-1)
+    cx1, cy1, cx2, cy2 = cols.unbind(-1)
+    row_areas = (rx2 - rx1) * (ry2 - ry1)
+    col_areas = (cx2 - cx1) * (cy2 - cy1)
+    w = (torch.minimum(rx2[..., :, None], cx2[..., None, :]) - torch.maximum(rx1[..., :, None], cx1[..., None, :])).clamp(min=0)
+    h = (torch.minimum(ry2[..., :, None], cy2[..., None, :]) - torch.maximum(ry1[..., :, None], cy1[..., None, :])).clamp(min=0)
     inter = w * h
-    return inter / (areas[..., :, None] + areas[..., None, :] - inter)
+    return inter / (row_areas[..., :, None] + col_areas[..., None, :] - inter)
 
 
 def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
@@ -157,13 +177,15 @@ def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
     return overlap / union
 
 
-def greedy_nms_sorted(boxes: Tensor, valid: Tensor, iou_thr: float) -> Tensor:
+def greedy_nms_sorted(boxes: Tensor, valid: Tensor, iou_thr: float, sweeps_per_check: int = 1) -> Tensor:
     """Exact greedy NMS for many independent groups at once.
 
     Args:
         boxes: ``[G, K, 4]`` boxes of each group, sorted by descending score.
         valid: ``[G, K]`` which rows are real candidates (padding is False).
         iou_thr: a box is suppressed by a kept, higher-scored box with IoU strictly above this.
+        sweeps_per_check: sweeps between two convergence tests (each test is a host-device
+            synchronisation on a GPU; extra sweeps after convergence change nothing).
 
     Returns:
         ``[G, K]`` bool, the kept boxes.
@@ -171,42 +193,158 @@ def greedy_nms_sorted(boxes: Tensor, valid: Tensor, iou_thr: float) -> Tensor:
     Greedy NMS is the unique solution of ``keep[j] = valid[j] and not any(keep[i] and S[i, j] for i < j)``.
     Jacobi iteration of that triangular system fixes at least one more position per sweep and stops
     at the exact greedy result; in practice it needs as many sweeps as the longest suppression chain.
+    A state that repeats after ``n`` sweeps is that fixed point, since the iteration converges.
     """
     k = boxes.shape[1]
     suppress = pairwise_iou_mmcv_nms(boxes) > iou_thr
     upper = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(1)
-    suppress = (suppress & upper & valid[:, :, None] & valid[:, None, :]).to(boxes.dtype if boxes.is_floating_point() else torch.float32)
-    keep = valid
-    for _ in range(k + 1):
-        suppressed = torch.bmm(keep[:, None, :].to(suppress.dtype), suppress)[:, 0] > 0
-        new_keep = valid & ~suppressed
-        if torch.equal(new_keep, keep):
+    dtype = boxes.dtype if boxes.is_floating_point() else torch.float32
+    suppress = (suppress & upper & valid[:, :, None] & valid[:, None, :]).to(dtype)
+    valid_f = valid.to(dtype)
+    keep = valid_f  # 0/1 floats: the products and sums below are exact
+    sweeps = 0
+    while sweeps <= k:
+        previous = keep
+        for _ in range(max(1, sweeps_per_check)):
+            keep = torch.where(torch.bmm(keep[:, None, :], suppress)[:, 0] == 0, valid_f, 0.0)
+        sweeps += max(1, sweeps_per_check)
+        if torch.equal(keep, previous):
             break
-        keep = new_keep
-    return keep
+    return keep > 0
 
 
-def _chunks(total: int, per_item: int, budget: int) -> list[tuple[int, int]]:
-    step = max(1, budget // max(per_item, 1))
-    return [(s, min(s + step, total)) for s in range(0, total, step)]
+class ClassGroups(NamedTuple):
+    """Each image's candidate list grouped by class, for work that only pairs candidates of one class.
 
-
-def _grouped_nms(boxes: Tensor, valid: Tensor, counts: Tensor, config: PostprocessConfig) -> Tensor:
-    """:func:`greedy_nms_sorted` over groups of very different sizes: ``[G, K, 4]`` -> ``[G, K]`` keep.
-
-    Groups are padded to the next power of two of their own size, not to the largest group's, so one
-    crowded class does not make every other class pay for its K x K matrix.
+    Attributes:
+        order: ``[B, P]`` positions in the list, class by class, list order within a class (padding last).
+        starts: ``[B, C]`` where each class begins in ``order``.
+        counts: ``[B, C]`` candidates of each class.
+        largest: the largest class of the batch (``counts.max()``).
     """
-    k = boxes.shape[1]
+
+    order: Tensor
+    starts: Tensor
+    counts: Tensor
+    largest: int
+
+
+def group_by_class(labels: Tensor, valid: Tensor, num_classes: int) -> ClassGroups:
+    """:class:`ClassGroups` of a ``[B, P]`` candidate list with ``labels`` and ``valid`` (padding False)."""
+    batch, num = labels.shape
+    label_or_pad = torch.where(valid, labels, num_classes)
+    order = (label_or_pad * num + torch.arange(num, device=labels.device)).argsort(dim=1)
+    counts = torch.zeros(batch, num_classes + 1, dtype=torch.long, device=labels.device)
+    counts = counts.scatter_add_(1, label_or_pad, torch.ones_like(labels))[:, :num_classes]
+    return ClassGroups(order, counts.cumsum(dim=1) - counts, counts, int(counts.max()) if counts.numel() else 0)
+
+
+def class_members(groups: ClassGroups, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """For ``labels [B, M]``, the list positions of all candidates of each one's class.
+
+    Returns ``members [B, M, K]`` (positions, ``K = groups.largest``) and ``valid [B, M, K]`` (False
+    in padding slots, whose positions are arbitrary).
+    """
+    batch, m = labels.shape
+    slots = torch.arange(groups.largest, device=labels.device)
+    valid = slots < groups.counts.gather(1, labels)[..., None]
+    slot = (groups.starts.gather(1, labels)[..., None] + slots).clamp(max=groups.order.shape[1] - 1)
+    members = groups.order.gather(1, slot.reshape(batch, m * groups.largest)).reshape(batch, m, groups.largest)
+    return members, valid
+
+
+def gather_rows(values: Tensor, index: Tensor) -> Tensor:
+    """``values [B, P, ...]`` at ``index [B, ...]`` along dim 1: ``[B, ..., ...]`` (the trailing dims of values kept)."""
+    batch = index.shape[0]
+    flat = index.reshape(batch, -1)
+    if values.dim() == 2:
+        return values.gather(1, flat).reshape(index.shape)
+    tail = values.shape[2:]
+    out = values.gather(1, flat.reshape(batch, -1, *([1] * len(tail))).expand(-1, -1, *tail))
+    return out.reshape(*index.shape, *tail)
+
+
+def suppressed_by(kept: Tensor, kept_labels: Tensor, kept_valid: Tensor, boxes: Tensor, groups: ClassGroups,
+                  iou_thr: float, chunk_elements: int = 1 << 26) -> Tensor:
+    """Which candidates of the list ``boxes [B, P, 4]`` a valid ``kept [B, M, 4]`` box of the same class
+    overlaps by IoU strictly above ``iou_thr`` (mmcv's NMS arithmetic, kept boxes in the kept role).
+
+    Only same-class pairs are computed (``B x M x largest class``), in blocks of about
+    ``chunk_elements``. Returns ``[B, P]`` bool.
+    """
+    batch, m = kept_valid.shape
+    hits = torch.zeros(boxes.shape[:2], dtype=torch.int32, device=boxes.device)
+    step = max(1, chunk_elements // max(batch * groups.largest, 1))
+    for start in range(0, m, step):
+        members, member_valid = class_members(groups, kept_labels[:, start:start + step])
+        iou = pairwise_iou_mmcv_nms(kept[:, start:start + step, None, :], gather_rows(boxes, members))[:, :, 0, :]
+        hit = (iou > iou_thr) & member_valid & kept_valid[:, start:start + step, None]
+        hits.scatter_add_(1, members.reshape(batch, -1), hit.reshape(batch, -1).to(torch.int32))
+    return hits > 0
+
+
+def greedy_nms_first(
+    boxes: Tensor,
+    valid: Tensor,
+    labels: Tensor,
+    groups: ClassGroups,
+    iou_thr: float,
+    max_keep: int,
+    tile: int = 256,
+    sweeps_per_check: int = 4,
+    chunk_elements: int = 1 << 26,
+) -> Tensor:
+    """Exact greedy NMS over each image's score-sorted candidates, up to the first ``max_keep`` kept.
+
+    Args:
+        boxes: ``[B, P, 4]`` candidates of each image sorted by descending score; boxes of different
+            classes must not overlap (mmcv's class offsets see to that).
+        valid: ``[B, P]`` real candidates (padding is False).
+        labels: ``[B, P]`` their classes.
+        groups: :func:`group_by_class` of the list.
+        iou_thr: suppression threshold (strict).
+        max_keep: how many kept boxes per image are wanted.
+        tile: candidates decided per image per step.
+        sweeps_per_check: see :func:`greedy_nms_sorted`.
+        chunk_elements: memory bound for :func:`suppressed_by`.
+
+    Returns:
+        ``[B, P]`` bool: the greedy result for each image's first ``max_keep`` kept boxes; every later
+        candidate is False.
+
+    Each step takes the first ``tile`` candidates of each image that are still alive (not yet decided
+    and not overlapped by a kept box), decides them by :func:`greedy_nms_sorted` among themselves (no
+    earlier kept box suppresses them, and dead candidates suppress nothing), and lets the newly kept
+    boxes remove the later candidates they suppress. Each step decides at least one candidate per
+    unfinished image; usually one or two steps suffice, since a few kept boxes suppress most of the rest.
+    """
+    batch, num = valid.shape
+    device = boxes.device
+    tile = max(1, min(tile, num))
+    earliness = torch.arange(num, 0, -1, device=device)  # larger = earlier in score order
+    alive = valid.clone()
     keep = torch.zeros_like(valid)
-    bucket = torch.clamp(counts, min=8)
-    bucket = torch.pow(2, torch.ceil(torch.log2(bucket.to(torch.float32)))).to(torch.long).clamp(max=k)
-    for size in torch.unique(bucket).tolist():
-        members = (bucket == size).nonzero().squeeze(1)
-        for start, end in _chunks(len(members), size * size, config.nms_chunk_elements):
-            idx = members[start:end]
-            keep[idx, :size] = greedy_nms_sorted(boxes[idx, :size], valid[idx, :size], config.iou_thr)
-    return keep
+    num_kept = torch.zeros(batch, dtype=torch.long, device=device)
+    while True:
+        alive &= (num_kept < max_keep)[:, None]
+        if not bool(alive.any()):
+            break
+        order, idx = torch.where(alive, earliness, 0).topk(tile, dim=1)  # first `tile` alive, in score order
+        t_valid = order > 0
+        t_boxes = boxes.gather(1, idx[..., None].expand(-1, -1, 4))
+        t_keep = greedy_nms_sorted(t_boxes, t_valid, iou_thr, sweeps_per_check)
+        keep |= torch.zeros_like(keep).scatter_(1, idx, t_keep)
+        alive &= ~torch.zeros_like(alive).scatter_(1, idx, t_valid)
+        new_per_image = t_keep.sum(dim=1)
+        num_kept += new_per_image
+        new = int(new_per_image.max())
+        if new == 0:
+            continue
+        flag, k_idx = t_keep.to(torch.int32).topk(new, dim=1)  # compact the newly kept boxes
+        k_pos = idx.gather(1, k_idx)
+        alive &= ~suppressed_by(gather_rows(boxes, k_pos), labels.gather(1, k_pos), flag > 0, boxes, groups,
+                                iou_thr, chunk_elements)
+    return keep & (keep.cumsum(dim=1) <= max_keep)
 
 
 def multiclass_nms(
@@ -218,6 +356,10 @@ def multiclass_nms(
     (image, class) group; the ``max_per_img`` best kept detections per image are returned sorted by
     score. With ``config.score_voting`` each kept box becomes the weighted mean of the candidates of
     its class that overlap it (PAA's score voting); scores are unchanged.
+
+    As mmcv does, all classes of an image go through one NMS on boxes shifted by
+    ``label * (max_coord + 1)``, so that boxes of different classes never overlap; the NMS stops
+    once ``max_per_img`` boxes are kept (:func:`greedy_nms_first`).
     """
     boxes, nms_scores = candidates
     batch, num_anchors, num_classes = nms_scores.shape
@@ -226,107 +368,75 @@ def multiclass_nms(
     out_boxes = boxes.new_zeros(batch, max_det, 4)
     out_scores = nms_scores.new_zeros(batch, max_det)
     out_labels = torch.full((batch, max_det), -1, dtype=torch.long, device=device)
-    num_dets = torch.zeros(batch, dtype=torch.long, device=device)
 
     valid = nms_scores > config.score_thr  # [B, A, C]
-    counts = valid.sum(dim=1).reshape(-1)  # [B * C]
-    if num_anchors == 0 or not bool(counts.any()):
-        return Detections(out_boxes, out_scores, out_labels, num_dets)
-    k = int(counts.max())
+    counts = valid.sum(dim=(1, 2))  # [B]
+    num = int(counts.max()) if num_anchors > 0 else 0
+    if num == 0:
+        return Detections(out_boxes, out_scores, out_labels, torch.zeros(batch, dtype=torch.long, device=device))
+
+    # every image's candidates, (anchor, class) pairs sorted by score
+    flat_scores = torch.where(valid, nms_scores, -1.0).reshape(batch, num_anchors * num_classes)
+    cand_scores, cand_idx = flat_scores.topk(num, dim=1, sorted=True)  # [B, P]
+    cand_valid = torch.arange(num, device=device)[None, :] < counts[:, None]
+    cand_labels = cand_idx % num_classes
+    cand_boxes = boxes.gather(1, (cand_idx // num_classes)[..., None].expand(-1, -1, 4))  # [B, P, 4]
 
     # mmcv's class offsets: label * (max coordinate over this image's candidate boxes + 1)
     any_valid = valid.any(dim=-1)
-    max_coord = torch.where(any_valid[..., None], boxes, boxes.new_tensor(float("-inf"))).amax(dim=(1, 2))
+    max_coord = torch.where(any_valid[..., None], boxes, float("-inf")).amax(dim=(1, 2))
     max_coord = torch.where(torch.isfinite(max_coord), max_coord, torch.zeros_like(max_coord))
+    offsets = cand_labels.to(boxes.dtype) * (max_coord[:, None] + 1)
+    groups = group_by_class(cand_labels, cand_valid, num_classes)
+    keep = greedy_nms_first(cand_boxes + offsets[..., None], cand_valid, cand_labels, groups, config.iou_thr, max_det,
+                            config.nms_tile, config.nms_sweeps_per_check, config.nms_chunk_elements)
 
-    group_scores = torch.where(valid, nms_scores, nms_scores.new_tensor(-1.0)).permute(0, 2, 1).reshape(batch * num_classes, num_anchors)
-    sorted_scores, order = group_scores.topk(k, dim=1, sorted=True)  # [B*C, K]
-    slot_valid = torch.arange(k, device=device)[None, :] < counts[:, None]
-
-    groups = counts.nonzero().squeeze(1)  # non-empty (image, class) groups
-    g_img = groups // num_classes
-    g_cls = groups % num_classes
-    g_order = order[groups]
-    g_valid = slot_valid[groups]
-    g_boxes = boxes[g_img[:, None], g_order]  # [G, K, 4]
-    offsets = g_cls.to(boxes.dtype) * (max_coord[g_img] + 1)
-    g_boxes_offset = g_boxes + offsets[:, None, None]
-
-    # Greedy NMS decides a candidate from higher-scored ones only, so the first `limit` candidates of
-    # every group are decided exactly by NMS over those alone. Start with a prefix and double it
-    # until no undecided candidate could still enter an image's top `max_per_img`.
-    g_counts = counts[groups]
-    limit = min(k, max(1, config.nms_prefix))
-    while True:
-        keep_groups = torch.zeros_like(g_valid)
-        keep_groups[:, :limit] = _grouped_nms(g_boxes_offset[:, :limit], g_valid[:, :limit], g_counts.clamp(max=limit), config)
-        keep = torch.zeros_like(slot_valid)
-        keep[groups] = keep_groups
-        kept_scores = torch.where(keep, sorted_scores, sorted_scores.new_tensor(-1.0)).reshape(batch, num_classes * k)
-        if limit >= k:
-            break
-        last_kept = kept_scores.topk(min(max_det, num_classes * k), dim=1, sorted=True).values[:, -1]  # -1: too few
-        undecided = torch.where(g_counts > limit, sorted_scores[groups, limit], sorted_scores.new_tensor(-1.0))
-        best_undecided = torch.full((batch,), -1.0, dtype=undecided.dtype, device=device)
-        best_undecided = best_undecided.scatter_reduce(0, g_img, undecided, reduce="amax")
-        if bool((best_undecided < last_kept).all()):
-            break
-        limit = min(k, 2 * limit)
-
-    top = min(max_det, num_classes * k)
-    top_scores, top_idx = kept_scores.topk(top, dim=1, sorted=True)
-    det_valid = top_scores > -1
-    det_cls = top_idx // k
-    det_slot = top_idx % k
-    det_group = torch.arange(batch, device=device)[:, None] * num_classes + det_cls  # [B, D]
-    det_anchor = order[det_group, det_slot]
-    det_boxes = boxes[torch.arange(batch, device=device)[:, None], det_anchor]  # [B, D, 4]
-
+    top = min(max_det, num)
+    order, pos = torch.where(keep, torch.arange(num, 0, -1, device=device), 0).topk(top, dim=1)  # kept, in score order
+    det_valid = order > 0
+    det_scores = cand_scores.gather(1, pos)
+    det_labels = cand_labels.gather(1, pos)
+    det_boxes = cand_boxes.gather(1, pos[..., None].expand(-1, -1, 4))
     if config.score_voting:
-        det_boxes = score_voting(det_boxes, det_group, boxes, order, sorted_scores, slot_valid, config)
+        det_boxes = score_voting(det_boxes, det_labels, cand_boxes, cand_scores, groups, config)
 
-    zero = det_boxes.new_tensor(0.0)
-    out_boxes[:, :top] = torch.where(det_valid[..., None], det_boxes, zero)
-    out_scores[:, :top] = torch.where(det_valid, top_scores, zero)
-    out_labels[:, :top] = torch.where(det_valid, det_cls, torch.full_like(det_cls, -1))
-    num_dets = det_valid.sum(dim=1)
-    return Detections(out_boxes, out_scores, out_labels, num_dets)
+    out_boxes[:, :top] = torch.where(det_valid[..., None], det_boxes, 0.0)
+    out_scores[:, :top] = torch.where(det_valid, det_scores, 0.0)
+    out_labels[:, :top] = torch.where(det_valid, det_labels, torch.full_like(det_labels, -1))
+    return Detections(out_boxes, out_scores, out_labels, det_valid.sum(dim=1))
 
 
 def score_voting(
     det_boxes: Tensor,
-    det_group: Tensor,
-    boxes: Tensor,
-    order: Tensor,
-    sorted_scores: Tensor,
-    slot_valid: Tensor,
+    det_labels: Tensor,
+    cand_boxes: Tensor,
+    cand_scores: Tensor,
+    groups: ClassGroups,
     config: PostprocessConfig,
 ) -> Tensor:
     """PAA score voting for every detection of a batch at once.
 
     Args:
         det_boxes: ``[B, D, 4]`` boxes kept by NMS.
-        det_group: ``[B, D]`` the (image * C + class) group of each detection.
-        boxes: ``[B, A, 4]`` all candidate boxes of the batch.
-        order: ``[B*C, K]`` anchor index of each group's candidates.
-        sorted_scores: ``[B*C, K]`` their NMS scores.
-        slot_valid: ``[B*C, K]`` which slots are real candidates.
+        det_labels: ``[B, D]`` their classes (any class index in padding rows).
+        cand_boxes: ``[B, P, 4]`` every image's candidate list ((anchor, class) pairs above ``score_thr``).
+        cand_scores: ``[B, P]`` their NMS scores.
+        groups: :func:`group_by_class` of the list.
 
     Returns:
-        ``[B, D, 4]`` voted boxes: ``sum(w_k * box_k) / sum(w_k)`` over the class's candidates ``k``
-        with ``IoU(det, k) > voting_iou_thr``, ``w_k = exp(-(1 - IoU)^2 / sigma) * score_k``.
+        ``[B, D, 4]`` voted boxes: ``sum(w_k * box_k) / sum(w_k)`` over the candidates ``k`` of the
+        detection's class with ``IoU(det, k) > voting_iou_thr``, ``w_k = exp(-(1 - IoU)^2 / sigma) * score_k``;
+        a detection without any partner keeps its box. The work is ``B x D x (largest class)``.
     """
-    batch = det_boxes.shape[0]
-    cand_anchor = order[det_group]  # [B, D, K]
-    cand_boxes = boxes[torch.arange(batch, device=boxes.device)[:, None, None], cand_anchor]  # [B, D, K, 4]
-    cand_scores = sorted_scores[det_group]
-    cand_valid = slot_valid[det_group]
-    ious = bbox_overlaps(det_boxes[:, :, None, :], cand_boxes)[:, :, 0, :]  # [B, D, K]
-    use = cand_valid & (ious > config.voting_iou_thr)
-    weights = torch.exp(-((1 - ious) ** 2) / config.voting_sigma) * cand_scores
-    weights = torch.where(use, weights, weights.new_tensor(0.0))
+    members, member_valid = class_members(groups, det_labels)  # [B, D, K]
+    boxes = gather_rows(cand_boxes, members)  # [B, D, K, 4]
+    scores = gather_rows(cand_scores, members)
+    ious = bbox_overlaps(det_boxes[:, :, None, :], boxes)[:, :, 0, :]  # [B, D, K]
+    use = member_valid & (ious > config.voting_iou_thr)
+    weights = torch.exp(-((1 - ious) ** 2) / config.voting_sigma) * scores
+    weights = torch.where(use, weights, 0.0)
     total = weights.sum(dim=-1, keepdim=True)
-    voted = (weights[..., None] * cand_boxes).sum(dim=-2) / total.clamp(min=torch.finfo(total.dtype).tiny)
+    voted = (weights[..., None] * boxes).sum(dim=-2) / total.clamp(min=torch.finfo(total.dtype).tiny)
     return torch.where(total > 0, voted, det_boxes)
 
 
@@ -362,9 +472,6 @@ class PAAPostprocess(torch.nn.Module):
         scale_factors: Tensor,
     ) -> Detections:
         """Args as :func:`select_candidates`; logits may be fp16 (post-processing runs in fp32)."""
-        cls_logits = [c.float() for c in cls_logits]
-        box_deltas = [b.float() for b in box_deltas]
-        iou_logits = [i.float() for i in iou_logits]
         feat_sizes = [(int(c.shape[-2]), int(c.shape[-1])) for c in cls_logits]
         anchors = self.anchors(feat_sizes, cls_logits[0].device)
         candidates = select_candidates(

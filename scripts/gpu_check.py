@@ -9,6 +9,10 @@ from OpenCV's by rounding, so that row is reported, not judged.
 
 ``variants``: ``paadet bench`` (engine and e2e) at one batch size, FP16, for each CUDA option alone
 and together, so that each one's effect is measured on the same machine in the same process.
+
+``profile``: where the time goes at one batch size: the post-processing alone (batched vs image by
+image, kernels and host syncs; ``benchmarks/bench_postprocess.py``) for both weight sets, and the GPU
+kernels of one FP16 channels-last network call grouped by kind (convolution, GroupNorm, ...).
 """
 from __future__ import annotations
 
@@ -169,6 +173,96 @@ def variants(out: Path, batch_size: int, iters: int, with_compile: bool) -> None
                                     "hardware": hardware_info("cuda"), "versions": versions()}, indent=2)
 
 
+KERNEL_KINDS = (  # (kind, substrings of the kernel name, lower case), first match wins
+    ("groupnorm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams")),
+    ("convolution", ("conv", "implicit_gemm", "cudnn", "xmma", "sm90_", "sm80_", "cutlass", "gemm", "fprop", "dgrad", "wgrad")),
+    ("batchnorm", ("batch_norm", "batchnorm", "bn_fw")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "relu", "add", "mul", "copy", "cat")),
+    ("reduction_sort_topk", ("reduce", "sort", "topk", "scan", "radix")),
+)
+
+
+def _kernel_kind(name: str) -> str:
+    lower = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in lower for k in keys):
+            return kind
+    return "other"
+
+
+def _device_us(event: Any, self_only: bool = True) -> float:
+    for attr in (("self_device_time_total", "self_cuda_time_total") if self_only else ("device_time_total", "cuda_time_total")):
+        value = getattr(event, attr, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def engine_profile(batch_size: int) -> dict[str, Any]:
+    """GPU kernels of one FP16 channels-last network call at ``batch_size`` x 3 x 800 x 800, by kind and the top 15."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    backend = TorchBackend(_net("dense"), preset="800", device="cuda", fp16=True, channels_last=True, cudnn_benchmark=True)
+    batch = torch.randn(batch_size, 3, 800, 800, device="cuda").contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        backend.network(batch)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        backend.network(batch)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / 5
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        backend.network(batch)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if _device_us(e) > 0 and not e.key.startswith(("aten::", "cuda", "Memcpy", "Memset"))]
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        by_kind[_kernel_kind(e.key)] = by_kind.get(_kernel_kind(e.key), 0.0) + _device_us(e) / 1e3
+    total = sum(by_kind.values())
+    top = sorted(kernels, key=_device_us, reverse=True)[:15]
+    return {
+        "what": "network alone, FP16 autocast, channels-last, cudnn.benchmark, random input on the device",
+        "batch_size": batch_size, "wall_ms_per_batch": wall_ms, "images_per_s": batch_size / wall_ms * 1e3,
+        "kernel_ms_total": total, "kernel_ms_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "kernel_launches": int(sum(e.count for e in kernels)),
+        "top_kernels": [{"name": e.key[:160], "calls": e.count, "ms": round(_device_us(e) / 1e3, 3),
+                         "kind": _kernel_kind(e.key)} for e in top],
+    }
+
+
+def profile(out: Path, batch_size: int) -> None:
+    """Post-processing alone (both weight sets) and the network's kernels at ``batch_size``; write ``out``."""
+    from benchmarks.bench_postprocess import measure
+
+    result: dict[str, Any] = {"hardware": hardware_info("cuda"), "versions": versions()}
+    for weights in WEIGHTS:
+        try:
+            row = measure(batch_size=batch_size, device="cuda", weights=weights, images=8, warmup=3, iters=20)
+            row.pop("hardware", None)
+            row.pop("versions", None)
+            result[f"postprocess_{weights}"] = row
+            work = row["batched_call"]
+            print(f"postprocess {weights:6s} batch {batch_size}: {row['batched_ms_per_batch']:.2f} ms/batch batched, "
+                  f"{row['per_image_ms_per_batch']:.2f} image by image ({row['batched_speedup']:.1f}x); "
+                  f"{work['kernels']} kernels, {work['syncs']} syncs", flush=True)
+        except Exception as exc:
+            result[f"postprocess_{weights}"] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                                                "traceback": traceback.format_exc()[-2000:]}
+            print(f"postprocess {weights}: ERROR {result[f'postprocess_{weights}']['error']}", flush=True)
+        atomic_write_json(out, result, indent=2)
+    try:
+        result["engine"] = engine_profile(batch_size)
+        eng = result["engine"]
+        print(f"engine batch {batch_size}: {eng['wall_ms_per_batch']:.2f} ms/batch ({eng['images_per_s']:.0f} img/s); "
+              f"kernel ms by kind {eng['kernel_ms_by_kind']}", flush=True)
+    except Exception as exc:
+        result["engine"] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                            "traceback": traceback.format_exc()[-2000:]}
+        print(f"engine profile: ERROR {result['engine']['error']}", flush=True)
+    atomic_write_json(out, result, indent=2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
@@ -179,12 +273,18 @@ def main() -> int:
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--iters", type=int, default=10)
     v.add_argument("--no-compile", action="store_true")
+    f = sub.add_parser("profile", help="post-processing alone and the network's kernels at one batch size")
+    f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: CUDA is not available", file=sys.stderr)
         return 2
     if args.step == "parity":
         return 0 if parity(args.out) else 1
+    if args.step == "profile":
+        profile(args.out, args.batch_size)
+        return 0
     variants(args.out, args.batch_size, args.iters, not args.no_compile)
     return 0
 

@@ -5,7 +5,7 @@
 # Run from the repository root on a machine with CUDA and a Python that has torch (no network needed):
 #     OUT=/some/folder bash scripts/gpu_check.sh
 # Results (at most 8 files, flat): $OUT/env.txt, parity.json, bench_b1.json, bench_b8.json, bench_b32.json,
-# variants_b32.json, log.txt. Exit status: 1 if the parity check failed or a step errored, else 0.
+# profile_b32.json (post-processing alone, kernels and syncs; the network's kernels by kind), variants_b32.json, log.txt. Exit status: 1 if the parity check failed or a step errored, else 0.
 set -uo pipefail
 
 OUT="${OUT:-$(mktemp -d)}"
@@ -49,6 +49,7 @@ for b in 1 8 32; do
     step "bench_b$b" 90 "${PAADET[@]}" bench --device cuda --preset 800 --fp16 --batch-size "$b" \
         --warmup 3 --iters 10 --json "$OUT/bench_b$b.json"
 done
+step profile_b32 120 "$PYTHON" -m scripts.gpu_check profile --batch-size 32 --out "$OUT/profile_b32.json"
 step variants_b32 240 "$PYTHON" -m scripts.gpu_check variants --batch-size 32 --iters 10 --out "$OUT/variants_b32.json"
 
 echo "gpu_check: done, status $status, results in $OUT" | tee -a "$LOG"

@@ -5,7 +5,14 @@ import math
 
 import torch
 
-from paadet.postprocess import Candidates, PostprocessConfig, greedy_nms_sorted, multiclass_nms
+from paadet.postprocess import (
+    Candidates,
+    PostprocessConfig,
+    greedy_nms_first,
+    greedy_nms_sorted,
+    group_by_class,
+    multiclass_nms,
+)
 
 NO_VOTING = PostprocessConfig(score_voting=False)
 
@@ -130,18 +137,58 @@ def test_small_chunks_give_the_same_result():
         assert torch.equal(a, b)
 
 
-def test_short_nms_prefix_is_widened_until_exact():
-    """A prefix of 2 candidates per group must be doubled several times; the result is still exact."""
+def test_any_tile_and_sweep_setting_is_exact():
+    """Tiles of 1, 2, 7 and 64 candidates need many steps (and suppression across steps); all are exact."""
     cand = random_candidates(batch=3, anchors=240, classes=4, seed=2, empty_images=(1,))
-    for prefix in (1, 2, 7, 64):
+    for tile in (1, 2, 7, 64):
         for max_per_img in (5, 100):
-            config = PostprocessConfig(score_voting=False, nms_prefix=prefix, max_per_img=max_per_img)
-            assert_well_posed(cand, config)
-            check_against_reference(cand, config)
-    voted_short = multiclass_nms(cand, PostprocessConfig(nms_prefix=2))
-    voted_full = multiclass_nms(cand, PostprocessConfig(nms_prefix=10**6))
+            for sweeps in (1, 3):
+                config = PostprocessConfig(score_voting=False, nms_tile=tile, max_per_img=max_per_img,
+                                           nms_sweeps_per_check=sweeps)
+                assert_well_posed(cand, config)
+                check_against_reference(cand, config)
+    voted_short = multiclass_nms(cand, PostprocessConfig(nms_tile=2))
+    voted_full = multiclass_nms(cand, PostprocessConfig(nms_tile=10**6))
     for a, b in zip(voted_short, voted_full):
         assert torch.equal(a, b)
+
+
+def test_greedy_nms_first_stops_after_max_keep():
+    """Five disjoint boxes in one class: all would be kept; only the first two are returned."""
+    x = torch.arange(5, dtype=torch.float32) * 20
+    boxes = torch.stack([x, torch.zeros(5), x + 10, torch.full((5,), 10.0)], -1)[None]
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    labels = torch.zeros(1, 5, dtype=torch.long)
+    groups = group_by_class(labels, valid, 1)
+    for tile in (1, 2, 5):
+        keep = greedy_nms_first(boxes, valid, labels, groups, 0.6, max_keep=2, tile=tile)
+        assert keep.tolist() == [[True, True, False, False, False]]
+
+
+def test_suppression_across_tiles_is_class_aware():
+    """A tile of 1: box 0 (class 0) is decided first and must suppress box 2 (class 0, IoU 0.67)
+    but not box 1 (class 1, same coordinates as box 2, no class offsets here)."""
+    a, b = [0.0, 0.0, 10.0, 10.0], [2.0, 0.0, 12.0, 10.0]
+    boxes = torch.tensor([[a, b, b]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    labels = torch.tensor([[0, 1, 0]])
+    keep = greedy_nms_first(boxes, valid, labels, group_by_class(labels, valid, 2), 0.6, max_keep=10, tile=1)
+    assert keep.tolist() == [[True, True, False]]
+
+
+def test_group_by_class():
+    labels = torch.tensor([[2, 0, 2, 1, 0, 2]])
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    groups = group_by_class(labels, valid, 3)
+    assert groups.counts.tolist() == [[2, 1, 2]]
+    assert groups.starts.tolist() == [[0, 2, 3]]
+    assert groups.order[0, :5].tolist() == [1, 4, 3, 0, 2]  # class 0, then 1, then 2; list order within
+    assert groups.largest == 2
+
+
+def test_config_from_dict_ignores_unknown_keys():
+    config = PostprocessConfig.from_dict({"score_thr": 0.1, "nms_prefix": 256})
+    assert config.score_thr == 0.1 and config.nms_tile == PostprocessConfig().nms_tile
 
 
 def test_batch_equals_each_image_alone():
@@ -197,8 +244,9 @@ def test_greedy_nms_sorted_chain():
 
 
 def test_greedy_nms_sorted_long_chain_needs_many_sweeps():
-    keep = greedy_nms_sorted(chain_boxes(31)[None], torch.ones(1, 31, dtype=torch.bool), 0.6)
-    assert keep[0].tolist() == [i % 2 == 0 for i in range(31)]
+    for sweeps_per_check in (1, 2, 4, 7):
+        keep = greedy_nms_sorted(chain_boxes(31)[None], torch.ones(1, 31, dtype=torch.bool), 0.6, sweeps_per_check)
+        assert keep[0].tolist() == [i % 2 == 0 for i in range(31)]
 
 
 def test_greedy_nms_sorted_groups_and_padding():

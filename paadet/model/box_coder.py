@@ -28,6 +28,19 @@ class DeltaXYWHBoxCoder:
         self.means = tuple(float(m) for m in means)
         self.stds = tuple(float(s) for s in stds)
         self.max_ratio = abs(math.log(wh_ratio_clip))
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def _constants(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``means`` and ``stds`` as tensors on ``like``'s device and dtype, made once per device (no copy per call).
+
+        While tracing (ONNX export) or compiling they are made afresh so that they become graph constants.
+        """
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return like.new_tensor(self.means), like.new_tensor(self.stds)
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = (like.new_tensor(self.means), like.new_tensor(self.stds))
+        return self._cache[key]
 
     def decode(self, anchors: Tensor, deltas: Tensor, max_shape: Tensor | None = None) -> Tensor:
         """Decode boxes.
@@ -42,8 +55,7 @@ class DeltaXYWHBoxCoder:
         Returns:
             ``[..., 4]`` xyxy boxes.
         """
-        means = deltas.new_tensor(self.means)
-        stds = deltas.new_tensor(self.stds)
+        means, stds = self._constants(deltas)
         d = deltas * stds + means
         dxy, dwh = d[..., :2], d[..., 2:]
         pxy = (anchors[..., :2] + anchors[..., 2:]) * 0.5

@@ -67,7 +67,7 @@ class OnnxRuntimeBackend(Backend):
         self.fixed_batch = info.batch
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
-        self._post = PAAPostprocess(PostprocessConfig(**info.postprocess)) if info.graph == "raw" else None
+        self._post = PAAPostprocess(PostprocessConfig.from_dict(info.postprocess)) if info.graph == "raw" else None
 
     @classmethod
     def from_file(
