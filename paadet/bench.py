@@ -23,6 +23,7 @@ import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ ENGINE_DEFINITION = (
 )
 E2E_DEFINITION = (
     "JPEG files on disk -> final detections in host memory, batches run one after another without overlap: "
-    "read+decode, pre-process (resize, normalise, pad), host->device copy, network, post-processing "
+    "read+decode (on the GPU, or on the CPU with decode_threads threads), pre-process (resize, normalise, pad), host->device copy, network, post-processing "
     "(top-k, decode, NMS, score voting), device->host copy and per-image results; device-synchronised "
     "timer around each stage"
 )
@@ -246,6 +247,8 @@ def build_backend(
     cuda_graphs: bool = False,
     tf32: bool = False,
     cudnn_benchmark: bool | None = None,
+    fold_bn: bool = False,
+    fp16_weights: bool = False,
 ) -> tuple[Backend, str, bool]:
     """The backend to time, a description of its weights, and whether the timing is "timing only".
 
@@ -275,6 +278,7 @@ def build_backend(
         channels_last=on_gpu if channels_last is None else channels_last,
         compile_mode=compile_mode, cuda_graphs=cuda_graphs, tf32=tf32,
         cudnn_benchmark=on_gpu if cudnn_benchmark is None else cudnn_benchmark,
+        fold_bn=fold_bn, fp16_weights=fp16_weights,
     )
     return TorchBackend(net, **options), weights, timing_only
 
@@ -317,12 +321,20 @@ def exported_backend(net: PAANet, settings: BenchSettings, providers: str | None
         return OnnxRuntimeBackend.from_file(graph, providers=parse_providers(providers), preset=settings.preset)
 
 
-def load_batch(paths: Sequence[Path], preset: Preset, timer: StageTimer) -> tuple[list[np.ndarray], list[ImageMeta]]:
-    """Decode and resize a batch on the host (OpenCV, as ``paadet predict``), timing each step."""
+def default_decode_threads() -> int:
+    """Host threads that decode and resize a batch's images in ``e2e`` (OpenCV releases the GIL): up to 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def load_batch(paths: Sequence[Path], preset: Preset, timer: StageTimer,
+               pool: ThreadPoolExecutor | None = None) -> tuple[list[np.ndarray], list[ImageMeta]]:
+    """Decode and resize a batch on the host (OpenCV, as ``paadet predict``), on ``pool``'s threads if given,
+    timing each step."""
+    run = pool.map if pool is not None else map
     with timer.stage("decode"):
-        decoded = [read_image(p) for p in paths]
+        decoded = list(run(read_image, paths))
     with timer.stage("preprocess"):
-        pairs = [resize(img, preset) for img in decoded]
+        pairs = list(run(lambda img: resize(img, preset), decoded))
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -334,7 +346,8 @@ def _groups_by_pad_shape(metas: Sequence[ImageMeta]) -> list[list[int]]:
     return list(groups.values())
 
 
-def run_e2e_batch(backend: Backend, paths: Sequence[Path], preset: Preset, gpu_decode: bool, timer: StageTimer) -> int:
+def run_e2e_batch(backend: Backend, paths: Sequence[Path], preset: Preset, gpu_decode: bool, timer: StageTimer,
+                  pool: ThreadPoolExecutor | None = None) -> int:
     """JPEG files -> per-image results in host memory for one batch; returns the number of detections."""
     if gpu_decode:
         with timer.stage("decode"):
@@ -343,7 +356,7 @@ def run_e2e_batch(backend: Backend, paths: Sequence[Path], preset: Preset, gpu_d
         with timer.stage("postprocess"):
             results = split_detections(dets, metas, [str(p) for p in paths])
         return sum(len(r.scores) for r in results)
-    resized, metas = load_batch(paths, preset, timer)
+    resized, metas = load_batch(paths, preset, timer, pool)
     found = 0
     for group in _groups_by_pad_shape(metas):
         dets = backend.infer([resized[i] for i in group], [metas[i] for i in group], timer)
@@ -388,20 +401,23 @@ def time_e2e(backend: Backend, paths: Sequence[Path], settings: BenchSettings, g
     batches = [paths[i * b:(i + 1) * b] for i in range(settings.warmup + settings.iters)]
     total_timer = StageTimer(device)
     latencies, detections = [], 0
-    for i, batch in enumerate(batches):
-        timer, wall = StageTimer(device), StageTimer(device)
-        with wall.stage("batch"):
-            found = run_e2e_batch(backend, batch, settings.preset, gpu_decode, timer)
-        if i >= settings.warmup:
-            latencies.append(wall.totals["batch"])
-            total_timer.merge(timer)
-            detections += found
+    threads = 1 if gpu_decode else default_decode_threads()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="paadet-decode") as pool:
+        for i, batch in enumerate(batches):
+            timer, wall = StageTimer(device), StageTimer(device)
+            with wall.stage("batch"):
+                found = run_e2e_batch(backend, batch, settings.preset, gpu_decode, timer, pool if threads > 1 else None)
+            if i >= settings.warmup:
+                latencies.append(wall.totals["batch"])
+                total_timer.merge(timer)
+                detections += found
     images = b * settings.iters
     summary = _summary(E2E_DEFINITION, latencies, b)
     stages = {name: 1000.0 * total_timer.totals.get(name, 0.0) / images for name in E2E_STAGES}
     stages.update({name: 1000.0 * s / images for name, s in total_timer.totals.items() if name not in E2E_STAGES})
     summary.update(
         decode_on="gpu" if gpu_decode else "cpu",
+        decode_threads=None if gpu_decode else threads,
         stages_ms_per_image=stages,
         untimed_ms_per_image=summary["ms_per_image"] - sum(stages.values()),
         detections_per_image=detections / images,
@@ -442,6 +458,8 @@ def run_benchmark(
     cudnn_benchmark: bool | None = None,
     decode: str = "auto",
     skip_engine: bool = False,
+    fold_bn: bool = False,
+    fp16_weights: bool = False,
 ) -> dict[str, Any]:
     """Time ``engine`` and ``e2e`` and return the report (every field of the JSON).
 
@@ -453,7 +471,8 @@ def run_benchmark(
     """
     settings = resolve_settings(backend, device, batch_size, warmup, iters, preset, fp16, decode, model)
     torch_only = {"--channels-last": channels_last, "--compile": compile_mode, "--cuda-graphs": cuda_graphs,
-                  "--tf32": tf32, "--cudnn-benchmark": cudnn_benchmark}
+                  "--tf32": tf32, "--cudnn-benchmark": cudnn_benchmark, "--fold-bn": fold_bn,
+                  "--fp16-weights": fp16_weights}
     asked = [flag for flag, value in torch_only.items() if value]
     if settings.backend == "onnxruntime" and asked:
         raise ValueError(f"{', '.join(asked)} are options of the torch backend on CUDA; this run uses ONNX Runtime "
@@ -461,7 +480,8 @@ def run_benchmark(
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"--images {images}: no such folder")
     be, weights, timing_only = build_backend(settings, checkpoint, model, providers, score_voting,
-                                             channels_last, compile_mode, cuda_graphs, tf32, cudnn_benchmark)
+                                             channels_last, compile_mode, cuda_graphs, tf32, cudnn_benchmark,
+                                             fold_bn, fp16_weights)
     needed = settings.batch_size * (settings.warmup + settings.iters)
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="paadet-bench-"))
@@ -533,9 +553,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{name:8s} {r['images_per_s']:10.2f} {r['ms_per_image']:10.2f} {lat['p50']:10.1f} {lat['p90']:10.1f} {lat['p99']:10.1f}")
     e2e = report["e2e"]
     stages = " | ".join(f"{k} {v:.2f}" for k, v in e2e["stages_ms_per_image"].items())
+    threads = e2e.get("decode_threads")
+    decode = e2e["decode_on"] if threads is None else f"{e2e['decode_on']}, {threads} threads"
     lines += [
         "",
-        f"e2e ms/image by stage (decode on {e2e['decode_on']}): {stages} | untimed {e2e['untimed_ms_per_image']:.2f}",
+        f"e2e ms/image by stage (decode on {decode}): {stages} | untimed {e2e['untimed_ms_per_image']:.2f}",
         f"e2e detections per image: {e2e['detections_per_image']:.1f}",
         "engine = the network alone on a device-resident batch; e2e = JPEG files -> detections in host memory, "
         "stage by stage, synchronised",

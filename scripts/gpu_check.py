@@ -44,6 +44,8 @@ CUDA_VARIANTS = {
     "fp16": dict(fp16=True),
     "fp16_channels_last": dict(fp16=True, channels_last=True),
     "fp16_channels_last_cuda_graphs": dict(fp16=True, channels_last=True, cuda_graphs=True),
+    "fp16_channels_last_fold_bn": dict(fp16=True, channels_last=True, fold_bn=True),
+    "fp16_weights_channels_last_fold_bn": dict(fp16=True, fp16_weights=True, channels_last=True, fold_bn=True),
 }
 
 
@@ -140,6 +142,11 @@ def variants(out: Path, batch_size: int, iters: int, with_compile: bool) -> None
         "fp16_channels_last": dict(fp16=True, channels_last=True),
         "fp16_channels_last_cuda_graphs": dict(fp16=True, channels_last=True, cuda_graphs=True),
         "fp16_channels_last_cpu_decode": dict(fp16=True, channels_last=True, decode="cpu"),
+        "fp16_channels_last_fold_bn": dict(fp16=True, channels_last=True, fold_bn=True),
+        "fp16_weights_channels_last": dict(fp16=True, fp16_weights=True, channels_last=True),
+        "fp16_weights_channels_last_fold_bn": dict(fp16=True, fp16_weights=True, channels_last=True, fold_bn=True),
+        "fp16_weights_channels_last_fold_bn_cuda_graphs": dict(fp16=True, fp16_weights=True, channels_last=True,
+                                                               fold_bn=True, cuda_graphs=True),
     }
     if with_compile:
         configs["fp16_channels_last_compile"] = dict(fp16=True, channels_last=True, compile_mode="default")

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# All of paadet's GPU work in one go (about 5-8 minutes on one H100): parity of CUDA FP32/FP16 with CPU FP32,
-# `paadet bench` (engine + e2e, preset 800, FP16) at batch 1, 8 and 32, and each CUDA option measured alone.
+# All of paadet's GPU work in one go (about 8-9 minutes on one H100; give it a 600 s limit): parity of CUDA
+# FP32/FP16 with CPU FP32, `paadet bench` (engine + e2e, preset 800, FP16) at batch 1, 8 and 32, the profile
+# of post-processing and network at batch 32, and each CUDA option measured alone.
 #
 # Run from the repository root on a machine with CUDA and a Python that has torch (no network needed):
 #     OUT=/some/folder bash scripts/gpu_check.sh
 # Results (at most 8 files, flat): $OUT/env.txt, parity.json, bench_b1.json, bench_b8.json, bench_b32.json,
-# profile_b32.json (post-processing alone, kernels and syncs; the network's kernels by kind), variants_b32.json, log.txt. Exit status: 1 if the parity check failed or a step errored, else 0.
+# profile_b32.json (post-processing alone, kernels and syncs; the network's kernels by kind), variants_b32.json,
+# log.txt. Exit status: 1 if the parity check failed or a step errored, else 0.
 set -uo pipefail
 
 OUT="${OUT:-$(mktemp -d)}"
@@ -44,13 +46,17 @@ if ! "$PYTHON" -c "import paadet.bench" >> "$LOG" 2>&1; then
 fi
 PAADET=("$PYTHON" -m paadet.cli)
 
-step parity 180 "$PYTHON" -m scripts.gpu_check parity --out "$OUT/parity.json"
-for b in 1 8 32; do
-    step "bench_b$b" 90 "${PAADET[@]}" bench --device cuda --preset 800 --fp16 --batch-size "$b" \
-        --warmup 3 --iters 10 --json "$OUT/bench_b$b.json"
-done
-step profile_b32 120 "$PYTHON" -m scripts.gpu_check profile --batch-size 32 --out "$OUT/profile_b32.json"
+# most important first: if the device call runs out of time, what is done has been written
+bench() {  # bench BATCH LIMIT
+    step "bench_b$1" "$2" "${PAADET[@]}" bench --device cuda --preset 800 --fp16 --batch-size "$1" \
+        --warmup 3 --iters 10 --json "$OUT/bench_b$1.json"
+}
+bench 32 90
+step parity 150 "$PYTHON" -m scripts.gpu_check parity --out "$OUT/parity.json"
+step profile_b32 100 "$PYTHON" -m scripts.gpu_check profile --batch-size 32 --out "$OUT/profile_b32.json"
 step variants_b32 240 "$PYTHON" -m scripts.gpu_check variants --batch-size 32 --iters 10 --out "$OUT/variants_b32.json"
+bench 8 60
+bench 1 60
 
 echo "gpu_check: done, status $status, results in $OUT" | tee -a "$LOG"
 exit $status

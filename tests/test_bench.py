@@ -67,6 +67,7 @@ def test_report_has_every_field_with_sane_values():
         assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert report["engine"]["input_shape"] == [2, 3, 96, 96]
     assert report["e2e"]["decode_on"] == "cpu"
+    assert report["e2e"]["decode_threads"] >= 1
     assert set(bench.E2E_STAGES) <= set(report["e2e"]["stages_ms_per_image"])
     assert report["e2e"]["detections_per_image"] >= 0
     json.dumps(report)  # serialisable as is
@@ -114,6 +115,8 @@ def test_cli_writes_json_and_table(tmp_path, capsys):
     (["--decode", "gpu", "--device", "cpu"], "--decode gpu needs"),
     (["--backend", "torch", "--cuda-graphs", "--device", "cpu"], "need a CUDA device"),
     (["--cuda-graphs", "--device", "cpu"], "options of the torch backend on CUDA"),
+    (["--backend", "torch", "--fold-bn", "--device", "cpu"], "fold_bn need a CUDA device"),
+    (["--fold-bn", "--fp16-weights", "--device", "cpu"], "--fold-bn, --fp16-weights are options of the torch backend"),
 ])
 def test_bad_arguments_give_one_line_errors(argv, message, capsys):
     rc = main(["bench", "--preset", "tiny", "--iters", "1", "--warmup", "0", *argv])

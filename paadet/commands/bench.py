@@ -53,6 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true", default=None,
                    help="let cuDNN pick convolution algorithms by timing them (default: on for CUDA)")
     c.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
+    c.add_argument("--fold-bn", action="store_true", help="fold the ResNet's BatchNorms into its convolutions")
+    c.add_argument("--fp16-weights", action="store_true",
+                   help="with --fp16: keep the network in float16 and run it without autocast (GroupNorm in float16)")
     c.add_argument("--decode", choices=DECODE_MODES, default="auto",
                    help="where e2e decodes JPEGs: gpu = nvJPEG via torchvision (800 preset); auto = gpu when possible")
     p.set_defaults(func=run)
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup, iters=args.iters, images=args.images, score_voting=not args.no_score_voting,
         channels_last=args.channels_last, compile_mode=args.compile_mode, cuda_graphs=args.cuda_graphs,
         tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark, decode=args.decode, skip_engine=args.skip_engine,
+        fold_bn=args.fold_bn, fp16_weights=args.fp16_weights,
     )
     print(format_report(report))
     if args.json:
