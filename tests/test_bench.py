@@ -16,7 +16,7 @@ import torch
 import paadet.testing
 from paadet import bench
 from paadet.cli import main
-from paadet.preprocess import PRESETS, Preset, normalize_pad
+from paadet.preprocess import PRESETS, Preset, normalize_pad, resize
 from paadet.testing import synthetic_image
 
 TINY = Preset("tiny", (96, 96), size_divisor=None, fixed_size=(96, 96))
@@ -175,3 +175,28 @@ def test_auto_backend_on_cpu_is_onnxruntime_exported_on_the_fly(tmp_path, capsys
     assert bench.choose_backend("auto", device="cpu", model="x.onnx") == "onnxruntime"
     assert bench.choose_backend("auto", device="cpu", fp16=True) == "torch"
     assert bench.choose_backend("torch", device="cpu") == "torch"
+
+
+def test_gpu_decode_resize_and_pad_groups_by_size():
+    """The GPU-decoding path's resize + pad (run here on CPU tensors): images resized in one call per
+    source size equal each image resized alone; metas as the OpenCV path's; padding exactly zero."""
+    import torch.nn.functional as F
+
+    from paadet.preprocess import get_preset
+    from paadet.runtime.torch_backend import resize_pad_decoded
+
+    preset = get_preset("800")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(48, 64), (60, 40), (48, 64), (30, 100)]
+    decoded = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in shapes]
+    rgb, metas = resize_pad_decoded(decoded, preset)
+    assert rgb.shape == (4, 3, 800, 800) and rgb.dtype == torch.float32
+    for img, out, meta, (h, w) in zip(decoded, rgb, metas, shapes):
+        _, cv_meta = resize(np.zeros((h, w, 3), np.uint8), preset)
+        assert meta == cv_meta
+        nh, nw = meta.img_shape
+        alone = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", align_corners=False).round().clamp(0, 255)[0]
+        assert torch.equal(out[:, :nh, :nw], alone)
+        assert not out[:, nh:, :].any() and not out[:, :, nw:].any()
+    with pytest.raises(ValueError, match="one padded size"):
+        resize_pad_decoded(decoded[:2], get_preset("mmdet"))

@@ -115,6 +115,40 @@ def _freeze_for_cpu(net: PAANet, example: torch.Tensor) -> torch.jit.ScriptModul
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
 
+def resize_pad_decoded(decoded: Sequence[torch.Tensor], preset: Preset) -> tuple[torch.Tensor, list[ImageMeta]]:
+    """Decoded ``[3, h, w]`` uint8 RGB images (any device) -> ``[B, 3, H, W]`` float32 resized pixel values,
+    zero-padded to the preset's one padded size, and each image's :class:`ImageMeta`.
+
+    Bilinear resizing (``align_corners=False``), rounded and clamped to 0..255 as an 8-bit image
+    would be; the images of one source size are resized in one call (the result per image is the
+    same as alone).
+
+    Raises:
+        ValueError: the images do not share one padded size.
+    """
+    metas = []
+    for img in decoded:
+        h, w = int(img.shape[1]), int(img.shape[2])
+        new_h, new_w = rescale_size(h, w, preset.scale)
+        metas.append(ImageMeta(ori_shape=(h, w), img_shape=(new_h, new_w), scale_factor=(new_w / w, new_h / h),
+                               pad_shape=preset.padded_shape(new_h, new_w)))
+    pad_shapes = {m.pad_shape for m in metas}
+    if len(pad_shapes) != 1:
+        raise ValueError(f"a GPU-decoded batch needs one padded size, got {sorted(pad_shapes)}; use the 800 preset")
+    pad_h, pad_w = metas[0].pad_shape
+    device = decoded[0].device if decoded else torch.device("cpu")
+    rgb = torch.zeros((len(decoded), 3, pad_h, pad_w), dtype=torch.float32, device=device)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, meta in enumerate(metas):
+        by_size.setdefault(meta.ori_shape, []).append(i)
+    for indices in by_size.values():
+        new_h, new_w = metas[indices[0]].img_shape
+        group = torch.stack([decoded[i] for i in indices]).float()
+        out = F.interpolate(group, size=(new_h, new_w), mode="bilinear", align_corners=False).round_().clamp_(0, 255)
+        rgb[torch.tensor(indices, device=device), :, :new_h, :new_w] = out
+    return rgb, metas
+
+
 class TorchBackend(Backend):
     """PAANet + :class:`PAAPostprocess` in PyTorch.
 
@@ -330,21 +364,7 @@ class TorchBackend(Backend):
             except RuntimeError as exc:
                 raise ValueError(f"GPU JPEG decoding failed for one of {', '.join(names[:3])}...: {one_line(exc)}") from None
         with timer.stage("preprocess"):
-            resized, metas = [], []
-            for img in decoded:
-                h, w = int(img.shape[1]), int(img.shape[2])
-                new_h, new_w = rescale_size(h, w, self.preset.scale)
-                out = F.interpolate(img[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
-                resized.append(out.round_().clamp_(0, 255)[0])
-                metas.append(ImageMeta(ori_shape=(h, w), img_shape=(new_h, new_w), scale_factor=(new_w / w, new_h / h),
-                                       pad_shape=self.preset.padded_shape(new_h, new_w)))
-            pad_shapes = {m.pad_shape for m in metas}
-            if len(pad_shapes) != 1:
-                raise ValueError(f"a GPU-decoded batch needs one padded size, got {sorted(pad_shapes)}; use the 800 preset")
-            pad_h, pad_w = metas[0].pad_shape
-            rgb = torch.zeros((len(resized), 3, pad_h, pad_w), dtype=torch.float32, device=self.device)
-            for i, img in enumerate(resized):
-                rgb[i, :, : img.shape[1], : img.shape[2]] = img
+            rgb, metas = resize_pad_decoded(decoded, self.preset)
             batch = self._normalize_pad_batch(rgb, [m.img_shape for m in metas])
         return self._detect(batch, metas, timer), metas
 
