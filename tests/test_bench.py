@@ -200,3 +200,20 @@ def test_gpu_decode_resize_and_pad_groups_by_size():
         assert not out[:, nh:, :].any() and not out[:, :, nw:].any()
     with pytest.raises(ValueError, match="one padded size"):
         resize_pad_decoded(decoded[:2], get_preset("mmdet"))
+
+
+def test_detections_to_host_packs_one_copy_and_keeps_everything():
+    from paadet.postprocess import Candidates, PostprocessConfig, multiclass_nms
+    from paadet.runtime.torch_backend import detections_to_host
+
+    gen = torch.Generator().manual_seed(1)
+    ctr = torch.rand(2, 300, 2, generator=gen) * 300
+    boxes = torch.cat([ctr, ctr + 20 + torch.rand(2, 300, 2, generator=gen) * 40], -1)
+    scores = torch.rand(2, 300, 80, generator=gen) ** 3
+    scores[1, 12:] = 0.0  # image 1: at most 12 anchors x 3 classes
+    scores[1, :, 3:] = 0.0
+    dets = multiclass_nms(Candidates(boxes, scores), PostprocessConfig())
+    host = detections_to_host(dets)
+    assert dets.num_dets.tolist()[1] < 100
+    for a, b in zip(dets, host):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -115,6 +115,15 @@ def _freeze_for_cpu(net: PAANet, example: torch.Tensor) -> torch.jit.ScriptModul
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
 
+def detections_to_host(dets: Detections) -> Detections:
+    """The detections in host memory with one device-to-host copy (boxes, scores and labels packed into one
+    float32 tensor; labels are small integers, exact in float32; ``num_dets`` recomputed from the labels)."""
+    packed = torch.cat([dets.boxes.float(), dets.scores.float()[..., None], dets.labels.float()[..., None]], dim=-1).cpu()
+    labels = packed[..., 5].to(torch.long)
+    return Detections(packed[..., :4].to(dets.boxes.dtype), packed[..., 4].to(dets.scores.dtype), labels,
+                      (labels >= 0).sum(dim=1))
+
+
 def resize_pad_decoded(decoded: Sequence[torch.Tensor], preset: Preset) -> tuple[torch.Tensor, list[ImageMeta]]:
     """Decoded ``[3, h, w]`` uint8 RGB images (any device) -> ``[B, 3, H, W]`` float32 resized pixel values,
     zero-padded to the preset's one padded size, and each image's :class:`ImageMeta`.
@@ -334,7 +343,7 @@ class TorchBackend(Backend):
         with timer.stage("postprocess"):
             dets = self.post(cls_logits, box_deltas, iou_logits, img_shapes, scale_factors)
         with timer.stage("copy_back"):
-            return Detections(*(t.to("cpu", non_blocking=False) for t in dets))
+            return detections_to_host(dets)
 
     @torch.inference_mode()
     def infer_encoded(self, encoded: Sequence[bytes], names: Sequence[str] | None = None,
