@@ -217,3 +217,34 @@ def test_detections_to_host_packs_one_copy_and_keeps_everything():
     assert dets.num_dets.tolist()[1] < 100
     for a, b in zip(dets, host):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_gpu_report_tables_and_targets(tmp_path):
+    """tools/gpu_report.py on a real bench report (its figures set to known values) and gpu_check-shaped
+    parity/profile files: the tables carry the figures and the targets are judged."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    report = _tiny_report(batch_size=2, iters=1, warmup=0)
+    report["batch_size"] = 32
+    report["hardware"]["gpu"] = "Test GPU 80GB"
+    report["engine"]["images_per_s"] = 1200.0
+    report["e2e"]["images_per_s"] = 500.0
+    report["e2e"]["stages_ms_per_image"]["postprocess"] = 0.125  # 4 ms per batch of 32
+    (tmp_path / "bench_b32.json").write_text(json.dumps(report))
+    row = {"weights": "dense", "preset": "800", "variant": "fp16_channels_last", "rule": "iou>=0.95", "reference": 600,
+           "ours": 601, "matched": 597, "extra": 4, "matched_fraction": 597 / 600, "pass": True}
+    (tmp_path / "parity.json").write_text(json.dumps({"ok": True, "rows": [row]}))
+    (tmp_path / "profile_b32.json").write_text(json.dumps({"engine": {"error": "RuntimeError: boom"}}))
+    tool = Path(__file__).resolve().parents[1] / "tools" / "gpu_report.py"
+    out = subprocess.run([sys.executable, str(tool), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert "| Test GPU 80GB | 32 | fp32 | 1,200.0 | 500.0 | 4.00 |" in out
+    assert "dense 597/600 (99.50%)" in out
+    assert "| engine images per s >= 1,000 | 1,200.0 | met |" in out
+    assert "| e2e images per s >= 600 | 500.0 | missed by 17% |" in out
+    assert "| post-processing < 5 ms | 4.00 (in e2e) | met |" in out
+    assert "network profile: RuntimeError: boom" in out
+    assert "Not read: variants_b32.json (FileNotFoundError), bench_b1.json" in out
+    bad = subprocess.run([sys.executable, str(tool), str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such folder" in bad.stderr
