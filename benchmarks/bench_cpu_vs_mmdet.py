@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from paadet.testing import SEEDED_WEIGHTS
+
 MMDET_PRESETS = {"mmdet": ((1333, 800), 32), "800": ((800, 800), 800)}  # preset -> (Resize scale, pad divisor)
-# name -> (seed, cls_bias) of paadet.testing.seeded_state_dict: "dense" gives ~3,500 NMS candidates and 100
-# detections per image (post-processing works hard), "sparse" a few dozen (closer to a trained model's load)
-WEIGHTS = {"dense": (0, -8.0), "sparse": (2, -10.3)}
+WEIGHTS = SEEDED_WEIGHTS
 
 
 def load_average() -> list[float] | None:

@@ -28,9 +28,9 @@ from paadet.model import PAANet
 from paadet.postprocess import PAAPostprocess, PostprocessConfig
 from paadet.preprocess import normalize_pad, resize
 from paadet.profiling import count_device_work
-from paadet.testing import seeded_state_dict, synthetic_image
+from paadet.testing import SEEDED_WEIGHTS, seeded_state_dict, synthetic_image
 
-WEIGHTS = {"dense": (0, -8.0), "sparse": (2, -10.3)}  # name -> (seed, cls_bias)
+WEIGHTS = SEEDED_WEIGHTS
 SIZES = [(480, 640), (427, 640), (640, 480), (375, 500), (300, 400), (200, 1000), (512, 512), (600, 800)]
 
 HeadInputs = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]

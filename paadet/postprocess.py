@@ -132,10 +132,8 @@ def select_candidates(
         nms_scores = (scores * iou).sqrt()
         anchors_l = anchors_l[None].expand(batch, -1, -1)
         if 0 < nms_pre < nms_scores.shape[1]:
-            topk = nms_scores.max(dim=-1).values.topk(nms_pre, dim=1).indices[..., None]
-            nms_scores = nms_scores.gather(1, topk.expand(-1, -1, num_classes))
-            deltas = deltas.gather(1, topk.expand(-1, -1, 4))
-            anchors_l = anchors_l.gather(1, topk.expand(-1, -1, 4))
+            topk = nms_scores.max(dim=-1).values.topk(nms_pre, dim=1).indices
+            nms_scores, deltas, anchors_l = (gather_rows(t, topk) for t in (nms_scores, deltas, anchors_l))
         level_scores.append(nms_scores)
         level_deltas.append(deltas)
         level_anchors.append(anchors_l)
@@ -335,7 +333,7 @@ def greedy_nms_first(
             break
         order, idx = torch.where(alive, earliness, 0).topk(tile, dim=1)  # first `tile` alive, in score order
         t_valid = order > 0
-        t_boxes = boxes.gather(1, idx[..., None].expand(-1, -1, 4))
+        t_boxes = gather_rows(boxes, idx)
         t_keep = greedy_nms_sorted(t_boxes, t_valid, iou_thr, sweeps_per_check)
         keep |= torch.zeros_like(keep).scatter_(1, idx, t_keep)
         alive &= ~torch.zeros_like(alive).scatter_(1, idx, t_valid)
@@ -384,7 +382,7 @@ def multiclass_nms(
     cand_scores, cand_idx = flat_scores.topk(num, dim=1, sorted=True)  # [B, P]
     cand_valid = torch.arange(num, device=device)[None, :] < counts[:, None]
     cand_labels = cand_idx % num_classes
-    cand_boxes = boxes.gather(1, (cand_idx // num_classes)[..., None].expand(-1, -1, 4))  # [B, P, 4]
+    cand_boxes = gather_rows(boxes, cand_idx // num_classes)  # [B, P, 4]
 
     # mmcv's class offsets: label * (max coordinate over this image's candidate boxes + 1)
     any_valid = valid.any(dim=-1)
@@ -400,7 +398,7 @@ def multiclass_nms(
     det_valid = order > 0
     det_scores = cand_scores.gather(1, pos)
     det_labels = cand_labels.gather(1, pos)
-    det_boxes = cand_boxes.gather(1, pos[..., None].expand(-1, -1, 4))
+    det_boxes = gather_rows(cand_boxes, pos)
     if config.score_voting:
         det_boxes = score_voting(det_boxes, det_labels, cand_boxes, cand_scores, groups, config)
 

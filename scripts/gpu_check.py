@@ -30,13 +30,14 @@ import torch
 from paadet.bench import hardware_info, run_benchmark, versions
 from paadet.compare import MatchReport, match_detections
 from paadet.detector import Detector, split_detections
+from paadet.errors import one_line
 from paadet.fileio import atomic_write_json
 from paadet.model import PAANet
 from paadet.runtime.torch_backend import TorchBackend, gpu_decode_available
-from paadet.testing import seeded_state_dict, synthetic_image
+from paadet.testing import SEEDED_WEIGHTS, seeded_state_dict, synthetic_image
 
 IMAGES = [(480, 640, 1), (427, 640, 2), (640, 480, 3), (375, 500, 4), (300, 400, 5), (200, 1000, 6)]
-WEIGHTS = {"dense": (0, -8.0), "sparse": (2, -10.3)}  # name -> (seed, cls_bias): thousands vs tens of candidates
+WEIGHTS = SEEDED_WEIGHTS
 RULES = {"fp32": (0.99, 1e-4, 0.995, 0.005), "fp16": (0.95, 1e-2, 0.97, 0.03)}  # iou, score tol, min matched, max extra
 CUDA_VARIANTS = {
     "fp32": dict(fp16=False),
@@ -47,6 +48,11 @@ CUDA_VARIANTS = {
     "fp16_channels_last_fold_bn": dict(fp16=True, channels_last=True, fold_bn=True),
     "fp16_weights_channels_last_fold_bn": dict(fp16=True, fp16_weights=True, channels_last=True, fold_bn=True),
 }
+
+
+def _error(exc: BaseException) -> str:
+    """An exception as one short line for the JSON."""
+    return f"{type(exc).__name__}: {one_line(exc)[:300]}"
 
 
 def _net(weights: str) -> PAANet:
@@ -89,7 +95,7 @@ def parity(out: Path) -> bool:
                     row.update(_compare(reference, _detections(backend, arrays, batch_size=8),
                                         "fp16" if options["fp16"] else "fp32"))
                 except Exception as exc:  # record and go on: the other rows still tell something
-                    row.update({"pass": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+                    row.update({"pass": False, "error": _error(exc)})
                 rows.append(row)
                 print(_line(row), flush=True)
             if preset == "800":
@@ -119,7 +125,7 @@ def _gpu_decode_row(net: PAANet, arrays: list[np.ndarray], weights: str) -> dict
         ours = split_detections(dets, metas, [None] * len(metas))
         row.update(_compare(reference, ours, "fp16"))
     except Exception as exc:
-        row.update({"pass": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+        row.update({"pass": False, "error": _error(exc)})
     return row
 
 
@@ -172,7 +178,7 @@ def variants(out: Path, batch_size: int, iters: int, with_compile: bool) -> None
                       f"post {results[name]['postprocess_ms_per_batch']:.1f} ms/batch   ({time.perf_counter() - start:.0f} s)",
                       flush=True)
             except Exception as exc:
-                results[name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                results[name] = {"error": _error(exc),
                                  "traceback": traceback.format_exc()[-2000:]}
                 print(f"{name:34s} ERROR {results[name]['error']}", flush=True)
             torch.cuda.empty_cache()
@@ -254,7 +260,7 @@ def profile(out: Path, batch_size: int) -> None:
                   f"{row['per_image_ms_per_batch']:.2f} image by image ({row['batched_speedup']:.1f}x); "
                   f"{work['kernels']} kernels, {work['syncs']} syncs", flush=True)
         except Exception as exc:
-            result[f"postprocess_{weights}"] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+            result[f"postprocess_{weights}"] = {"error": _error(exc),
                                                 "traceback": traceback.format_exc()[-2000:]}
             print(f"postprocess {weights}: ERROR {result[f'postprocess_{weights}']['error']}", flush=True)
         atomic_write_json(out, result, indent=2)
@@ -264,7 +270,7 @@ def profile(out: Path, batch_size: int) -> None:
         print(f"engine batch {batch_size}: {eng['wall_ms_per_batch']:.2f} ms/batch ({eng['images_per_s']:.0f} img/s); "
               f"kernel ms by kind {eng['kernel_ms_by_kind']}", flush=True)
     except Exception as exc:
-        result["engine"] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+        result["engine"] = {"error": _error(exc),
                             "traceback": traceback.format_exc()[-2000:]}
         print(f"engine profile: ERROR {result['engine']['error']}", flush=True)
     atomic_write_json(out, result, indent=2)
