@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
@@ -28,6 +27,7 @@ from paadet.model import PAANet
 from paadet.postprocess import PAAPostprocess, PostprocessConfig
 from paadet.preprocess import normalize_pad, resize
 from paadet.profiling import count_device_work
+from paadet.runtime.base import StageTimer
 from paadet.testing import SEEDED_WEIGHTS, seeded_state_dict, synthetic_image
 
 WEIGHTS = SEEDED_WEIGHTS
@@ -62,17 +62,15 @@ def head_outputs(weights: str, images: int, batch_size: int, device: str) -> Hea
 
 
 def median_ms(fn: Callable[[], Any], device: str, warmup: int, iters: int) -> float:
-    """Median wall time of ``fn()`` in ms, the device synchronised before and after each call."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    """Median wall time of ``fn()`` in ms, the device synchronised before and after each call (:class:`StageTimer`)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
+        timer = StageTimer(device)
+        with timer.stage("call"):
+            fn()
+        times.append(timer.totals["call"] * 1e3)
     return statistics.median(times)
 
 

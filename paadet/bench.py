@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import cv2
 import numpy as np
@@ -236,25 +236,48 @@ def image_files(images: str | os.PathLike | None, needed: int, tmp: str) -> tupl
     return [unique[i % len(unique)] for i in range(needed)], source
 
 
+@dataclass(frozen=True)
+class TorchOptions:
+    """The torch backend's CUDA options as ``paadet bench`` takes them (see :class:`~paadet.runtime.torch_backend.TorchBackend`);
+    ``channels_last`` and ``cudnn_benchmark`` None mean on for CUDA, off on the CPU."""
+
+    channels_last: bool | None = None
+    compile_mode: str | None = None
+    cuda_graphs: bool = False
+    tf32: bool = False
+    cudnn_benchmark: bool | None = None
+    fold_bn: bool = False
+    fp16_weights: bool = False
+
+    FLAGS: ClassVar[dict[str, str]] = {"channels_last": "--channels-last", "compile_mode": "--compile", "cuda_graphs": "--cuda-graphs",
+             "tf32": "--tf32", "cudnn_benchmark": "--cudnn-benchmark", "fold_bn": "--fold-bn",
+             "fp16_weights": "--fp16-weights"}
+
+    def asked(self) -> list[str]:
+        """The command-line flags of the options that are set."""
+        return [flag for name, flag in self.FLAGS.items() if getattr(self, name)]
+
+    def backend_kwargs(self, on_gpu: bool) -> dict[str, Any]:
+        """Keyword arguments for :class:`~paadet.runtime.torch_backend.TorchBackend`, the None defaults resolved."""
+        kwargs = {name: getattr(self, name) for name in self.FLAGS}
+        for name in ("channels_last", "cudnn_benchmark"):
+            if kwargs[name] is None:
+                kwargs[name] = on_gpu
+        return kwargs
+
+
 def build_backend(
     settings: BenchSettings,
     checkpoint: str | None = None,
     model: str | None = None,
     providers: str | None = None,
     score_voting: bool = True,
-    channels_last: bool | None = None,
-    compile_mode: str | None = None,
-    cuda_graphs: bool = False,
-    tf32: bool = False,
-    cudnn_benchmark: bool | None = None,
-    fold_bn: bool = False,
-    fp16_weights: bool = False,
+    torch_options: TorchOptions = TorchOptions(),
 ) -> tuple[Backend, str, bool]:
     """The backend to time, a description of its weights, and whether the timing is "timing only".
 
     ONNX Runtime runs ``model``, or, without one, the weights of :func:`resolve_weights` exported to a
-    temporary graph. The torch backend runs those weights; ``channels_last`` and ``cudnn_benchmark``
-    None mean on for CUDA, off on the CPU.
+    temporary graph. The torch backend runs those weights with ``torch_options``.
     """
     from .postprocess import PostprocessConfig
 
@@ -272,14 +295,8 @@ def build_backend(
     from .runtime.torch_backend import TorchBackend
 
     on_gpu = torch.device(settings.device).type == "cuda"
-    options = dict(
-        preset=settings.preset, device=settings.device, fp16=settings.fp16,
-        postprocess=PostprocessConfig(score_voting=score_voting),
-        channels_last=on_gpu if channels_last is None else channels_last,
-        compile_mode=compile_mode, cuda_graphs=cuda_graphs, tf32=tf32,
-        cudnn_benchmark=on_gpu if cudnn_benchmark is None else cudnn_benchmark,
-        fold_bn=fold_bn, fp16_weights=fp16_weights,
-    )
+    options = dict(preset=settings.preset, device=settings.device, fp16=settings.fp16,
+                   postprocess=PostprocessConfig(score_voting=score_voting), **torch_options.backend_kwargs(on_gpu))
     return TorchBackend(net, **options), weights, timing_only
 
 
@@ -470,18 +487,14 @@ def run_benchmark(
         ValueError: a bad option (one line).
     """
     settings = resolve_settings(backend, device, batch_size, warmup, iters, preset, fp16, decode, model)
-    torch_only = {"--channels-last": channels_last, "--compile": compile_mode, "--cuda-graphs": cuda_graphs,
-                  "--tf32": tf32, "--cudnn-benchmark": cudnn_benchmark, "--fold-bn": fold_bn,
-                  "--fp16-weights": fp16_weights}
-    asked = [flag for flag, value in torch_only.items() if value]
+    torch_options = TorchOptions(channels_last, compile_mode, cuda_graphs, tf32, cudnn_benchmark, fold_bn, fp16_weights)
+    asked = torch_options.asked()
     if settings.backend == "onnxruntime" and asked:
         raise ValueError(f"{', '.join(asked)} are options of the torch backend on CUDA; this run uses ONNX Runtime "
                          "(give --backend torch --device cuda)")
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"--images {images}: no such folder")
-    be, weights, timing_only = build_backend(settings, checkpoint, model, providers, score_voting,
-                                             channels_last, compile_mode, cuda_graphs, tf32, cudnn_benchmark,
-                                             fold_bn, fp16_weights)
+    be, weights, timing_only = build_backend(settings, checkpoint, model, providers, score_voting, torch_options)
     needed = settings.batch_size * (settings.warmup + settings.iters)
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="paadet-bench-"))

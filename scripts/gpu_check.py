@@ -33,6 +33,7 @@ from paadet.detector import Detector, split_detections
 from paadet.errors import one_line
 from paadet.fileio import atomic_write_json
 from paadet.model import PAANet
+from paadet.runtime.base import StageTimer
 from paadet.runtime.torch_backend import TorchBackend, gpu_decode_available
 from paadet.testing import SEEDED_WEIGHTS, seeded_state_dict, synthetic_image
 
@@ -219,12 +220,11 @@ def engine_profile(batch_size: int) -> dict[str, Any]:
     batch = torch.randn(batch_size, 3, 800, 800, device="cuda").contiguous(memory_format=torch.channels_last)
     for _ in range(3):
         backend.network(batch)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(5):
-        backend.network(batch)
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) * 1e3 / 5
+    timer = StageTimer("cuda")
+    with timer.stage("network"):
+        for _ in range(5):
+            backend.network(batch)
+    wall_ms = timer.totals["network"] * 1e3 / 5
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         backend.network(batch)
         torch.cuda.synchronize()
