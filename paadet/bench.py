@@ -285,7 +285,7 @@ def build_backend(
         from .commands.common import build_detector
 
         detector = build_detector(backend="onnxruntime", model=model, providers=providers,
-                                  preset=settings.preset.name, batch_size=settings.batch_size, fp16=settings.fp16)
+                                  preset=settings.preset, batch_size=settings.batch_size, fp16=settings.fp16)
         return detector.backend, f"from the ONNX graph {model}", False
 
     net, weights, timing_only = resolve_weights(checkpoint)
@@ -300,14 +300,29 @@ def build_backend(
     return TorchBackend(net, **options), weights, timing_only
 
 
+def graph_info(model: str | os.PathLike):
+    """The :class:`~paadet.export.metadata.ExportInfo` of a ``paadet export`` graph, read without running it."""
+    import onnx
+
+    from .export.metadata import ExportFormatError, ExportInfo
+
+    if not Path(model).is_file():
+        raise ExportFormatError(f"{model}: ONNX model file not found")
+    try:
+        proto = onnx.load(os.fspath(model), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for a file that is not a model
+        raise ExportFormatError(f"{model}: cannot be read as an ONNX model ({type(exc).__name__})") from exc
+    return ExportInfo.from_metadata({p.key: p.value for p in proto.metadata_props}, os.fspath(model))
+
+
 def resolve_weights(checkpoint: str | None) -> tuple[PAANet, str, bool]:
     """The network to time, a description of its weights, and whether they are random ("timing only").
 
     ``checkpoint``, else the official file if it is already in the cache (nothing is downloaded), else
     random weights ``seeded_state_dict(0)``.
     """
-    from .checkpoint import load_weights
     from .hub import resolve_checkpoint
+    from .model.loading import load_network
     from .testing import seeded_state_dict
 
     try:
@@ -316,10 +331,9 @@ def resolve_weights(checkpoint: str | None) -> tuple[PAANet, str, bool]:
         if checkpoint is not None:
             raise
         path = None
-    net = PAANet()
     if path is not None:
-        load_weights(net, path)
-        return net, str(path), False
+        return load_network(path), str(path), False
+    net = PAANet()
     net.load_state_dict(seeded_state_dict(0))
     return net, "random: seeded_state_dict(0), no checkpoint found (timing only)", True
 
@@ -460,7 +474,7 @@ def run_benchmark(
     model: str | None = None,
     checkpoint: str | None = None,
     providers: str | None = None,
-    preset: str | Preset = "800",
+    preset: str | Preset | None = None,
     batch_size: int | None = None,
     fp16: bool = False,
     device: str | None = None,
@@ -482,11 +496,18 @@ def run_benchmark(
 
     Args are ``paadet bench``'s options. ``decode``: ``cpu`` (OpenCV, as ``paadet predict``), ``gpu``
     (nvJPEG through torchvision, torch backend on CUDA, ``800`` preset) or ``auto`` (GPU when possible).
+    ``preset`` / ``batch_size`` None: the graph's with an ONNX ``model`` (as ``paadet predict`` does), else
+    ``800`` and the device's default batch.
 
     Raises:
         ValueError: a bad option (one line).
     """
-    settings = resolve_settings(backend, device, batch_size, warmup, iters, preset, fp16, decode, model)
+    if model is not None and backend != "torch" and (preset is None or batch_size is None):
+        graph = graph_info(model)
+        preset = preset if preset is not None else graph.preset
+        batch_size = batch_size if batch_size is not None else graph.batch
+    settings = resolve_settings(backend, device, batch_size, warmup, iters, preset if preset is not None else "800",
+                                fp16, decode, model)
     torch_options = TorchOptions(channels_last, compile_mode, cuda_graphs, tf32, cudnn_benchmark, fold_bn, fp16_weights)
     asked = torch_options.asked()
     if settings.backend == "onnxruntime" and asked:

@@ -12,16 +12,20 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .coco import ClassList
 from .errors import PaadetError, one_line
 
 __all__ = [
+    "Checkpoint",
     "CheckpointError",
+    "load_checkpoint",
     "expected_sha256_prefix",
     "key_mismatch_report",
     "load_state_dict",
@@ -30,6 +34,8 @@ __all__ = [
     "verify_sha256_prefix",
 ]
 
+CLASS_WEIGHT_KEY = "bbox_head.atss_cls.weight"
+"""The state-dict entry whose first dimension is the number of classes."""
 HASH_SUFFIX_RE = re.compile(r"-([0-9a-f]{8,})\.pth$")
 _CHUNK_BYTES = 1 << 20
 _MAX_LISTED = 3
@@ -86,15 +92,30 @@ def _check_readable_file(path: Path) -> None:
         raise CheckpointError(f"{path}: the file is empty, not a checkpoint (an interrupted download?)")
 
 
+_UNSAFE_GLOBAL_RE = re.compile(r"unsupported\s+global:?\s*(?:GLOBAL\s+)?([\w.]+)", re.IGNORECASE)
+"""torch's words for a pickled callable or class it refuses: ``Unsupported global: GLOBAL builtins.eval was not
+an allowed global`` (torch <= 2.5 and for allowed modules) and ``Trying to load unsupported GLOBAL
+posix.system whose module posix is blocked`` (torch >= 2.6 for blocked modules)."""
+_UNSAFE_OPCODE_RE = re.compile(r"unsupported\s+operand\s+(\d+)", re.IGNORECASE)
+"""torch's words for a byte its restricted unpickler does not implement (a text file, or the protocol-4
+``FRAME`` of a plain ``pickle.dump``): not a PyTorch checkpoint, and nothing was unpickled."""
+
+
 def _describe_load_failure(path: Path, exc: Exception) -> str:
     """A one-line message for an exception raised by ``torch.load(weights_only=True)``."""
     text = str(exc)
-    if "Unsupported global" in text:
-        detail = re.search(r"Unsupported global:\s*(.*?)(?:\.\s|$)", text, re.DOTALL)
-        reason = one_line(detail.group(1)) if detail else "unsupported global"
+    unsafe = _UNSAFE_GLOBAL_RE.search(text)
+    if unsafe:
         return (
-            f"{path}: refused to load, the file pickles Python objects other than tensors and plain "
-            f"containers ({reason}); paadet never unpickles arbitrary objects (weights_only=True)"
+            f"{path}: refused as unsafe: the file pickles the Python object {unsafe.group(1)}, which loading it "
+            f"would run or create; paadet loads only tensors and plain containers (weights_only=True) and ran nothing"
+        )
+    opcode = _UNSAFE_OPCODE_RE.search(text)
+    if opcode:
+        return (
+            f"{path}: cannot be read as a PyTorch checkpoint (corrupt, truncated or not a checkpoint): not a "
+            f"torch.save file (a raw pickle or another format: instruction {opcode.group(1)} is not one the "
+            f"safe loader accepts); nothing in it was run"
         )
     unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
     first = unpickler.group(1) if unpickler else next((ln for ln in text.splitlines() if ln.strip()), "")
@@ -143,6 +164,58 @@ def _strip_module_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
+@dataclass
+class Checkpoint:
+    """A checkpoint file's contents.
+
+    Attributes:
+        path: the file.
+        state_dict: ``{name: tensor}`` on the CPU (a ``module.`` prefix removed).
+        meta: mmdetection's ``meta`` dict (empty for a bare state dict).
+    """
+
+    path: Path
+    state_dict: dict[str, Tensor]
+    meta: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int | None:
+        """The head's class count, from ``bbox_head.atss_cls.weight`` (None if absent)."""
+        weight = self.state_dict.get(CLASS_WEIGHT_KEY)
+        return int(weight.shape[0]) if weight is not None and weight.ndim == 4 else None
+
+    @property
+    def classes(self) -> ClassList:
+        """The class list in ``meta.dataset_meta`` (COCO's 80 when there is none and the head has 80 outputs).
+
+        Raises:
+            CheckpointError: the meta's class list does not fit the head.
+        """
+        try:
+            classes = ClassList.from_meta(self.meta, self.num_classes)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{self.path}: malformed class list in meta.dataset_meta: {one_line(exc)}") from exc
+        if self.num_classes is not None and len(classes) != self.num_classes:
+            raise CheckpointError(f"{self.path}: meta.dataset_meta lists {len(classes)} classes but the head "
+                                  f"predicts {self.num_classes}")
+        return classes
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint file: its state dict and its ``meta`` (see :func:`load_state_dict` for the rules).
+
+    Raises:
+        CheckpointError: as :func:`load_state_dict`.
+    """
+    path = Path(path)
+    _check_readable_file(path)
+    verify_sha256_prefix(path)
+    obj = _torch_load(path)
+    state = _validate_tensors(path, _extract_state_dict(path, obj))
+    meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
+    return Checkpoint(path, _strip_module_prefix(state), dict(meta))
+
+
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Read a checkpoint file into a ``{name: tensor}`` dict on the CPU.
 
@@ -154,12 +227,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         CheckpointError: missing, empty, corrupt or truncated file, hash mismatch, a file that is
             not a checkpoint, or one that would need ``weights_only=False``.
     """
-    path = Path(path)
-    _check_readable_file(path)
-    verify_sha256_prefix(path)
-    obj = _torch_load(path)
-    state = _validate_tensors(path, _extract_state_dict(path, obj))
-    return _strip_module_prefix(state)
+    return load_checkpoint(path).state_dict
 
 
 def _list_names(names: list[Any]) -> str:
@@ -190,14 +258,16 @@ def key_mismatch_report(checkpoint: Mapping[str, Tensor], expected: Mapping[str,
     return "; ".join(parts) if parts else None
 
 
-def load_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load a checkpoint into ``model`` strictly (every key present, no extra key, same shapes).
+def load_weights(model: torch.nn.Module, path: str | os.PathLike[str] | Checkpoint) -> None:
+    """Load a checkpoint (a path or a :class:`Checkpoint`) into ``model`` strictly (every key present, no
+    extra key, same shapes).
 
     Raises:
         CheckpointError: any error of :func:`load_state_dict`, or keys that do not match the model
             (the message counts missing, unexpected and mis-shaped keys and names the first few).
     """
-    state = load_state_dict(path)
+    checkpoint = path if isinstance(path, Checkpoint) else load_checkpoint(path)
+    state, path = checkpoint.state_dict, checkpoint.path
     report = key_mismatch_report(state, model.state_dict())
     if report is not None:
         raise CheckpointError(f"{path}: checkpoint does not match {type(model).__name__}: {report}")

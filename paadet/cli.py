@@ -1,4 +1,8 @@
-"""The ``paadet`` command: ``predict``, ``eval``, ``export``, ``bench``, ``batch``."""
+"""The ``paadet`` command: ``predict``, ``eval``, ``export``, ``bench``, ``batch``, ``train``.
+
+Only the module of the command being run is imported (the others are listed by name and one line
+of help), so ``paadet --help`` and ``paadet --version`` return at once, without importing torch.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +12,35 @@ import sys
 from . import __version__
 from .errors import PaadetError, one_line
 
-COMMANDS = ("predict", "eval", "export", "bench", "batch")
+COMMANDS: dict[str, str] = {
+    "predict": "detect objects in images",
+    "eval": "COCO box metrics of the model (or of a results file) on an annotated dataset",
+    "export": "export PAA to ONNX (one graph: uint8 pixels in, detections out)",
+    "bench": "measure throughput and latency (engine and end to end)",
+    "batch": "detect on many images with a pool of Ray workers (resumable)",
+    "train": "train or fine-tune PAA on a COCO-format dataset",
+}
+"""Every sub-command and its one-line help (the module ``paadet.commands.<name>`` implements it)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paadet", description="PAA object detector: predict, evaluate, export, benchmark, batch-predict over Ray.")
+def _command_in(argv: list[str]) -> str | None:
+    """The sub-command named by ``argv`` (its first argument that is not an option), if it is one of ours."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None, all_commands: bool = True) -> argparse.ArgumentParser:
+    """The parser. With ``all_commands`` every command is loaded; otherwise only ``command`` (others are stubs)."""
+    parser = argparse.ArgumentParser(
+        prog="paadet", description="PAA object detector: predict, evaluate, export, benchmark, batch-predict over Ray, train.")
     parser.add_argument("--version", action="version", version=f"paadet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name, summary in COMMANDS.items():
+        if not all_commands and name != command:
+            sub.add_parser(name, help=summary, add_help=False)
+            continue
         try:
             module = importlib.import_module(f"paadet.commands.{name}")
         except ImportError as exc:  # an optional dependency of one command must not break the others
@@ -38,7 +63,8 @@ def add_unavailable(subparsers: argparse._SubParsersAction, name: str, exc: Impo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv), all_commands=False)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -51,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print("paadet: interrupted", file=sys.stderr)
         return 130
     except (PaadetError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"paadet {args.command}: error: {exc}", file=sys.stderr)
+        print(f"paadet {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

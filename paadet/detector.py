@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .coco import CATEGORY_IDS
+from .coco import CATEGORY_IDS, ClassList
 from .data.images import ImageReadError, ImageSource, read_image
 from .postprocess import Detections, PostprocessConfig
 from .preprocess import ImageMeta, Preset, get_preset, resize
@@ -32,7 +32,7 @@ class ImageResult:
     Attributes:
         boxes: ``[N, 4]`` float32 xyxy in original-image pixels.
         scores: ``[N]`` float32.
-        labels: ``[N]`` int64 class indices 0..79 (COCO order, see :mod:`paadet.coco`).
+        labels: ``[N]`` int64 class indices into the model's class list (COCO's 80: see :mod:`paadet.coco`).
         ori_shape: ``(height, width)`` of the decoded image.
         file_name: the image's name for reports (relative path), or None for arrays.
     """
@@ -43,13 +43,15 @@ class ImageResult:
     ori_shape: tuple[int, int]
     file_name: str | None = None
 
-    def to_coco(self, image_id: int) -> list[dict]:
-        """COCO results entries (``bbox`` as ``[x, y, w, h]``, ``category_id`` as COCO ids)."""
+    def to_coco(self, image_id: int, category_ids: Sequence[int] | None = None) -> list[dict]:
+        """COCO results entries (``bbox`` as ``[x, y, w, h]``, ``category_id`` from ``category_ids``: the
+        model's, default COCO's 80)."""
+        category_ids = CATEGORY_IDS if category_ids is None else category_ids
         out = []
         for (x1, y1, x2, y2), score, label in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist()):
             entry = {
                 "image_id": image_id,
-                "category_id": CATEGORY_IDS[label],
+                "category_id": category_ids[label],
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
                 "score": score,
             }
@@ -90,6 +92,9 @@ def load_one(index: int, item: ImageSource | np.ndarray | str | os.PathLike, pre
     else:
         name = str(item)
     loaded = LoadedImage(index=index, name=name)
+    if isinstance(item, ImageSource) and item.error is not None:
+        loaded.error = item.error
+        return loaded
     try:
         start = time.perf_counter()
         if isinstance(item, np.ndarray):
@@ -166,6 +171,11 @@ class Detector:
     @property
     def preset(self) -> Preset:
         return self.backend.preset
+
+    @property
+    def classes(self) -> ClassList:
+        """The model's classes: ``classes.names[label]``, COCO id ``classes.category_ids[label]``."""
+        return self.backend.classes
 
     @classmethod
     def from_checkpoint(

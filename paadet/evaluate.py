@@ -218,6 +218,14 @@ def evaluate_results_file(
     except DatasetError as exc:
         raise ResultsError(str(exc)) from None
     detections = validate_results(data, results, gt, ann_file)
+    found = sorted({d["category_id"] for d in detections})
+    foreign = [c for c in found if c not in gt.cats]
+    if found and len(foreign) == len(found):
+        raise ResultsError(f"{results}: none of its category ids ({_listed(found)}) is one of the categories of "
+                           f"{ann_file} ({_listed(sorted(gt.cats))}); were the results made with another class list?")
+    if foreign:
+        log(f"warning: {results}: {len(foreign)} of its {len(found)} category ids are not in {ann_file} "
+            f"({_listed(foreign)}); their detections cannot match")
     img_ids = sorted(gt.imgs)[:limit] if limit is not None else None
     return coco_evaluate(gt, detections, img_ids=img_ids, per_class=per_class)
 
@@ -461,11 +469,11 @@ def detector_settings(detector: Detector, weights: str | None = None) -> dict[st
     return json.loads(json.dumps(settings))  # tuples -> lists, as they come back from the journal
 
 
-def _record_for(entry: ImageEntry, result: Any, error: str | None) -> JournalRecord:
+def _record_for(entry: ImageEntry, result: Any, error: str | None, category_ids: Sequence[int]) -> JournalRecord:
     if error is not None:
         status = "missing" if not entry.path.exists() else "unreadable"
         return JournalRecord(entry.image_id, entry.file_name, status, [], error)
-    entries = dataclasses.replace(result, file_name=None).to_coco(entry.image_id)
+    entries = dataclasses.replace(result, file_name=None).to_coco(entry.image_id, category_ids=category_ids)
     dets = [[e["category_id"], *e["bbox"], e["score"]] for e in entries]
     return JournalRecord(entry.image_id, entry.file_name, "ok", dets)
 
@@ -579,7 +587,7 @@ def _run_images(
             if item.error is not None:
                 log(f"warning: {item.error}; counted as an image with no detections")
             with timer.stage("write"):
-                journal.append(_record_for(entry, result, item.error))
+                journal.append(_record_for(entry, result, item.error, detector.classes.category_ids))
                 if journal.unsynced >= detector.batch_size:
                     journal.sync()
             written += 1

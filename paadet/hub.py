@@ -5,6 +5,11 @@ The file is cached in :func:`cache_dir` under its original name, whose hash suff
 Downloads use the standard library only, stream to a temporary file in the destination folder
 and are renamed into place atomically, so an interrupted download never leaves a partial file
 under the final name. Every error is a one-line :class:`~paadet.checkpoint.CheckpointError`.
+
+Why not ``torch.hub.download_url_to_file`` (which has the progress bar, the hash-prefix check and the
+temporary file): it opens the URL without a timeout, so a stalled server hangs the command forever, it
+does not notice a body shorter than its ``Content-Length`` (the hash catches that only for hashed
+names), and its errors are raw tracebacks; ``tests/test_hub.py`` tests all three behaviours here.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, expected_sha256_prefix
 from .errors import one_line
+from .fileio import default_file_mode
 
 __all__ = [
     "OFFICIAL_FILENAME",
@@ -136,6 +142,7 @@ def download(url: str, dest: str | os.PathLike[str], progress: bool = True, time
     try:
         with os.fdopen(fd, "wb") as out:
             digest = _stream(url, out, dest, progress, timeout)
+            os.fchmod(out.fileno(), default_file_mode())
         _check_download_hash(url, dest, digest)
         _move_into_place(url, tmp, dest)
     finally:

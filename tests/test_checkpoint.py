@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -216,11 +217,39 @@ def test_non_checkpoint_objects(tmp_path: Path, obj: object, expected: str) -> N
 def test_arbitrary_objects_are_never_unpickled(tmp_path: Path) -> None:
     path = tmp_path / "payload.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": Payload()}, path)
-    with pytest.raises(CheckpointError, match="refused to load") as excinfo:
+    with pytest.raises(CheckpointError, match="refused as unsafe") as excinfo:
         load_state_dict(path)
     message = _one_line_error(excinfo, path)
     assert "_record_unpickling" in message
     assert UNPICKLED == []
+
+
+class _ShellCommand:
+    """What a malicious checkpoint carries: unpickling it calls ``os.system``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("wrap", ["torch.save", "pickle protocol 2"])
+def test_malicious_pickle_is_refused_as_unsafe_and_runs_nothing(tmp_path: Path, wrap: str) -> None:
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    payload = {"meta": _ShellCommand(f"touch {marker}")}
+    if wrap == "torch.save":
+        torch.save({**payload, "state_dict": {"w": torch.zeros(1)}}, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(CheckpointError) as excinfo:
+        load_state_dict(path)
+    message = _one_line_error(excinfo, path)
+    # torch 2.13 words this "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+    assert "refused as unsafe" in message and "system" in message
+    assert "corrupt" not in message
+    assert not marker.exists()
 
 
 def _hashed_copy(tmp_path: Path, suffix: str | None = None) -> tuple[Path, str]:

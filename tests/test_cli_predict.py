@@ -56,8 +56,8 @@ def test_results_json_is_coco_format(run_dir: dict) -> None:
 
 
 def test_visualisations_are_written(run_dir: dict) -> None:
-    drawn = sorted(p.relative_to(run_dir["vis"]).as_posix() for p in run_dir["vis"].rglob("*.jpg"))
-    assert drawn == ["a.jpg", "nested/b.jpg"]
+    drawn = sorted(p.relative_to(run_dir["vis"]).as_posix() for p in run_dir["vis"].rglob("*") if p.is_file())
+    assert drawn == ["a.png", "nested/b.jpg"]  # each drawn copy keeps its input's name and format
     assert cv2.imread(str(run_dir["vis"] / "a.jpg")).shape == (300, 400, 3)
 
 

@@ -306,11 +306,21 @@ def cli_full(cli_data: dict[str, Path]) -> Path:
 def test_cli_eval_then_score_its_detections(cli_data: dict[str, Path], cli_full: Path, capsys: pytest.CaptureFixture) -> None:
     saved = json.loads((cli_full / METRICS_NAME).read_text())
     assert saved["images"]["evaluated"] == 2 and saved["settings"]["preset"]["name"] == "mmdet"
-    assert main(["eval", "--results", str(cli_full / DETECTIONS_NAME), "--ann", str(cli_data["ann"]), "--limit", "2"]) == 0
+    detections = json.loads((cli_full / DETECTIONS_NAME).read_text())
+    ann = json.loads(cli_data["ann"].read_text())
+    # random weights detect none of the annotation file's categories: scoring that file is an error, not AP 0
+    assert detections and not {d["category_id"] for d in detections} & {c["id"] for c in ann["categories"]}
+    assert main(["eval", "--results", str(cli_full / DETECTIONS_NAME), "--ann", str(cli_data["ann"]), "--limit", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "none of its category ids" in err[0] and DETECTIONS_NAME in err[0]
+    # with the annotation file's categories added, the file scores exactly as the run did
+    ann["categories"] += [{"id": c, "name": f"c{c}"} for c in sorted({d["category_id"] for d in detections})]
+    widened = cli_data["root"] / "widened.json"
+    widened.write_text(json.dumps(ann))
+    assert main(["eval", "--results", str(cli_full / DETECTIONS_NAME), "--ann", str(widened), "--limit", "2"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[1].split()[:2] == ["AP", f"{saved['AP']:.4f}"] and printed[2].split()[0] == "AP50"
-    rescored = evaluate_results_file(cli_full / DETECTIONS_NAME, cli_data["ann"], limit=2)
-    assert [saved[k] for k in METRIC_KEYS] == [rescored.stats[k] for k in METRIC_KEYS]
+    rescored = evaluate_results_file(cli_full / DETECTIONS_NAME, widened, limit=2)
+    assert printed[1].split()[:2] == ["AP", f"{rescored.stats['AP']:.4f}"] and printed[2].split()[0] == "AP50"
 
 
 def test_cli_resume_after_kill(cli_data: dict[str, Path], cli_full: Path, capsys: pytest.CaptureFixture) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 
 from ..bench import BACKENDS, DECODE_MODES, format_report, run_benchmark
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, check_output_file
 from ..preprocess import PRESETS
 from ..runtime.torch_backend import COMPILE_MODES
+from .common import nonnegative_int, positive_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,14 +31,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--checkpoint", default=None,
                    help="mmdetection checkpoint (.pth); default: the official file if cached (never downloaded), "
                         "else random weights (timing only)")
-    g.add_argument("--preset", choices=tuple(PRESETS), default="800", help="pre-processing preset (default: 800)")
+    g.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="pre-processing preset (default: the graph's with --model, else 800)")
     g.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per network call (default: 32 on GPU, 1 on CPU)")
+    g.add_argument("--batch-size", type=positive_int, default=None,
+                   help="images per network call (default: the graph's static batch with --model, else 32 on GPU, 1 on CPU)")
     g.add_argument("--fp16", action="store_true", help="half precision (CUDA, torch backend)")
     g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting")
     t = p.add_argument_group("timing")
-    t.add_argument("--warmup", type=int, default=None, help="untimed batches first (default: 3 on GPU, 1 on CPU)")
-    t.add_argument("--iters", type=int, default=None, help="timed batches (default: 10 on GPU, 2 on CPU)")
+    t.add_argument("--warmup", type=nonnegative_int, default=None, help="untimed batches first (default: 3 on GPU, 1 on CPU)")
+    t.add_argument("--iters", type=positive_int, default=None, help="timed batches (default: 10 on GPU, 2 on CPU)")
     t.add_argument("--images", default=None, metavar="DIR",
                    help="time these image files (cycled as needed; default: generated JPEGs in a temporary folder)")
     t.add_argument("--json", default=None, metavar="FILE", help="also write the full report here")
@@ -62,6 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_file(args.json, "--json")
     report = run_benchmark(
         backend=args.backend, model=args.model, checkpoint=args.checkpoint, providers=args.providers,
         preset=args.preset, batch_size=args.batch_size, fp16=args.fp16, device=args.device,

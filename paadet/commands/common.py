@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..coco import COCO_CLASSES, ClassList
 from ..detector import Detector
 from ..preprocess import PRESETS, Preset, get_preset
 
@@ -28,11 +29,11 @@ def add_model_options(parser: argparse.ArgumentParser, default_preset: str = "mm
                    help=f"pre-processing: mmdet = fit 1333x800, pad to /32; 800 = fit and pad to 800x800 "
                         f"(default: {default_preset}; with --backend onnxruntime, the graph's)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (torch backend; default: cpu)")
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"images per network call (default: {default_batch}; with --backend onnxruntime, the graph's static batch)")
     g.add_argument("--fp16", action="store_true", help="half precision (CUDA for the torch backend)")
     g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting (torch backend)")
-    g.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the network (default: 2)")
+    g.add_argument("--workers", type=nonnegative_int, default=2, help="threads decoding images ahead of the network (default: 2)")
     g.add_argument("--optimize", action="store_true",
                    help="torch backend on CPU: trace and freeze the network (BatchNorm folded, oneDNN), "
                         "up to 25%% faster after a one-off ~15 s; logits differ from the exact path by ~1e-5")
@@ -83,7 +84,32 @@ def build_detector(
     if not score_voting and info.graph == "full" and info.score_voting:
         raise ValueError(f"--no-score-voting given but {model} has score voting inside; "
                          "re-export it with `paadet export --no-score-voting`")
+    if batch_size is not None and ort_backend.fixed_batch is not None and batch_size > ort_backend.fixed_batch:
+        raise ValueError(f"{model}: --batch-size {batch_size} asked, but the graph has a static batch of "
+                         f"{ort_backend.fixed_batch}; use --batch-size {ort_backend.fixed_batch} or less, "
+                         "or re-export with `paadet export --dynamic-batch`")
     return Detector(ort_backend, batch_size=batch_size or ort_backend.fixed_batch or default_batch, workers=workers)
+
+
+def model_classes(backend: str = "torch", checkpoint: str | None = None, model: str | None = None) -> ClassList:
+    """The classes the model of these options predicts, read without building it (for start-up checks).
+
+    The official checkpoint (``checkpoint`` None) is COCO's 80; a checkpoint file's come from its meta, an
+    ONNX graph's from its metadata. A file that cannot be read is left for the detector to report.
+    """
+    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..errors import PaadetError
+
+    try:
+        if backend == "torch" and checkpoint is not None:
+            return load_checkpoint(checkpoint).classes
+        if backend == "onnxruntime" and model is not None:
+            from ..bench import graph_info
+
+            return graph_info(model).classes
+    except (CheckpointError, PaadetError):
+        pass
+    return COCO_CLASSES
 
 
 def detector_from_args(args: argparse.Namespace) -> Detector:
@@ -94,3 +120,41 @@ def detector_from_args(args: argparse.Namespace) -> Detector:
         score_voting=not args.no_score_voting, workers=args.workers,
         default_preset=args.default_preset, default_batch=args.default_batch, optimize=args.optimize,
     )
+
+
+def _number(kind: type, minimum: float, strict: bool):
+    """An argparse ``type=`` that parses ``kind`` and requires ``> minimum`` (strict) or ``>= minimum``."""
+    relation = ">" if strict else ">="
+    bound = minimum
+    if kind is int and strict:  # "> 0" for an integer reads better as ">= 1"
+        relation, bound = ">=", minimum + 1
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value != value or (value <= minimum if strict else value < minimum):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {relation} {bound:g}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {relation} {bound:g}"
+    return parse
+
+
+positive_int = _number(int, 0, strict=True)
+"""argparse type: an integer >= 1 (argparse names the flag in its message)."""
+nonnegative_int = _number(int, 0, strict=False)
+"""argparse type: an integer >= 0."""
+positive_float = _number(float, 0.0, strict=True)
+"""argparse type: a number > 0."""
+nonnegative_float = _number(float, 0.0, strict=False)
+"""argparse type: a number >= 0."""
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = nonnegative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..data.coco import LOADERS, VAL2017_ANNOTATIONS, CocoDataset, DatasetError, resolve_layout
 from ..evaluate import METRICS_NAME, CocoMetrics, EvalReport, evaluate_detector, evaluate_results_file, format_metrics
-from ..fileio import atomic_write_json
-from .common import add_model_options, build_detector
+from ..fileio import atomic_write_json, check_output_dir
+from .common import add_model_options, build_detector, model_classes, positive_int
 
 DESCRIPTION = """\
 Evaluate the detector on a COCO-format dataset (such as COCO val2017) with pycocotools,
@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="dataset root: ROOT/annotations/instances_val2017.json, images in ROOT/images/val2017/ or ROOT/val2017/")
     g.add_argument("--ann", metavar="FILE", default=None, help="COCO annotation file (instead of --data)")
     g.add_argument("--images", metavar="DIR", default=None, help="folder the annotation file's file_name entries are relative to")
-    g.add_argument("--limit", metavar="N", type=int, default=None, help="evaluate only the first N images by image id")
+    g.add_argument("--limit", metavar="N", type=positive_int, default=None, help="evaluate only the first N images by image id")
     g.add_argument("--results", metavar="FILE", default=None,
                    help="score this COCO results file (e.g. detections.json) against --ann/--data; no model is run")
     g.add_argument("--loader", choices=LOADERS, default="threads",
@@ -65,6 +65,8 @@ def _print_metrics(metrics: CocoMetrics) -> None:
 
 def run_results(results: str, ann_file: Path, limit: int | None, per_class: bool, output_dir: str | None) -> CocoMetrics:
     """Score a results file; print the table; write ``metrics.json`` when ``output_dir`` is given."""
+    if output_dir is not None:
+        check_output_dir(output_dir, "--output-dir", inputs=[results, ann_file])
     metrics = evaluate_results_file(results, ann_file, limit=limit, per_class=per_class)
     _print_metrics(metrics)
     print(f"images: {metrics.num_images} evaluated; {metrics.num_detections} detections from {results}")
@@ -101,7 +103,10 @@ def run_model(
     from ..checkpoint import sha256_file
     from ..hub import resolve_checkpoint
 
-    dataset = CocoDataset.load(ann_file, image_dir, limit=limit)
+    if output_dir is not None:
+        check_output_dir(output_dir, "--output-dir", inputs=[ann_file])
+    dataset = CocoDataset.load(ann_file, image_dir, limit=limit, classes=model_classes(backend, checkpoint, model))
+    dataset.check_images_present()
     for warning in dataset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if backend == "torch":
@@ -123,6 +128,9 @@ def run_model(
               f"{', '.join(report.missing_images[:5])}{' ...' if len(report.missing_images) > 5 else ''}", file=sys.stderr)
     if report.output_dir is not None:
         print(f"wrote {report.output_dir / 'detections.json'} and {report.output_dir / METRICS_NAME}")
+    if report.missing_images and len(report.missing_images) == report.images["evaluated"]:
+        raise DatasetError(f"{image_dir}: all {len(report.missing_images)} images were missing or unreadable; "
+                           "the metrics are meaningless")
     return report
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..fileio import check_output_file
 from ..preprocess import PRESETS
+from .common import positive_int
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -12,6 +14,8 @@ def _size(text: str) -> tuple[int, int]:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 800x1344, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"height and width must be >= 1, got {text!r}")
     return h, w
 
 
@@ -28,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="pre-processing the graph expects: mmdet = dynamic height/width (each image padded to /32), "
                         "800 = static 800x800 (default: mmdet)")
     batch = p.add_mutually_exclusive_group()
-    batch.add_argument("--batch-size", type=int, default=1, help="static batch size (default: 1)")
+    batch.add_argument("--batch-size", type=positive_int, default=1, help="static batch size (default: 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension")
     p.add_argument("--input-size", type=_size, default=None, metavar="HxW",
                    help="fix the input height and width (multiples of 32) of an mmdet-preset graph, e.g. 800x1344; "
@@ -37,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="half-precision network; GroupNorm, normalisation and post-processing stay fp32")
     p.add_argument("--raw", action="store_true",
                    help="export only the network: normalised float32 [N, 3, H, W] in, 15 raw maps out")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 20)")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: 20)")
     p.add_argument("--no-score-voting", action="store_true", help="leave PAA's score voting out of the graph")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
@@ -48,6 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from ..export import export_onnx
 
+    check_output_file(args.output, "--output", inputs=[args.checkpoint] if args.checkpoint else [])
     report = export_onnx(
         args.checkpoint, args.output, preset=args.preset, batch_size=args.batch_size,
         dynamic_batch=args.dynamic_batch, fp16=args.fp16, raw=args.raw, opset=args.opset,

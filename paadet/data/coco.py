@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch.utils.data
 from pycocotools.coco import COCO
 
-from ..coco import CATEGORY_IDS, CLASS_NAMES
+from ..coco import COCO_CLASSES, ClassList
 from ..detector import LoadedImage, iter_loaded, load_one
 from ..errors import PaadetError
 from ..preprocess import Preset
@@ -193,41 +193,44 @@ def _normalise_name(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").split())
 
 
-def check_categories(coco: COCO, path: str | os.PathLike) -> list[str]:
-    """Check that the model's 80 COCO categories fit a dataset; returns warnings (one line each).
+def check_categories(coco: COCO, path: str | os.PathLike, classes: ClassList = COCO_CLASSES) -> list[str]:
+    """Check that the model's categories fit a dataset; returns warnings (one line each).
 
-    The model predicts COCO's category ids (:data:`paadet.coco.CATEGORY_IDS`). If none of the
-    dataset's category ids is one of them, nothing can match: that is an error. If only some are, the
-    others get no detections (AP 0 for them, averaged in as pycocotools does): a warning names them.
-    A COCO id whose name differs from COCO's is a warning too (the numbering may be another's).
+    The model predicts ``classes.category_ids`` (COCO's 80 ids for the official checkpoint). If none of
+    the dataset's category ids is one of them, nothing can match: that is an error. If only some are,
+    the others get no detections (AP 0 for them, averaged in as pycocotools does): a warning names them.
+    A shared id whose name differs is a warning too (the numbering may be another's).
 
     Raises:
-        DatasetError: the dataset has no categories, or none with a COCO id.
+        DatasetError: the dataset has no categories, or none with one of the model's ids.
     """
     cats = coco.dataset["categories"]
     if not cats:
         raise DatasetError(f"{path}: no categories listed")
-    known = set(CATEGORY_IDS)
+    coco80 = classes == COCO_CLASSES
+    known = set(classes.category_ids)
     foreign = sorted(c["id"] for c in cats if c["id"] not in known)
     if len(foreign) == len(cats):
+        whose = "COCO's 80 that the model predicts (1-90 with gaps)" if coco80 else \
+            f"the {len(classes)} the model predicts ({_listed(list(classes.category_ids))})"
         raise DatasetError(
-            f"{path}: none of the category ids ({_listed(foreign)}) is one of COCO's 80 that the model "
-            f"predicts (1-90 with gaps); map the categories to COCO's ids first"
+            f"{path}: none of the category ids ({_listed(foreign)}) is one of {whose}; "
+            f"map the categories to the model's ids first"
         )
     warnings = []
     if foreign:
         warnings.append(
-            f"{path}: {len(foreign)} of {len(cats)} category ids are not COCO's ({_listed(foreign)}); "
+            f"{path}: {len(foreign)} of {len(cats)} category ids are not the model's ({_listed(foreign)}); "
             f"the model never predicts them, so they score AP 0 and lower the mean"
         )
-    name_of = dict(zip(CATEGORY_IDS, CLASS_NAMES))
+    name_of = dict(zip(classes.category_ids, classes.names))
     renamed = [
-        f"{c['id']} '{c['name']}' (COCO: '{name_of[c['id']]}')"
+        f"{c['id']} '{c['name']}' (model: '{name_of[c['id']]}')"
         for c in cats
         if c["id"] in known and isinstance(c.get("name"), str) and _normalise_name(c["name"]) != _normalise_name(name_of[c["id"]])
     ]
     if renamed:
-        warnings.append(f"{path}: {len(renamed)} category ids are named differently from COCO's: {_listed(renamed)}")
+        warnings.append(f"{path}: {len(renamed)} category ids are named differently from the model's: {_listed(renamed)}")
     return warnings
 
 
@@ -278,12 +281,16 @@ class CocoDataset:
         image_dir: str | os.PathLike,
         limit: int | None = None,
         check_model_categories: bool = True,
+        classes: ClassList = COCO_CLASSES,
     ) -> "CocoDataset":
         """Load a dataset; ``limit`` keeps the first N images by image id.
 
+        With ``check_model_categories``, the dataset's categories are checked against ``classes`` (the
+        model's; see :func:`check_categories`).
+
         Raises:
             DatasetError: a missing image folder, a bad annotation file, no images (after
-                ``limit``), or categories the model cannot predict (see :func:`check_categories`).
+                ``limit``), or categories the model cannot predict.
         """
         ann_file, image_dir = Path(ann_file), Path(image_dir)
         if limit is not None and limit < 1:
@@ -294,12 +301,24 @@ class CocoDataset:
         if not coco.dataset["images"]:
             raise DatasetError(f"{ann_file}: the dataset is empty (no images listed)")
         if check_model_categories:
-            warnings += check_categories(coco, ann_file)
+            warnings += check_categories(coco, ann_file, classes)
         ids = sorted(coco.imgs)
         if limit is not None:
             ids = ids[:limit]
         images = [ImageEntry(i, coco.imgs[i]["file_name"], image_dir / coco.imgs[i]["file_name"]) for i in ids]
         return cls(ann_file, image_dir, coco, images, warnings)
+
+    def check_images_present(self) -> None:
+        """Raise unless at least one selected image is on disk (a wrong ``--images`` folder, found before any work).
+
+        Raises:
+            DatasetError: none of the selected images exists under ``image_dir``.
+        """
+        if not any(entry.path.is_file() for entry in self.images):
+            raise DatasetError(
+                f"{self.image_dir}: none of the {len(self.images)} images that {self.ann_file} lists is there "
+                f"(first: {self.images[0].file_name}); is --images the folder its file_name entries are relative to?"
+            )
 
     @classmethod
     def from_root(cls, root: str | os.PathLike, limit: int | None = None, check_model_categories: bool = True) -> "CocoDataset":

@@ -82,29 +82,65 @@ class ImageSource:
 
     Attributes:
         path: where to read it (the input joined with the relative path; not resolved).
-        file_name: the name to report it under: the path relative to the folder given (posix
-            separators), or the argument as given for a file named directly.
+        file_name: the name to report it under, distinct among the listed sources: the path relative
+            to the folder given (posix separators), or the argument as given for a file named directly;
+            where two inputs would share a name, the folder as given is put in front
+            (``a/x.jpg`` and ``b/x.jpg`` for ``x.jpg`` in folders ``a`` and ``b``).
+        error: why the entry cannot be read (a symlink loop, a folder that cannot be listed), found
+            while listing; such a source is reported and skipped like an unreadable image.
     """
 
     path: pathlib.Path
     file_name: str
-
-
-def _raise(exc: OSError) -> None:
-    """``os.walk`` error handler: do not skip unreadable folders silently."""
-    raise exc
+    error: str | None = None
 
 
 def _folder_images(folder: pathlib.Path) -> list[ImageSource]:
-    """Image files under ``folder`` (recursively, symlinked sub-folders not followed), sorted by relative name."""
+    """Image files under ``folder`` (recursively, symlinked sub-folders not followed), sorted by relative name.
+
+    A sub-folder that cannot be listed and a symlink that loops become sources with ``error`` set,
+    so that they are reported and skipped while the rest is processed.
+    """
     found: list[ImageSource] = []
-    for root, _dirs, files in os.walk(folder, onerror=_raise):
+
+    def unlistable(exc: OSError) -> None:
+        where = pathlib.Path(exc.filename) if exc.filename else folder
+        name = where.relative_to(folder).as_posix() if where != folder and where.is_relative_to(folder) else os.fspath(where)
+        found.append(ImageSource(where, name + "/", one_line(f"cannot list folder {name}: {exc.strerror or exc}")))
+
+    for root, _dirs, files in os.walk(folder, onerror=unlistable):
         for file in files:
             if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS:
                 path = pathlib.Path(root, file)
                 found.append(ImageSource(path, path.relative_to(folder).as_posix()))
     found.sort(key=lambda source: source.file_name)
     return found
+
+
+def _identity(path: pathlib.Path) -> str:
+    """A key that is equal for two paths naming the same file (``realpath``: it does not raise on a symlink loop)."""
+    return os.path.realpath(path)
+
+
+def _distinct_names(sources: list[ImageSource], prefixes: list[str]) -> list[ImageSource]:
+    """Rename sources whose ``file_name`` another source shares: prefix the folder given, then number them."""
+    counts: dict[str, int] = {}
+    for source in sources:
+        counts[source.file_name] = counts.get(source.file_name, 0) + 1
+    renamed = [
+        ImageSource(s.path, f"{prefix.rstrip('/')}/{s.file_name}" if prefix and counts[s.file_name] > 1 else s.file_name, s.error)
+        for s, prefix in zip(sources, prefixes)
+    ]
+    taken: set[str] = set()
+    out = []
+    for source in renamed:
+        name, n = source.file_name, 1
+        while name in taken:
+            n += 1
+            name = f"{source.file_name}#{n}"
+        taken.add(name)
+        out.append(source if name == source.file_name else ImageSource(source.path, name, source.error))
+    return out
 
 
 def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[ImageSource]:
@@ -114,25 +150,30 @@ def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list
     (case-insensitive), sorted by their path relative to the folder, which becomes their
     ``file_name``. A file given directly is taken whatever its extension (an undecodable one fails
     later, in :func:`read_image`), with the argument as given as its ``file_name``. A file reached
-    twice (same resolved path) is listed once, at its first occurrence. A single path may be passed
-    instead of a sequence.
+    twice (same real path) is listed once, at its first occurrence. Names are made distinct (see
+    :class:`ImageSource`). A sub-folder that cannot be listed, or a symlink loop, is listed with its
+    ``error`` set instead of raising. A single path may be passed instead of a sequence.
 
     Raises:
         FileNotFoundError: an input does not exist (the error names it).
-        OSError: a folder cannot be listed.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     sources: list[ImageSource] = []
-    seen: set[pathlib.Path] = set()
+    prefixes: list[str] = []
+    seen: set[str] = set()
     for item in inputs:
         path = pathlib.Path(item)
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise FileNotFoundError(f"no such image file or folder: {os.fspath(item)}")
-        found = _folder_images(path) if path.is_dir() else [ImageSource(path, os.fspath(item))]
+        if path.is_dir():
+            found, prefix = _folder_images(path), os.fspath(item)
+        else:
+            found, prefix = [ImageSource(path, os.fspath(item))], ""
         for source in found:
-            key = source.path.resolve()
-            if key not in seen:
+            key = _identity(source.path)
+            if source.error is not None or key not in seen:
                 seen.add(key)
                 sources.append(source)
-    return sources
+                prefixes.append(prefix)
+    return _distinct_names(sources, prefixes)

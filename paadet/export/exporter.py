@@ -5,6 +5,7 @@ import dataclasses
 import importlib.metadata
 import io
 import os
+import shlex
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ..model import PAANet
 from ..postprocess import PostprocessConfig
 from ..preprocess import Preset, get_preset, normalize_pad, resize
 from .graph import PAAGraph, RawGraph
+from ..model.loading import classes_of
 from .metadata import ExportInfo
 
 # The TorchScript-based exporter (the one that supports custom symbolics such as NonMaxSuppression)
@@ -85,12 +87,10 @@ class ExportReport:
 def _load_network(net_or_checkpoint: PAANet | str | os.PathLike | None) -> PAANet:
     if isinstance(net_or_checkpoint, PAANet):
         return net_or_checkpoint.eval()
-    from ..checkpoint import load_weights
     from ..hub import resolve_checkpoint
+    from ..model.loading import load_network
 
-    net = PAANet()
-    load_weights(net, resolve_checkpoint(net_or_checkpoint))
-    return net
+    return load_network(resolve_checkpoint(net_or_checkpoint))
 
 
 def _input_size(preset: Preset, input_size: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -279,7 +279,7 @@ def export_onnx(
         graph="raw" if raw else "full", preset=preset, input_size=size,
         batch=None if dynamic_batch else batch_size, precision="fp16" if fp16 else "fp32",
         score_voting=bool(score_voting and not raw), opset=opset, version=__version__,
-        postprocess=dataclasses.asdict(config),
+        postprocess=dataclasses.asdict(config), classes=classes_of(net),
     )
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, info.metadata_props())
@@ -303,18 +303,21 @@ def export_onnx(
 
         report.parity, report.parity_ok = verify_export(output, net, preset, fp16=fp16, config=config)
     report.seconds = time.perf_counter() - start
-    report.next_commands = next_commands(output, info)
+    report.next_commands = next_commands(output)
     return report
 
 
-def next_commands(path: Path, info: ExportInfo) -> list[str]:
-    """Commands that use the export, ultralytics-style."""
-    batch = f" --batch-size {info.batch}" if info.batch and info.batch > 1 else ""
-    common = f"--backend onnxruntime --model {path} --preset {info.preset.name}{batch}"
+def next_commands(path: Path) -> list[str]:
+    """Commands that use the export, ultralytics-style; each runs as printed once IMAGE.jpg / the dataset exist.
+
+    The preset and batch size are the graph's, which ``--backend onnxruntime`` takes by default.
+    """
+    common = f"--backend onnxruntime --model {shlex.quote(str(path))}"
     return [
-        f"paadet predict {common} IMAGE.jpg ...",
-        f"paadet eval {common} ...",
+        f"paadet predict IMAGE.jpg {common} --output results.json",
+        f"paadet eval --ann ANNOTATIONS.json --images IMAGES_DIR {common} --output-dir runs/onnx",
+        f"paadet bench {common}",
         f"python -c \"from paadet import Detector; from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend; "
         f"print(Detector(OnnxRuntimeBackend.from_file('{path}')).predict('IMAGE.jpg'))\"",
-        "netron " + str(path) + "   # view the graph",
+        f"netron {shlex.quote(str(path))}   # view the graph",
     ]

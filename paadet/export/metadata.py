@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from ..coco import COCO_CLASSES, ClassList
 from ..errors import PaadetError
 from ..preprocess import Preset
 
@@ -35,6 +36,8 @@ class ExportInfo:
         opset: ONNX opset of the default domain.
         version: paadet version that exported it.
         postprocess: the :class:`~paadet.postprocess.PostprocessConfig` fields (full graphs).
+        classes: the model's classes (names and COCO category ids; COCO's 80 for graphs exported before
+            class lists were recorded).
     """
 
     graph: str
@@ -46,9 +49,11 @@ class ExportInfo:
     opset: int
     version: str
     postprocess: dict = field(default_factory=dict)
+    classes: ClassList = COCO_CLASSES
 
     def to_json(self) -> str:
         data = asdict(self)
+        data["classes"] = self.classes.to_meta()
         data["format"] = FORMAT_VERSION
         return json.dumps(data, sort_keys=True)
 
@@ -64,6 +69,7 @@ class ExportInfo:
             "paadet_batch": str(self.batch) if self.batch else "dynamic",
             "paadet_precision": self.precision,
             "paadet_score_voting": str(self.score_voting).lower(),
+            "paadet_classes": json.dumps(list(self.classes.names)),
         }
 
     @classmethod
@@ -86,7 +92,8 @@ class ExportInfo:
                 fixed_size=tuple(p["fixed_size"]) if p["fixed_size"] else None,
             )
             size = data.pop("input_size")
-            return cls(preset=preset, input_size=tuple(size) if size else None, **data)
+            classes = ClassList.from_meta({"dataset_meta": data.pop("classes", None)})
+            return cls(preset=preset, input_size=tuple(size) if size else None, classes=classes, **data)
         except ExportFormatError:
             raise
         except (ValueError, KeyError, TypeError) as exc:

@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..coco import COCO_CLASSES, ClassList
 from ..postprocess import Detections
 from ..preprocess import ImageMeta, Preset
 
@@ -66,11 +67,13 @@ class Backend(ABC):
         name: backend name (``torch``, ``onnxruntime``).
         preset: the pre-processing preset the backend was built for.
         fixed_batch: batch size a static graph requires (the backend pads short batches), or None.
+        classes: the model's classes (label i is ``classes.names[i]``, COCO id ``classes.category_ids[i]``).
     """
 
     name: str = "base"
     preset: Preset
     fixed_batch: int | None = None
+    classes: ClassList = COCO_CLASSES
 
     @abstractmethod
     def infer(self, images: list[np.ndarray], metas: list[ImageMeta], timer: StageTimer | None = None) -> Detections:

@@ -65,6 +65,7 @@ class OnnxRuntimeBackend(Backend):
         self.path = path
         self.preset = preset or info.preset
         self.fixed_batch = info.batch
+        self.classes = info.classes
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         self._post = PAAPostprocess(PostprocessConfig.from_dict(info.postprocess)) if info.graph == "raw" else None

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_weights
 from ..errors import one_line
 from ..model import PAANet
 from ..model.fuse import fold_batchnorm
+from ..model.loading import classes_of, load_network
 from ..postprocess import Detections, PAAPostprocess, PostprocessConfig
 from ..preprocess import MEAN_RGB, STD_RGB, ImageMeta, Preset, get_preset, normalize_pad, rescale_size
 from .base import Backend, StageTimer
@@ -224,6 +224,7 @@ class TorchBackend(Backend):
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         self.preset = get_preset(preset)
+        self.classes = classes_of(net)
         self.fp16 = fp16
         self.channels_last = channels_last
         self.compile_mode = compile_mode
@@ -252,9 +253,7 @@ class TorchBackend(Backend):
 
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs) -> "TorchBackend":
-        net = PAANet()
-        load_weights(net, path)
-        return cls(net, **kwargs)
+        return cls(load_network(path), **kwargs)
 
     def _autocast(self):
         if self.fp16 and not self.fp16_weights:
