@@ -7,11 +7,13 @@ zero padding (after normalisation) at the bottom and right.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that the command line starts fast
+    from torch import Tensor
 
 MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
@@ -109,6 +111,8 @@ def resize(image: np.ndarray, preset: str | Preset) -> tuple[np.ndarray, ImageMe
 
 def normalize_pad(resized: np.ndarray | Tensor, pad_shape: tuple[int, int]) -> Tensor:
     """BGR ``uint8`` ``[h, w, 3]`` -> normalised RGB float32 ``[3, pad_h, pad_w]``, zero-padded bottom/right."""
+    import torch
+
     t = torch.as_tensor(resized)
     t = t.permute(2, 0, 1)[[2, 1, 0]].float()
     mean = torch.tensor(MEAN_RGB, dtype=torch.float32, device=t.device).view(3, 1, 1)
@@ -135,6 +139,8 @@ def collate(tensors: list[Tensor], metas: list[ImageMeta]) -> tuple[Tensor, Tens
     Returns ``images [B, 3, H, W]``, ``img_shapes [B, 2]`` (h, w) and ``scale_factors [B, 2]``
     (w_scale, h_scale; float32 as mmdetection's ``new_tensor`` makes them).
     """
+    import torch
+
     if len(tensors) != len(metas):
         raise ValueError(f"got {len(tensors)} images but {len(metas)} metas")
     shapes = {tuple(t.shape) for t in tensors}

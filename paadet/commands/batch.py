@@ -1,11 +1,29 @@
-"""``paadet batch``: detection over many images on a Ray cluster, into a resumable sharded output folder."""
+"""``paadet batch``: detection over many images on a Ray cluster, into a resumable sharded output folder.
+
+This module imports nothing heavy: the output paths are checked (within a second, before torch and
+Ray are imported) and only then is :mod:`paadet.distributed` loaded.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from ..distributed import ModelSpec, run_batch
-from .common import add_model_options
+from .common import add_model_options, nonnegative_float, positive_float, positive_int
+
+if TYPE_CHECKING:
+    from ..distributed import ModelSpec
+
+DEFAULT_START_TIMEOUT = 120.0  # paadet.distributed.DEFAULT_START_TIMEOUT (not imported here: it pulls in torch)
+
+
+def gpu_amount(text: str) -> float:
+    """argparse type of ``--gpus-per-worker``: a number >= 0, whole when above 1 (fractions only below 1)."""
+    value = nonnegative_float(text)
+    if value > 1 and value != int(value):
+        raise argparse.ArgumentTypeError(f"must be a whole number when above 1 (Ray shares a GPU only in fractions "
+                                         f"below 1), got {text}")
+    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -15,19 +33,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "with a pool of Ray actors, one model each. Results go to sharded JSON Lines files under "
                     "--output-dir, each committed with a manifest; running again with the same folder does only "
                     "what is left. Needs the ray extra: pip install 'paadet[ray]'.",
+        epilog="In a .txt list, one path a line, relative to the list's folder; '#' at the start of a line or after "
+               "whitespace starts a comment ('a.jpg  # the cat' is a.jpg), elsewhere it is part of the name.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders and/or .txt files listing image paths")
     p.add_argument("--output-dir", "-o", required=True, help="output folder (shards/, errors.jsonl, summary.json)")
     p.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="join this Ray cluster (auto, HOST:PORT or ray://HOST:PORT); default: start a local instance")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="Ray actors, one model each (default: as many as the cluster's GPUs, or CPUs, hold)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor, also its torch threads (default: 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPUs per actor (default: 1 with --device cuda, else 0)")
-    p.add_argument("--shard-size", type=int, default=64, help="images per shard: the unit of commit and retry (default: 64)")
-    p.add_argument("--max-attempts", type=int, default=3,
-                   help="tries per shard before its images are left for a re-run (default: 3)")
+    p.add_argument("--num-workers", type=positive_int, default=None, metavar="N",
+                   help="Ray actors, one model each (default: as many as the cluster's nodes hold)")
+    p.add_argument("--cpus-per-worker", type=positive_float, default=1.0, metavar="C",
+                   help="CPUs per actor, also its torch threads (default: 1)")
+    p.add_argument("--gpus-per-worker", type=gpu_amount, default=None, metavar="G",
+                   help="GPUs per actor (default: 1 with --device cuda, else 0; 0.5 puts two models on a GPU)")
+    p.add_argument("--shard-size", type=positive_int, default=None, metavar="N",
+                   help="images per shard: the unit of commit and retry (default: min(64, ceil(images / (4 x workers))), "
+                        "i.e. 64 on a large input, about 4 shards per worker on a small one)")
+    p.add_argument("--max-attempts", type=positive_int, default=3, metavar="N",
+                   help="tries per image before it is left for a re-run; a failed shard is retried, then split "
+                        "(default: 3)")
+    p.add_argument("--start-timeout", type=positive_float, default=DEFAULT_START_TIMEOUT, metavar="SECONDS",
+                   help="give up when Ray has started no worker in this time (the cluster's resources are taken; "
+                        f"default: {DEFAULT_START_TIMEOUT:g}); workers it has not started by then are dropped")
     p.add_argument("--coco", metavar="FILE", default=None,
                    help="also write all results as one COCO results JSON, as `paadet predict --output` does")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -35,12 +62,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def spec_from_args(args: argparse.Namespace) -> ModelSpec:
+def spec_from_args(args: argparse.Namespace) -> "ModelSpec":
     """The model options of :func:`~paadet.commands.common.add_model_options` as a :class:`ModelSpec`.
 
     The torch backend's preset is made explicit (so a re-run with or without ``--preset mmdet`` is the
     same run); ONNX Runtime keeps None, meaning the graph's.
     """
+    from ..distributed import ModelSpec
+
     preset = args.preset if args.preset is not None or args.backend != "torch" else args.default_preset
     return ModelSpec(
         backend=args.backend, checkpoint=args.checkpoint, model=args.model, providers=args.providers,
@@ -50,10 +79,18 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_dir, check_output_file
+
+    check_output_dir(args.output_dir, "--output-dir", args.inputs)  # before torch and Ray are even imported
+    if args.coco is not None:
+        check_output_file(args.coco, "--coco", args.inputs)
+    from ..distributed import run_batch
+
     summary = run_batch(
         args.inputs, args.output_dir, spec_from_args(args), address=args.ray, num_workers=args.num_workers,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, shard_size=args.shard_size,
         max_attempts=args.max_attempts, coco_output=args.coco, progress=not args.no_progress,
+        start_timeout=args.start_timeout,
     )
     for line in summary.lines():
         print(line)

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+from typing import TYPE_CHECKING
+
 from ..coco import COCO_CLASSES, ClassList
-from ..detector import Detector
 from ..preprocess import PRESETS, Preset, get_preset
+
+if TYPE_CHECKING:
+    from ..detector import Detector
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_preset: str = "mmdet", default_batch: int = 1) -> None:
@@ -60,6 +64,8 @@ def build_detector(
     and the graph's preset / static batch for ONNX Runtime. For ONNX Runtime, ``fp16`` and
     ``score_voting=False`` must agree with how the graph was exported (they are baked into it).
     """
+    from ..detector import Detector
+
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if backend == "torch":

@@ -21,19 +21,32 @@ class PAANet(nn.Module):
 
     ``state_dict()`` keys are mmdetection's (``backbone.*``, ``neck.*``, ``bbox_head.*``: 369 entries),
     so the official checkpoint loads with ``strict=True``.
+
+    Args:
+        num_classes: foreground classes of the head.
+        trainable: False (default): an inference-only network, :meth:`train` keeps it in eval mode.
+            True: :meth:`train` works, with mmdetection's PAA recipe for the backbone: the stages up
+            to ``frozen_stages`` frozen (no gradients, eval mode) and, with ``norm_eval``, every
+            BatchNorm in eval mode (running statistics frozen, affine parameters still trained).
+        frozen_stages: see :class:`~paadet.model.resnet.ResNet50` (1: stem and ``layer1``, the recipe's).
+        norm_eval: see :class:`~paadet.model.resnet.ResNet50` (False trains BatchNorm statistics too).
+
+    The network is built in eval mode either way; a trainer calls ``train()``.
     """
 
-    def __init__(self, num_classes: int = 80) -> None:
+    def __init__(self, num_classes: int = 80, *, trainable: bool = False, frozen_stages: int = 1, norm_eval: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.backbone = ResNet50()
+        self.trainable = trainable
+        self.backbone = ResNet50(frozen_stages=frozen_stages if trainable else -1, norm_eval=norm_eval)
         self.neck = FPN((512, 1024, 2048), 256)
         self.bbox_head = PAAHead(num_classes=num_classes, channels=256, stacked_convs=4, num_levels=NUM_LEVELS)
         self.eval()
 
     def train(self, mode: bool = True) -> "PAANet":
-        """Inference-only network: BatchNorm always uses its running statistics."""
-        return super().train(False)
+        """Training mode for a ``trainable`` network (frozen stages and BatchNorm as configured); an
+        inference-only network stays in eval mode (BatchNorm always uses its running statistics)."""
+        return super().train(mode and self.trainable)
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         c2, c3, c4, c5 = self.backbone(images)

@@ -1,7 +1,10 @@
 """ResNet-50 backbone, "pytorch" style, with torchvision's (and so mmdetection's) parameter names.
 
-The stride of each stage sits on the 3x3 convolution of its first bottleneck. BatchNorm runs in
-eval mode only (frozen statistics, eps 1e-5), as at mmdetection's test time.
+The stride of each stage sits on the 3x3 convolution of its first bottleneck. BatchNorm has eps 1e-5.
+For training, :class:`ResNet50` follows mmdetection's ``frozen_stages`` and ``norm_eval``: the frozen
+stages (the stem for 0, the stem and ``layer1`` for 1, ...) never take gradients and stay in eval mode,
+and with ``norm_eval`` every BatchNorm keeps its running statistics (eval mode) while the affine
+parameters of the unfrozen stages still train.
 """
 from __future__ import annotations
 
@@ -42,12 +45,22 @@ class ResNet50(nn.Module):
     """ResNet-50 returning the outputs of stages 1-4 (C2..C5: 256/512/1024/2048 channels).
 
     Input ``[N, 3, H, W]``; outputs at strides 4, 8, 16, 32.
+
+    Args:
+        frozen_stages: -1 freezes nothing; 0 the stem (``conv1``, ``bn1``); k >= 1 the stem and
+            ``layer1..layerk``. Frozen parameters get ``requires_grad=False`` and their modules stay
+            in eval mode (mmdetection's ``_freeze_stages``).
+        norm_eval: keep every BatchNorm in eval mode in :meth:`train` (running statistics frozen).
     """
 
     stage_blocks = (3, 4, 6, 3)
 
-    def __init__(self) -> None:
+    def __init__(self, frozen_stages: int = -1, norm_eval: bool = True) -> None:
         super().__init__()
+        if not -1 <= frozen_stages <= len(self.stage_blocks):
+            raise ValueError(f"frozen_stages must be in -1..{len(self.stage_blocks)}, got {frozen_stages}")
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -61,6 +74,26 @@ class ResNet50(nn.Module):
                 blocks.append(Bottleneck(in_channels, width, stride if j == 0 else 1))
                 in_channels = width * Bottleneck.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules ``frozen_stages`` freezes, stem first."""
+        if self.frozen_stages < 0:
+            return []
+        return [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
+
+    def train(self, mode: bool = True) -> "ResNet50":
+        """Set the training mode, then put the frozen stages (and, with ``norm_eval``, every BatchNorm) in eval mode."""
+        super().train(mode)
+        if mode:
+            for module in self.frozen_modules():
+                module.eval()
+            if self.norm_eval:
+                for module in self.modules():
+                    if isinstance(module, nn.BatchNorm2d):
+                        module.eval()
+        return self
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

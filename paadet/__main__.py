@@ -1,0 +1,6 @@
+"""``python -m paadet``: the same as the ``paadet`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""``paadet train``: train or fine-tune PAA R50-FPN on a COCO-format dataset (mmdetection 3.3's recipe)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..data.coco import DatasetError
+from ..errors import PaadetError
+from ..fileio import check_output_dir
+from .common import nonnegative_float, nonnegative_int, positive_int, probability
+
+DESCRIPTION = """\
+Train PAA (ResNet-50 + FPN) on a COCO-format dataset, with mmdetection 3.3's recipe as the defaults:
+SGD, momentum 0.9, weight decay 1e-4, linear warm-up over 500 iterations from 0.001x, lr x0.1 after
+epochs 8 and 11 of 12, stem and layer1 frozen, BatchNorm in eval mode, images resized to fit 1333x800
+and flipped with probability 0.5.
+
+The classes are the annotation file's categories, in its order; they are saved in the checkpoints
+(names and category ids), so `paadet predict/eval/export` use them. Start from a PAA checkpoint
+(--checkpoint: the official one or any other; with another class count its classifier is
+re-initialised), from torchvision's ImageNet ResNet-50 (--backbone resnet50-0676ba61.pth, downloaded by
+you), or from scratch (--from-scratch, best with --bn-train).
+
+The lr: 0.01 is for 16 images per iteration (8 GPUs x 2 images). Scale it linearly with the images per
+iteration: --lr 0.00125 x images, e.g. --lr 0.0025 for --batch-size 2 on one GPU.
+
+The output folder gets metrics.jsonl (a row per iteration), epoch_N.pth, latest.pth, best.pth (with
+--val-ann/--val-images) and metrics.png. --resume continues an interrupted run (Ctrl-C saves first; a
+killed run restarts from its last latest.pth, written every 10 minutes and at each epoch's end).
+"""
+
+TRAIN_ANNOTATIONS = Path("annotations", "instances_train2017.json")
+TRAIN_IMAGE_DIRS = (Path("images", "train2017"), Path("train2017"))
+
+
+def scale_pair(text: str) -> tuple[int, int]:
+    """argparse type: ``LONGxSHORT`` (``1333x800``) as two positive integers."""
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected LONGxSHORT such as 1333x800, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def epoch_list(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated increasing epochs >= 1 (``8,11``); empty for none."""
+    if not text.strip():
+        return ()
+    try:
+        values = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs such as 8,11, got {text!r}") from None
+    if min(values) < 1 or list(values) != sorted(values):
+        raise argparse.ArgumentTypeError(f"expected increasing epochs >= 1, got {text!r}")
+    return values
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train or fine-tune PAA on a COCO-format dataset",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", metavar="ROOT", default=None,
+                   help=f"dataset root: ROOT/{TRAIN_ANNOTATIONS.as_posix()}, images in ROOT/images/train2017/ or ROOT/train2017/")
+    d.add_argument("--ann", metavar="FILE", default=None, help="COCO annotation file (instead of --data)")
+    d.add_argument("--images", metavar="DIR", default=None, help="folder the annotation file's file_name entries are relative to")
+    d.add_argument("--scale", metavar="LONGxSHORT", type=scale_pair, default=(1333, 800),
+                   help="keep-ratio resize to fit LONG x SHORT (default: 1333x800)")
+    d.add_argument("--flip-prob", metavar="P", type=probability, default=0.5, help="horizontal flip probability (default: 0.5)")
+    d.add_argument("--batch-size", metavar="N", type=positive_int, default=2, help="images per iteration (default: 2)")
+    d.add_argument("--no-shuffle", action="store_true", help="the annotation file's image order every epoch")
+    d.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the order, the flips and the initialisation (default: 0)")
+    d.add_argument("--workers", metavar="N", type=nonnegative_int, default=2, help="image-loading threads (default: 2)")
+    i = p.add_argument_group("initialisation (one of)")
+    start = i.add_mutually_exclusive_group()
+    start.add_argument("--checkpoint", metavar="FILE", default=None,
+                       help="a PAA checkpoint to fine-tune (the official one or any paadet/mmdetection PAA .pth)")
+    start.add_argument("--backbone", metavar="FILE", default=None,
+                       help="torchvision's ImageNet ResNet-50 weights (resnet50-*.pth); neck and head as mmdetection initialises them")
+    start.add_argument("--from-scratch", action="store_true", help="no weights: mmdetection's initialisation everywhere")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=nonnegative_float, default=0.01,
+                   help="lr after warm-up, for 16 images per iteration (default: 0.01); scale it linearly with the "
+                        "images per iteration (all processes): 0.00125 x images, e.g. 0.0025 for --batch-size 2")
+    o.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD momentum (default: 0.9)")
+    o.add_argument("--weight-decay", type=nonnegative_float, default=1e-4, help="SGD weight decay (default: 1e-4)")
+    o.add_argument("--epochs", type=positive_int, default=12, help="epochs (default: 12)")
+    o.add_argument("--lr-steps", metavar="E1,E2", type=epoch_list, default=(8, 11),
+                   help="epochs after which the lr is multiplied by 0.1 (default: 8,11)")
+    o.add_argument("--warmup-iters", metavar="N", type=nonnegative_int, default=500,
+                   help="iterations of linear warm-up (default: 500; 0: none)")
+    o.add_argument("--warmup-ratio", metavar="R", type=probability, default=0.001,
+                   help="the warm-up starts at R x lr (default: 0.001)")
+    o.add_argument("--max-iters", metavar="N", type=positive_int, default=None, help="stop after N iterations in all")
+    o.add_argument("--bn-train", action="store_true",
+                   help="train BatchNorm statistics (default: frozen, as the recipe; use it with --from-scratch)")
+    o.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    r = p.add_argument_group("output")
+    r.add_argument("--output-dir", metavar="DIR", required=True,
+                   help="metrics.jsonl, epoch_N.pth, latest.pth, best.pth and metrics.png go here")
+    r.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest.pth")
+    r.add_argument("--val-ann", metavar="FILE", default=None, help="validation annotation file (COCO format)")
+    r.add_argument("--val-images", metavar="DIR", default=None, help="validation image folder")
+    r.add_argument("--val-interval", metavar="N", type=positive_int, default=1,
+                   help="validate every N epochs and after the last (default: 1)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def train_files(data: str | None, ann: str | None, images: str | None) -> tuple[Path, Path]:
+    """The annotation file and image folder named by ``--data`` or ``--ann``/``--images``, checked to exist."""
+    if data is not None:
+        if ann is not None or images is not None:
+            raise DatasetError("give the dataset as --data ROOT or as --ann FILE --images DIR, not both")
+        root = Path(data)
+        if not root.is_dir():
+            raise DatasetError(f"{root}: dataset folder not found")
+        ann_file = root / TRAIN_ANNOTATIONS
+        if not ann_file.is_file():
+            raise DatasetError(f"{ann_file}: annotation file not found (expected ROOT/{TRAIN_ANNOTATIONS.as_posix()})")
+        for candidate in TRAIN_IMAGE_DIRS:
+            if (root / candidate).is_dir():
+                return ann_file, root / candidate
+        raise DatasetError(f"{' or '.join(str(root / c) for c in TRAIN_IMAGE_DIRS)}: image folder not found")
+    if ann is None:
+        raise DatasetError("no dataset: give --data ROOT, or --ann FILE --images DIR")
+    if images is None:
+        raise DatasetError(f"--ann {ann} needs --images DIR (the folder its file_name entries are relative to)")
+    if not Path(ann).is_file():
+        raise DatasetError(f"{ann}: annotation file not found")
+    if not Path(images).is_dir():
+        raise DatasetError(f"{images}: image folder not found")
+    return Path(ann), Path(images)
+
+
+def _init_choice(args: argparse.Namespace) -> tuple[str, str | None]:
+    if args.checkpoint is not None:
+        mode, path = "checkpoint", args.checkpoint
+    elif args.backbone is not None:
+        mode, path = "backbone", args.backbone
+    elif args.from_scratch:
+        return "scratch", None
+    elif args.resume:
+        return "checkpoint", None
+    else:
+        raise PaadetError("no initialisation: give --checkpoint FILE (fine-tune a PAA model), --backbone FILE "
+                          "(torchvision's ImageNet ResNet-50) or --from-scratch")
+    if not Path(path).is_file():
+        raise PaadetError(f"{path}: --{'checkpoint' if mode == 'checkpoint' else 'backbone'} file not found")
+    return mode, path
+
+
+def run(args: argparse.Namespace) -> int:
+    ann_file, image_dir = train_files(args.data, args.ann, args.images)
+    init, init_file = _init_choice(args)
+    if (args.val_ann is None) != (args.val_images is None):
+        raise PaadetError("validation needs both --val-ann FILE and --val-images DIR")
+    if args.val_ann is not None and not Path(args.val_ann).is_file():
+        raise DatasetError(f"{args.val_ann}: validation annotation file not found")
+    if args.val_images is not None and not Path(args.val_images).is_dir():
+        raise DatasetError(f"{args.val_images}: validation image folder not found")
+    inputs = [p for p in (ann_file, init_file, args.val_ann) if p is not None]
+    check_output_dir(args.output_dir, "--output-dir", inputs=inputs)
+
+    from ..train import TrainConfig, train
+
+    config = TrainConfig(
+        ann_file=ann_file, image_dir=image_dir, output_dir=args.output_dir, init=init, init_file=init_file,
+        scale=args.scale, flip_prob=args.flip_prob, batch_size=args.batch_size, shuffle=not args.no_shuffle,
+        seed=args.seed, workers=args.workers, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        epochs=args.epochs, lr_steps=args.lr_steps, warmup_iters=args.warmup_iters, warmup_ratio=args.warmup_ratio,
+        max_iters=args.max_iters, bn_train=args.bn_train, device=args.device, resume=args.resume,
+        val_ann=args.val_ann, val_images=args.val_images, val_interval=args.val_interval,
+        progress=not args.no_progress,
+    )
+    summary = train(config)
+    print(summary.line())
+    return 0

@@ -1,0 +1,254 @@
+"""Anchor targets before PAA's reassignment: IoU, GIoU, valid flags and mmdetection's MaxIoUAssigner, batched.
+
+Everything works on a whole batch at once: the ground truths of ``B`` images are padded to
+``[B, M, 4]`` with a mask (:func:`pad_targets`; ``M`` may be 0, and an image may have no box), the
+anchors of all levels are concatenated (``[A, 4]``, P3 first, row-major within a level, as
+:class:`paadet.model.anchors.AnchorGenerator` makes them) and shared by the images, and each image
+has its own valid flags (:func:`valid_flags`). No Python loop over boxes or anchors, no host sync.
+
+The arithmetic is mmdetection 3.3's operation by operation (``bbox_overlaps``: no +1, union and
+enclosing area clamped below at ``eps``), so fp32 results agree bit for bit; that matters because the
+assigner compares IoUs for equality.
+
+Box format everywhere: xyxy, float, in network-input pixels, no +1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import PaadetError
+from ..postprocess import bbox_overlaps
+
+
+def pairwise_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+    """IoU of every box of ``boxes1 [..., M, 4]`` with every box of ``boxes2 [..., N, 4]``: ``[..., M, N]``.
+
+    mmdetection's ``bbox_overlaps(mode='iou', is_aligned=False)``: no +1, the union is clamped below at
+    ``eps`` (so two zero-area boxes have IoU 0, not NaN). The leading dimensions broadcast.
+    """
+    return bbox_overlaps(boxes1, boxes2, eps)
+
+
+def _aligned_terms(boxes1: Tensor, boxes2: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(IoU, clamped union, clamped enclosing area) of aligned pairs ``[..., 4]``, as mmdetection computes them."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    lt = torch.maximum(boxes1[..., :2], boxes2[..., :2])
+    rb = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    overlap = wh[..., 0] * wh[..., 1]
+    union = area1 + area2 - overlap
+    eps_t = union.new_tensor([eps])
+    union = torch.maximum(union, eps_t)
+    enclose_lt = torch.minimum(boxes1[..., :2], boxes2[..., :2])
+    enclose_rb = torch.maximum(boxes1[..., 2:], boxes2[..., 2:])
+    enclose_wh = (enclose_rb - enclose_lt).clamp(min=0)
+    enclose_area = torch.maximum(enclose_wh[..., 0] * enclose_wh[..., 1], eps_t)
+    return overlap / union, union, enclose_area
+
+
+def aligned_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+    """IoU of the pairs ``boxes1[..., i]``, ``boxes2[..., i]`` (both ``[..., 4]``): ``[...]``.
+
+    mmdetection's ``bbox_overlaps(mode='iou', is_aligned=True)``; the union is clamped below at ``eps``.
+    """
+    return _aligned_terms(boxes1, boxes2, eps)[0]
+
+
+def aligned_giou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+    """Generalised IoU of aligned pairs ``[..., 4]``: ``IoU - (enclosing - union) / enclosing``, ``[...]``.
+
+    mmdetection's ``bbox_overlaps(mode='giou', is_aligned=True)``: union and enclosing area are
+    clamped below at ``eps``. ``GIoULoss`` uses ``1 - giou``.
+    """
+    iou, union, enclose = _aligned_terms(boxes1, boxes2, eps)
+    return iou - (enclose - union) / enclose
+
+
+def valid_flags(
+    feat_sizes: list[tuple[int, int]],
+    strides: tuple[int, ...],
+    pad_shapes: list[tuple[int, int]],
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Which anchors of the batch-padded grid lie on each image's own padded area: ``[B, A]`` bool.
+
+    mmdetection's ``AnchorGenerator.valid_flags``: at a level of stride ``s`` and size ``(H, W)``, the
+    cells with ``x < min(ceil(pad_w / s), W)`` and ``y < min(ceil(pad_h / s), H)`` are valid, where
+    ``(pad_h, pad_w)`` is that image's ``pad_shape`` (its size rounded up to 32, not the batch's).
+    Levels are concatenated P3 first, cells row-major, as the anchors are. With ``allowed_border=-1``
+    (PAA's setting) these flags are also the "inside" flags.
+
+    Args:
+        feat_sizes: ``(H, W)`` of each level (the batch-padded feature maps).
+        strides: stride of each level.
+        pad_shapes: ``(pad_h, pad_w)`` of each image.
+    """
+    if len(feat_sizes) != len(strides):
+        raise PaadetError(f"got {len(feat_sizes)} feature sizes for {len(strides)} strides")
+    pads = torch.tensor([[int(h), int(w)] for h, w in pad_shapes], dtype=torch.long).reshape(-1, 2)
+    flags = []
+    for (feat_h, feat_w), stride in zip(feat_sizes, strides):
+        valid_h = torch.clamp(-(-pads[:, 0] // stride), max=int(feat_h)).to(device)  # ceil(pad_h / s)
+        valid_w = torch.clamp(-(-pads[:, 1] // stride), max=int(feat_w)).to(device)
+        ys = torch.arange(int(feat_h), device=device)
+        xs = torch.arange(int(feat_w), device=device)
+        level = (ys[None, :, None] < valid_h[:, None, None]) & (xs[None, None, :] < valid_w[:, None, None])
+        flags.append(level.reshape(len(pad_shapes), -1))
+    return torch.cat(flags, dim=1)
+
+
+@dataclass
+class PaddedTargets:
+    """The ground truths of a batch padded to the largest image's count.
+
+    Attributes:
+        boxes: ``[B, M, 4]`` xyxy (zeros in padding).
+        labels: ``[B, M]`` int64 class indices (-1 in padding).
+        mask: ``[B, M]`` bool, True for real boxes.
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    mask: Tensor
+
+
+def pad_targets(
+    gt_boxes: list[Tensor], gt_labels: list[Tensor], device: torch.device | str | None = None
+) -> PaddedTargets:
+    """Stack per-image ``[M_i, 4]`` boxes and ``[M_i]`` labels into :class:`PaddedTargets`.
+
+    ``M = max M_i`` (0 when no image has a box); boxes become float32, labels int64, on ``device``.
+    """
+    if len(gt_boxes) != len(gt_labels):
+        raise PaadetError(f"got boxes for {len(gt_boxes)} images but labels for {len(gt_labels)}")
+    counts = []
+    for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)):
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise PaadetError(f"image {i}: gt boxes must be [M, 4], got {list(boxes.shape)}")
+        if labels.shape != boxes.shape[:1]:
+            raise PaadetError(f"image {i}: {boxes.shape[0]} gt boxes but labels of shape {list(labels.shape)}")
+        counts.append(int(boxes.shape[0]))
+    batch, num = len(gt_boxes), max(counts, default=0)
+    out_boxes = torch.zeros(batch, num, 4, dtype=torch.float32, device=device)
+    out_labels = torch.full((batch, num), -1, dtype=torch.long, device=device)
+    for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)):
+        out_boxes[i, : counts[i]] = boxes.to(device=device, dtype=torch.float32)
+        out_labels[i, : counts[i]] = labels.to(device=device, dtype=torch.long)
+    mask = torch.arange(num, device=device)[None, :] < torch.tensor(counts, device=device).reshape(batch, 1)
+    return PaddedTargets(out_boxes, out_labels, mask)
+
+
+@dataclass
+class AssignResult:
+    """Per-anchor assignment of a batch.
+
+    Attributes:
+        gt_inds: ``[B, A]`` int64: ``i + 1`` for an anchor assigned to (padded) GT ``i``, 0 for a
+            negative, -1 for an ignored anchor (IoU between the thresholds) or an invalid one.
+        max_overlaps: ``[B, A]`` the anchor's largest IoU over the image's GTs (-1 for an invalid
+            anchor or an image without GT).
+        labels: ``[B, A]`` int64 class of the assigned GT, -1 where ``gt_inds <= 0``.
+    """
+
+    gt_inds: Tensor
+    max_overlaps: Tensor
+    labels: Tensor
+
+
+class MaxIoUAssigner:
+    """mmdetection's ``MaxIoUAssigner.assign`` for a batch, run on each image's valid anchors only.
+
+    For each valid anchor: -1 to start; 0 (negative) if its max IoU over the GTs is in
+    ``[0, neg_iou_thr)``; GT ``argmax + 1`` if the max IoU is ``>= pos_iou_thr`` (ties: the first GT,
+    as ``torch.max`` returns). Then, with ``match_low_quality``, for each GT ``i`` in index order whose
+    best IoU over the valid anchors is ``>= min_pos_iou``: every anchor whose IoU with it equals that
+    best IoU (``gt_max_assign_all``; else only its first best anchor) is assigned to ``i``, a later GT
+    overwriting an earlier one. An image without GT makes every valid anchor negative. Invalid anchors
+    get -1 (mmdetection never assigns them and gives them weight 0).
+
+    PAA's settings are the defaults: thresholds 0.1/0.1, ``min_pos_iou`` 0, both flags on. With
+    ``min_pos_iou = 0`` a GT that overlaps no valid anchor (best IoU 0) grabs every IoU-0 anchor, as in
+    mmdetection.
+
+    Args:
+        pos_iou_thr: IoU at or above which an anchor is positive.
+        neg_iou_thr: IoU below which an anchor is negative.
+        min_pos_iou: a GT's best IoU needed for the low-quality match.
+        gt_max_assign_all: the low-quality match takes every anchor tied at the GT's best IoU.
+        match_low_quality: run the low-quality match.
+        iou_eps: union clamp of the IoU.
+    """
+
+    def __init__(
+        self,
+        pos_iou_thr: float = 0.1,
+        neg_iou_thr: float = 0.1,
+        min_pos_iou: float = 0.0,
+        gt_max_assign_all: bool = True,
+        match_low_quality: bool = True,
+        iou_eps: float = 1e-6,
+    ) -> None:
+        if neg_iou_thr > pos_iou_thr:
+            raise PaadetError(f"neg_iou_thr {neg_iou_thr} above pos_iou_thr {pos_iou_thr}")
+        self.pos_iou_thr = float(pos_iou_thr)
+        self.neg_iou_thr = float(neg_iou_thr)
+        self.min_pos_iou = float(min_pos_iou)
+        self.gt_max_assign_all = bool(gt_max_assign_all)
+        self.match_low_quality = bool(match_low_quality)
+        self.iou_eps = float(iou_eps)
+
+    def __call__(self, anchors: Tensor, targets: PaddedTargets, anchor_valid: Tensor | None = None) -> AssignResult:
+        """Assign the anchors ``[A, 4]`` (shared by the images) to ``targets``.
+
+        Args:
+            anchors: ``[A, 4]`` xyxy, all levels concatenated.
+            targets: the batch's padded GTs (``[B, M, 4]``).
+            anchor_valid: ``[B, A]`` bool from :func:`valid_flags` (default: all valid).
+        """
+        boxes, labels, gt_mask = targets.boxes, targets.labels, targets.mask
+        batch, num_gts = gt_mask.shape
+        num_anchors = anchors.shape[0]
+        device = anchors.device
+        if anchor_valid is None:
+            anchor_valid = torch.ones(batch, num_anchors, dtype=torch.bool, device=device)
+        if anchor_valid.shape != (batch, num_anchors):
+            raise PaadetError(f"anchor_valid must be [{batch}, {num_anchors}], got {list(anchor_valid.shape)}")
+        unassigned = torch.full((batch, num_anchors), -1, dtype=torch.long, device=device)
+        if num_gts == 0:
+            gt_inds = torch.where(anchor_valid, 0, unassigned)
+            return AssignResult(gt_inds, torch.full((batch, num_anchors), -1.0, device=device), unassigned.clone())
+
+        # [B, M, A]; padded GTs and invalid anchors at -1, below every real IoU
+        overlaps = pairwise_iou(boxes, anchors[None], self.iou_eps)
+        real = gt_mask[:, :, None] & anchor_valid[:, None, :]
+        overlaps = torch.where(real, overlaps, -1.0)
+        max_overlaps, argmax_overlaps = overlaps.max(dim=1)  # first GT on ties
+        gt_max_overlaps, gt_argmax_overlaps = overlaps.max(dim=2)  # first anchor on ties
+
+        gt_inds = unassigned
+        gt_inds = torch.where((max_overlaps >= 0) & (max_overlaps < self.neg_iou_thr), 0, gt_inds)
+        gt_inds = torch.where(max_overlaps >= self.pos_iou_thr, argmax_overlaps + 1, gt_inds)
+
+        if self.match_low_quality:
+            gt_ok = gt_mask & (gt_max_overlaps >= self.min_pos_iou)  # [B, M]
+            order = torch.arange(1, num_gts + 1, device=device, dtype=torch.int32)  # i + 1
+            if self.gt_max_assign_all:
+                match = (overlaps == gt_max_overlaps[:, :, None]) & gt_ok[:, :, None] & real
+                last = (match.to(torch.int32) * order[None, :, None]).amax(dim=1)  # the last matching GT wins
+            else:
+                last = torch.zeros(batch, num_anchors, dtype=torch.int32, device=device)
+                values = torch.where(gt_ok, order[None, :], 0)
+                last = last.scatter_reduce(1, gt_argmax_overlaps, values, reduce="amax")
+            gt_inds = torch.where(last > 0, last.to(torch.long), gt_inds)
+
+        gt_inds = torch.where(anchor_valid, gt_inds, unassigned)
+        no_gt = ~gt_mask.any(dim=1, keepdim=True)  # images without GT: all valid anchors negative
+        gt_inds = torch.where(no_gt & anchor_valid, 0, gt_inds)
+        max_overlaps = torch.where(anchor_valid & ~no_gt, max_overlaps, -1.0)
+        assigned_labels = labels.gather(1, (gt_inds - 1).clamp(min=0))
+        assigned_labels = torch.where(gt_inds > 0, assigned_labels, -1)
+        return AssignResult(gt_inds, max_overlaps, assigned_labels)

@@ -1,0 +1,160 @@
+"""The settings of a training run: one :class:`TrainConfig`, with mmdetection's PAA R50-FPN 1x recipe as defaults."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import PaadetError
+
+__all__ = ["INIT_MODES", "RESUME_KEYS", "TrainConfig", "TrainingError"]
+
+INIT_MODES = ("checkpoint", "backbone", "scratch")
+"""Where the weights come from: a PAA checkpoint, torchvision's ImageNet ResNet-50, or nothing."""
+
+RESUME_KEYS = (
+    "ann_file", "image_dir", "scale", "flip_prob", "batch_size", "shuffle", "seed", "lr", "momentum",
+    "weight_decay", "lr_steps", "warmup_iters", "warmup_ratio", "bn_train",
+)
+"""The settings a resumed run must share with the run it continues (they change the weights it ends with).
+``epochs`` and ``max_iters`` may grow; the device, workers, validation and progress bar may change."""
+
+
+class TrainingError(PaadetError):
+    """A training run that cannot start or continue (a bad setting, a non-finite loss, a run that does not resume)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the defaults are mmdetection's ``paa_r50_fpn_1x_coco`` recipe.
+
+    Attributes:
+        ann_file: COCO ``instances`` annotation file of the training set.
+        image_dir: the folder its ``file_name`` entries are relative to.
+        output_dir: where ``metrics.jsonl``, the checkpoints and ``metrics.png`` go.
+        init: ``checkpoint`` (a PAA checkpoint in ``init_file``; for another class count ``atss_cls`` is
+            re-initialised), ``backbone`` (torchvision's ImageNet ResNet-50 ``.pth`` in ``init_file``) or
+            ``scratch``. Ignored when resuming.
+        init_file: the file for ``checkpoint`` / ``backbone``.
+        scale: ``(long_max, short_max)`` of the keep-ratio resize.
+        flip_prob: probability of the horizontal flip.
+        batch_size: images per iteration (on this process).
+        shuffle: shuffle each epoch (``False``: the annotation file's order).
+        seed: seed of the order, the flips and the random initialisation.
+        workers: image-loading threads (0: load in the training thread).
+        lr: the lr after warm-up, for ``batch_size`` images per iteration. The recipe's 0.01 is for 16
+            images per iteration (8 GPUs x 2); scale it linearly: 0.00125 x images per iteration.
+        momentum, weight_decay: SGD's, on every trainable parameter.
+        epochs: epochs in all.
+        lr_steps: epochs after which the lr is multiplied by 0.1.
+        warmup_iters, warmup_ratio: linear warm-up from ``warmup_ratio * lr`` over that many iterations.
+        max_iters: stop after this many iterations in all (None: run every epoch).
+        bn_train: train BatchNorm statistics (mmdetection's ``norm_eval=False``; for from-scratch runs).
+            Off: every BatchNorm in eval mode, as in the recipe.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        resume: continue the run in ``output_dir`` from its ``latest.pth``.
+        val_ann, val_images: a validation set (COCO format), evaluated every ``val_interval`` epochs
+            and after the last one; ``best.pth`` is the checkpoint with the best AP.
+        val_interval: epochs between validations.
+        progress: show a progress bar per epoch.
+        threads: torch's intra-op CPU threads (None: torch's default; a resumed run takes the stored one).
+            Bit-identical resumes on the CPU need the same thread count.
+        deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)`` during the run, for
+            repeatable CUDA runs (slower). The CPU needs none of it for bit-identical resumes (its kernels
+            are deterministic for a given thread count), and it slows CPU inference down, so off by default.
+        save_interval_iters: also write ``latest.pth`` every this many iterations (None: only by time).
+        save_interval_s: also write ``latest.pth`` when this many seconds passed since the last write.
+        loader: ``threads`` or ``processes`` (see :func:`paadet.train.data.build_train_loader`).
+    """
+
+    ann_file: str | os.PathLike
+    image_dir: str | os.PathLike
+    output_dir: str | os.PathLike
+    init: str = "checkpoint"
+    init_file: str | os.PathLike | None = None
+    scale: tuple[int, int] = (1333, 800)
+    flip_prob: float = 0.5
+    batch_size: int = 2
+    shuffle: bool = True
+    seed: int = 0
+    workers: int = 2
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 12
+    lr_steps: tuple[int, ...] = (8, 11)
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001
+    max_iters: int | None = None
+    bn_train: bool = False
+    device: str = "cpu"
+    resume: bool = False
+    val_ann: str | os.PathLike | None = None
+    val_images: str | os.PathLike | None = None
+    val_interval: int = 1
+    progress: bool = True
+    threads: int | None = None
+    deterministic: bool = False
+    save_interval_iters: int | None = None
+    save_interval_s: float = 600.0
+    loader: str = "threads"
+
+    def __post_init__(self) -> None:
+        self.scale = tuple(int(v) for v in self.scale)  # type: ignore[assignment]
+        self.lr_steps = tuple(int(v) for v in self.lr_steps)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`TrainingError` (one line) for inconsistent settings."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise TrainingError(message)
+
+        need(self.init in INIT_MODES, f"unknown init {self.init!r}; choose one of {', '.join(INIT_MODES)}")
+        if not self.resume:
+            need(self.init == "scratch" or self.init_file is not None,
+                 f"init {self.init!r} needs a file (--checkpoint FILE or --backbone FILE)")
+        need(len(self.scale) == 2 and min(self.scale) >= 1, f"scale must be two positive sizes, got {self.scale}")
+        need(0.0 <= self.flip_prob <= 1.0, f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(self.lr >= 0 and self.momentum >= 0 and self.weight_decay >= 0,
+             f"lr, momentum and weight_decay must be >= 0, got {self.lr}, {self.momentum}, {self.weight_decay}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(all(s >= 1 for s in self.lr_steps) and list(self.lr_steps) == sorted(self.lr_steps),
+             f"lr_steps must be increasing epochs >= 1, got {','.join(map(str, self.lr_steps))}")
+        need(self.warmup_iters >= 0, f"warmup_iters must be >= 0, got {self.warmup_iters}")
+        need(0.0 <= self.warmup_ratio <= 1.0, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        need(self.max_iters is None or self.max_iters >= 1, f"max_iters must be >= 1, got {self.max_iters}")
+        need((self.val_ann is None) == (self.val_images is None),
+             "validation needs both --val-ann FILE and --val-images DIR")
+        need(self.val_interval >= 1, f"val_interval must be >= 1, got {self.val_interval}")
+        need(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        need(self.save_interval_iters is None or self.save_interval_iters >= 1,
+             f"save_interval_iters must be >= 1, got {self.save_interval_iters}")
+        need(self.save_interval_s > 0, f"save_interval_s must be > 0, got {self.save_interval_s}")
+        need(self.loader in ("threads", "processes"), f"loader must be threads or processes, got {self.loader!r}")
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as plain values (paths absolute, tuples as lists), for checkpoints and logs."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("ann_file", "image_dir", "output_dir", "init_file", "val_ann", "val_images") and value is not None:
+                value = str(Path(value).resolve())
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def resume_mismatches(self, stored: dict[str, Any]) -> list[str]:
+        """``name: stored -> now`` for each of :data:`RESUME_KEYS` that differs from a checkpoint's settings."""
+        now = self.settings()
+        return [f"{key} {stored.get(key)!r} -> {now[key]!r}" for key in RESUME_KEYS if stored.get(key) != now[key]]

@@ -1,0 +1,243 @@
+"""The network a training run starts from: mmdetection's initialisation, a torchvision backbone, or a PAA checkpoint.
+
+mmdetection 3.3 initialises ``paa_r50_fpn_1x_coco`` as follows (mmengine applies a parent's
+``init_cfg`` before its children's, so the last rule listed for a tensor wins):
+
+* head (``ATSSHead`` ``init_cfg``): ``Normal(0, 0.01)`` on every ``Conv2d`` with bias 0, then
+  ``atss_cls`` again ``Normal(0, 0.01)`` with bias ``-log((1 - 0.01) / 0.01)`` (about -4.595). The
+  GroupNorms keep PyTorch's weight 1, bias 0; the ``Scale`` s are 1.0.
+* neck (``FPN`` ``init_cfg``): Xavier uniform (gain 1) on every ``Conv2d``, bias 0.
+* backbone from ImageNet (the recipe): torchvision's ``resnet50`` weights (``fc.*`` unused).
+* backbone from scratch (``ResNet`` with no ``init_cfg``): Kaiming normal (``fan_out``, ReLU) on every
+  ``Conv2d``, BatchNorm weight 1 and bias 0, then ``zero_init_residual``: each bottleneck's ``bn3``
+  weight and bias 0.
+
+All random draws come from one CPU generator seeded by the caller, so a seed gives the same network.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import CheckpointError, key_mismatch_report, load_checkpoint, load_state_dict
+from ..coco import ClassList
+from ..errors import one_line
+from ..model import PAANet
+from ..model.resnet import Bottleneck
+from .config import INIT_MODES
+
+__all__ = [
+    "CLS_PRIOR_PROB",
+    "InitReport",
+    "build_train_model",
+    "cls_bias_init",
+    "init_backbone_from_scratch",
+    "init_cls_branch",
+    "init_head",
+    "init_neck",
+    "load_paa_checkpoint",
+    "load_torchvision_backbone",
+    "trainable_parameters",
+]
+
+CLS_PRIOR_PROB = 0.01
+"""The prior probability mmdetection's ``bias_init_with_prob`` gives ``atss_cls``."""
+
+
+def cls_bias_init(prior_prob: float = CLS_PRIOR_PROB) -> float:
+    """``-log((1 - p) / p)``: the logit whose sigmoid is ``p`` (mmcv's ``bias_init_with_prob``); -4.5951 for 0.01."""
+    return float(-math.log((1 - prior_prob) / prior_prob))
+
+
+def _normal_conv(conv: nn.Conv2d, generator: torch.Generator, std: float = 0.01, bias: float = 0.0) -> None:
+    nn.init.normal_(conv.weight, 0.0, std, generator=generator)
+    if conv.bias is not None:
+        nn.init.constant_(conv.bias, bias)
+
+
+@torch.no_grad()
+def init_cls_branch(net: PAANet, generator: torch.Generator) -> None:
+    """Re-initialise ``bbox_head.atss_cls`` as mmdetection does: weight ``Normal(0, 0.01)``, bias ``-log(99)``."""
+    _normal_conv(net.bbox_head.atss_cls, generator, bias=cls_bias_init())
+
+
+@torch.no_grad()
+def init_head(net: PAANet, generator: torch.Generator) -> None:
+    """ATSSHead's initialisation: every conv ``Normal(0, 0.01)`` with bias 0 (``atss_cls``: bias ``-log(99)``),
+    GroupNorm weight 1 / bias 0, every ``Scale`` 1.0."""
+    head = net.bbox_head
+    for module in head.modules():
+        if isinstance(module, nn.Conv2d):
+            _normal_conv(module, generator)
+        elif isinstance(module, nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for scale in head.scales:
+        scale.scale.fill_(1.0)
+    init_cls_branch(net, generator)
+
+
+@torch.no_grad()
+def init_neck(net: PAANet, generator: torch.Generator) -> None:
+    """FPN's initialisation: Xavier uniform (gain 1) on every conv weight, bias 0."""
+    for module in net.neck.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight, gain=1.0, generator=generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def init_backbone_from_scratch(net: PAANet, generator: torch.Generator) -> None:
+    """mmdetection's default ResNet initialisation (no pretrained weights).
+
+    Kaiming normal (``a=0``, ``fan_out``, ReLU) on every conv, BatchNorm weight 1 / bias 0 and
+    running statistics reset, then each bottleneck's ``bn3`` weight and bias 0 (``zero_init_residual``).
+    """
+    backbone = net.backbone
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, a=0, mode="fan_out", nonlinearity="relu", generator=generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in backbone.modules():
+        if isinstance(module, Bottleneck):
+            nn.init.zeros_(module.bn3.weight)
+            nn.init.zeros_(module.bn3.bias)
+
+
+def load_torchvision_backbone(net: PAANet, path: str | os.PathLike) -> None:
+    """Load torchvision's ImageNet ResNet-50 file (``resnet50-*.pth``) into ``net.backbone``, strictly.
+
+    Its keys are the backbone's (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...); the classifier
+    ``fc.*`` is dropped. A file with a ``backbone.`` prefix on every key (a detector's backbone) is
+    accepted too.
+
+    Raises:
+        CheckpointError: unreadable file, or keys / shapes that do not match a ResNet-50.
+    """
+    state = load_state_dict(path)
+    if all(key.startswith("backbone.") for key in state):
+        state = {key[len("backbone."):]: value for key, value in state.items()}
+    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    report = key_mismatch_report(state, net.backbone.state_dict())
+    if report is not None:
+        raise CheckpointError(f"{path}: not torchvision's ResNet-50 weights (--backbone): {report}")
+    net.backbone.load_state_dict(state, strict=True)
+
+
+def load_paa_checkpoint(net: PAANet, path: str | os.PathLike) -> tuple[int, tuple[str, ...] | None]:
+    """Load a PAA checkpoint into ``net``; ``atss_cls`` is skipped when the class counts differ.
+
+    Returns:
+        The checkpoint's number of classes (``net.num_classes`` when they agree; when it differs,
+        ``atss_cls`` keeps the weights ``net`` already has and the caller initialises them), and the
+        class names of its ``meta.dataset_meta`` (COCO's for an 80-class file without any; None when
+        it names none).
+
+    Raises:
+        CheckpointError: unreadable file, or keys / shapes that do not match a PAA R50-FPN (other
+            than ``atss_cls``'s class count).
+    """
+    checkpoint = load_checkpoint(path)
+    state = checkpoint.state_dict
+    expected = net.state_dict()
+    cls_key = "bbox_head.atss_cls.weight"
+    if cls_key not in state:
+        report = key_mismatch_report(state, expected)
+        raise CheckpointError(f"{path}: not a PAA checkpoint (--checkpoint): {report}")
+    ckpt_classes = int(state[cls_key].shape[0])
+    if ckpt_classes != net.num_classes:
+        state = {k: v for k, v in state.items() if not k.startswith("bbox_head.atss_cls.")}
+        expected = {k: v for k, v in expected.items() if not k.startswith("bbox_head.atss_cls.")}
+    report = key_mismatch_report(state, expected)
+    if report is not None:
+        raise CheckpointError(f"{path}: checkpoint does not match PAA R50-FPN (--checkpoint): {report}")
+    try:
+        net.load_state_dict(state, strict=ckpt_classes == net.num_classes)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: cannot load into PAANet: {one_line(exc)}") from exc
+    try:
+        names = ClassList.from_meta(checkpoint.meta, ckpt_classes).names
+    except (TypeError, ValueError):
+        names = None
+    return ckpt_classes, names
+
+
+@dataclass
+class InitReport:
+    """How the network was initialised: ``mode`` (checkpoint / backbone / scratch), the file, and a
+    note for the log (e.g. that ``atss_cls`` was re-initialised for another class count)."""
+
+    mode: str
+    source: str | None
+    note: str | None = None
+
+
+def build_train_model(
+    num_classes: int,
+    mode: str,
+    path: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    frozen_stages: int = 1,
+    norm_eval: bool = True,
+    class_names: tuple[str, ...] | None = None,
+) -> tuple[PAANet, InitReport]:
+    """A trainable :class:`PAANet` initialised as a training run starts.
+
+    Args:
+        num_classes: classes of the dataset.
+        mode: ``checkpoint`` (a PAA checkpoint at ``path``; ``atss_cls`` re-initialised when its class
+            count differs), ``backbone`` (torchvision's ResNet-50 at ``path``, the rest initialised as
+            mmdetection does) or ``scratch`` (everything initialised as mmdetection does).
+        path: the file for ``checkpoint`` / ``backbone``.
+        seed: seed of the generator every random initialisation draws from.
+        frozen_stages, norm_eval: see :class:`PAANet`.
+        class_names: the dataset's classes; when a checkpoint has as many under other names, the
+            report's note says so (its classifier is kept, as mmdetection's ``load_from`` keeps it).
+
+    Raises:
+        ValueError: unknown ``mode`` or a missing ``path``.
+        CheckpointError: the file cannot be used.
+    """
+    if mode not in INIT_MODES:
+        raise ValueError(f"unknown initialisation {mode!r}; choose one of {', '.join(INIT_MODES)}")
+    if mode != "scratch" and path is None:
+        raise ValueError(f"initialisation {mode!r} needs a file")
+    generator = torch.Generator().manual_seed(seed)
+    net = PAANet(num_classes=num_classes, trainable=True, frozen_stages=frozen_stages, norm_eval=norm_eval)
+    note = None
+    if mode == "checkpoint":
+        ckpt_classes, stored = load_paa_checkpoint(net, path)
+        if ckpt_classes != num_classes:
+            init_cls_branch(net, generator)
+            note = (f"{Path(path).name} has {ckpt_classes} classes, the dataset {num_classes}: bbox_head.atss_cls "
+                    f"re-initialised (Normal(0, 0.01), bias {cls_bias_init():.3f}); every other weight loaded")
+        elif class_names is not None and stored is not None and tuple(stored) != tuple(class_names):
+            renamed = [f"{a!r} -> {b!r}" for a, b in zip(stored, class_names) if a != b]
+            note = (f"{Path(path).name} has {ckpt_classes} classes like the dataset, under other names "
+                    f"({', '.join(renamed[:3])}{', ...' if len(renamed) > 3 else ''}): its classifier is kept, "
+                    f"label i now means the dataset's i-th category")
+    else:
+        if mode == "backbone":
+            load_torchvision_backbone(net, path)
+        else:
+            init_backbone_from_scratch(net, generator)
+        init_neck(net, generator)
+        init_head(net, generator)
+    return net, InitReport(mode=mode, source=None if path is None else str(path), note=note)
+
+
+def trainable_parameters(net: nn.Module) -> list[Tensor]:
+    """The parameters that take gradients (the frozen stages excluded), in ``named_parameters`` order."""
+    return [p for p in net.parameters() if p.requires_grad]

@@ -1,0 +1,162 @@
+"""paadet's training data path and PAA losses against mmdetection 3.3 (tests/golden/mmdet_train_golden.json).
+
+The golden file comes from ``tools/make_train_golden.py`` (mmdetection's own PAA config, loader, data
+preprocessor and ``model.loss`` on the CPU) on the fixture of ``paadet.testing.write_train_fixture``
+with the seeded weights of ``paadet.testing.train_state_dict``; both are regenerated here. Checked:
+which images are kept and skipped, the parsed boxes and labels in the network frame with the image
+geometry, and per batch loss_cls / loss_bbox / loss_iou (relative 1e-4) and the positives per image
+after PAA's reassignment (equal). The runs at the small Resize scale (400, 256) are replayed in full;
+of the run at the config's own scale (1333, 800) the boxes of every image are checked and the losses
+of ``FULL_SCALE_LOSS_IMAGES`` (two images, to keep the network's CPU time down).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from paadet.model import PAANet
+from paadet.testing import (
+    TRAIN_FIXTURE_CATEGORIES, TRAIN_GOLDEN_WEIGHTS, train_fixture_annotations, train_state_dict, write_train_fixture,
+)
+from paadet.train.data import CocoTrainDataset, collate_train
+from paadet.train.loss import PAALoss
+
+GOLDEN = Path(__file__).parent / "golden" / "mmdet_train_golden.json"
+FULL_SCALE_LOSS_IMAGES = ("sub/img_f.png", "img_h.png")
+LOSS_KEYS = ("loss_cls", "loss_bbox", "loss_iou")
+
+golden = json.loads(GOLDEN.read_text())
+RUNS = {run["name"]: run for run in golden["runs"]}
+
+
+@pytest.fixture(scope="module")
+def fixture_files(tmp_path_factory) -> tuple[str, str]:
+    return write_train_fixture(tmp_path_factory.mktemp("train_fixture"), seed=golden["fixture"]["seed"])
+
+
+@pytest.fixture(scope="module")
+def datasets(fixture_files):
+    cache: dict[tuple[int, int], CocoTrainDataset] = {}
+
+    def get(scale) -> CocoTrainDataset:
+        key = tuple(scale)
+        if key not in cache:
+            cache[key] = CocoTrainDataset(*fixture_files, scale=key, flip_prob=0.0)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache: dict[str, PAANet] = {}
+
+    def get(weights: str) -> PAANet:
+        if weights not in cache:
+            seed, cls_bias = TRAIN_GOLDEN_WEIGHTS[weights]
+            model = PAANet(num_classes=len(TRAIN_FIXTURE_CATEGORIES))
+            model.load_state_dict(train_state_dict(seed, cls_bias=cls_bias, num_classes=len(TRAIN_FIXTURE_CATEGORIES)))
+            cache[weights] = model.eval()
+        return cache[weights]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def losses(datasets, models):
+    """paadet's LossOutput for (weights, scale, file names of one batch), computed once per batch."""
+    cache: dict[tuple, object] = {}
+    loss_fn = PAALoss()
+
+    def get(weights: str, scale, file_names: list[str]):
+        key = (weights, tuple(scale), tuple(file_names))
+        if key not in cache:
+            dataset = datasets(scale)
+            index = {name: i for i, name in enumerate(dataset.file_names)}
+            batch = collate_train([dataset[index[name]] for name in file_names])
+            assert batch.file_names == list(file_names) and not batch.skipped
+            with torch.no_grad():
+                cls, deltas, iou = models(weights)(batch.images)
+                cache[key] = (batch, loss_fn(cls, deltas, iou, batch.gt_boxes, batch.gt_labels, batch.pad_shapes))
+        return cache[key]
+
+    return get
+
+
+def test_golden_matches_the_fixture_and_weights():
+    assert golden["fixture"]["classes"] == [name for _, name in TRAIN_FIXTURE_CATEGORIES]
+    assert golden["fixture"]["category_ids"] == [cid for cid, _ in TRAIN_FIXTURE_CATEGORIES]
+    assert {k: (v["seed"], v["cls_bias"]) for k, v in golden["weights"].items()} == TRAIN_GOLDEN_WEIGHTS
+    annotated = [im["file_name"] for im in train_fixture_annotations(golden["fixture"]["seed"])["images"]]
+    assert golden["annotated_images"] == annotated
+    assert golden["skipped_images"] == ["img_d.png", "img_e.png"]  # no annotations; under 32 px
+    assert golden["kept_images"] == [name for name in annotated if name not in golden["skipped_images"]]
+
+
+def test_fixture_is_the_one_mmdetection_saw(fixture_files):
+    """Same annotations and decoded pixels as when the golden file was made (else regenerate it)."""
+    _, image_dir = fixture_files
+    annotations = json.dumps(train_fixture_annotations(golden["fixture"]["seed"]), sort_keys=True).encode()
+    assert hashlib.sha256(annotations).hexdigest() == golden["fixture"]["annotations_sha256"]
+    for name, digest in golden["fixture"]["pixels_sha256"].items():
+        pixels = np.ascontiguousarray(cv2.imread(os.path.join(image_dir, name), cv2.IMREAD_COLOR))
+        assert hashlib.sha256(pixels.tobytes()).hexdigest() == digest, name
+
+
+def test_kept_and_skipped_images(datasets):
+    dataset = datasets(golden["runs"][0]["scale"])
+    assert dataset.file_names == golden["kept_images"]
+    assert [name for name, _ in dataset.dropped] == golden["skipped_images"]
+    assert list(dataset.classes) == golden["fixture"]["classes"]
+    assert list(dataset.category_ids) == golden["fixture"]["category_ids"]
+
+
+@pytest.mark.parametrize("run_name", [name for name, run in RUNS.items() if run["batch_size"] == 1])
+def test_parsed_boxes_and_geometry(datasets, run_name):
+    run = RUNS[run_name]
+    dataset = datasets(run["scale"])
+    for batch in run["batches"]:
+        (ref,) = batch["images"]
+        sample = dataset[dataset.file_names.index(ref["file_name"])]
+        assert sample.file_name == ref["file_name"]
+        assert list(sample.img_shape) == ref["img_shape"]
+        assert list(sample.ori_shape) == ref["ori_shape"]
+        assert list(sample.scale_factor) == pytest.approx(ref["scale_factor"], rel=1e-6)
+        assert collate_train([sample]).pad_shapes == [tuple(ref["pad_shape"])]
+        assert sample.flipped is False
+        assert sample.labels.tolist() == ref["gt_labels"], ref["file_name"]
+        expected = torch.tensor(ref["gt_boxes"], dtype=torch.float64).reshape(-1, 4)
+        torch.testing.assert_close(sample.boxes.double(), expected, rtol=0, atol=1e-4, msg=ref["file_name"])
+
+
+def _check_losses(out, ref: dict) -> None:
+    for key in LOSS_KEYS:
+        ours = float(getattr(out, key))
+        assert ours == pytest.approx(ref[key], rel=1e-4, abs=1e-7), f"{ref['file_names']} {key}: {ours} vs {ref[key]}"
+    assert out.num_pos.tolist() == [im["num_pos"] for im in ref["images"]], ref["file_names"]
+
+
+@pytest.mark.parametrize("run_name", [name for name, run in RUNS.items() if tuple(run["scale"]) != (1333, 800)])
+def test_losses_small_scale(losses, run_name):
+    run = RUNS[run_name]
+    for ref in run["batches"]:
+        batch, out = losses(run["weights"], run["scale"], ref["file_names"])
+        assert batch.pad_shapes == [tuple(im["pad_shape"]) for im in ref["images"]]
+        assert list(batch.batch_input_shape) == ref["batch_input_shape"]
+        _check_losses(out, ref)
+
+
+def test_losses_full_scale(losses):
+    (run,) = [run for run in RUNS.values() if tuple(run["scale"]) == (1333, 800)]
+    refs = [ref for ref in run["batches"] if ref["file_names"][0] in FULL_SCALE_LOSS_IMAGES]
+    assert len(refs) == len(FULL_SCALE_LOSS_IMAGES)
+    for ref in refs:
+        _, out = losses(run["weights"], run["scale"], ref["file_names"])
+        _check_losses(out, ref)
