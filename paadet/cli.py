@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "bench": "measure throughput and latency (engine and end to end)",
     "batch": "detect on many images with a pool of Ray workers (resumable)",
     "train": "train or fine-tune PAA on a COCO-format dataset",
+    "serve": "serve detections over HTTP (dynamic batching, limits, a web page)",
 }
 """Every sub-command and its one-line help (the module ``paadet.commands.<name>`` implements it)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data.coco import DatasetError
+from ..data.coco import DatasetError, layout_paths, resolve_layout
 from ..errors import PaadetError
 from ..fileio import check_output_dir
 from .common import nonnegative_float, nonnegative_int, positive_int, probability
@@ -29,8 +29,8 @@ The output folder gets metrics.jsonl (a row per iteration), epoch_N.pth, latest.
 killed run restarts from its last latest.pth, written every 10 minutes and at each epoch's end).
 """
 
-TRAIN_ANNOTATIONS = Path("annotations", "instances_train2017.json")
-TRAIN_IMAGE_DIRS = (Path("images", "train2017"), Path("train2017"))
+TRAIN_SPLIT = "train2017"
+TRAIN_ANNOTATIONS, _ = layout_paths(TRAIN_SPLIT)
 
 
 def scale_pair(text: str) -> tuple[int, int]:
@@ -114,16 +114,7 @@ def train_files(data: str | None, ann: str | None, images: str | None) -> tuple[
     if data is not None:
         if ann is not None or images is not None:
             raise DatasetError("give the dataset as --data ROOT or as --ann FILE --images DIR, not both")
-        root = Path(data)
-        if not root.is_dir():
-            raise DatasetError(f"{root}: dataset folder not found")
-        ann_file = root / TRAIN_ANNOTATIONS
-        if not ann_file.is_file():
-            raise DatasetError(f"{ann_file}: annotation file not found (expected ROOT/{TRAIN_ANNOTATIONS.as_posix()})")
-        for candidate in TRAIN_IMAGE_DIRS:
-            if (root / candidate).is_dir():
-                return ann_file, root / candidate
-        raise DatasetError(f"{' or '.join(str(root / c) for c in TRAIN_IMAGE_DIRS)}: image folder not found")
+        return resolve_layout(data, TRAIN_SPLIT)
     if ann is None:
         raise DatasetError("no dataset: give --data ROOT, or --ann FILE --images DIR")
     if images is None:

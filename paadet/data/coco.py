@@ -36,10 +36,7 @@ from ..preprocess import Preset
 from .images import ImageSource
 
 VAL2017_ANNOTATIONS = Path("annotations", "instances_val2017.json")
-"""The annotation file under a ``--data`` root."""
-
-VAL2017_IMAGE_DIRS = (Path("images", "val2017"), Path("val2017"))
-"""Where the images may be under a ``--data`` root, tried in this order."""
+"""The annotation file under an evaluation ``--data`` root (see :func:`layout_paths`)."""
 
 LOADERS = ("threads", "processes")
 """How :func:`iter_images` runs its workers."""
@@ -57,22 +54,29 @@ def _listed(values: Sequence[Any]) -> str:
     return head + (f" and {len(values) - _MAX_LISTED} more" if len(values) > _MAX_LISTED else "")
 
 
-def resolve_layout(root: str | os.PathLike) -> tuple[Path, Path]:
-    """The annotation file and image folder of a dataset root in the seed's layout.
+def layout_paths(split: str = "val2017") -> tuple[Path, tuple[Path, ...]]:
+    """The annotation file and the candidate image folders of a split, relative to a dataset root."""
+    return Path("annotations", f"instances_{split}.json"), (Path("images", split), Path(split))
+
+
+def resolve_layout(root: str | os.PathLike, split: str = "val2017") -> tuple[Path, Path]:
+    """The annotation file and image folder of a dataset root in the seed's layout, for ``split``
+    (``ROOT/annotations/instances_SPLIT.json``, images in ``ROOT/images/SPLIT/`` or ``ROOT/SPLIT/``).
 
     Raises:
         DatasetError: the root, its annotation file or both candidate image folders are missing.
     """
     root = Path(root)
+    annotations, image_dirs = layout_paths(split)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
-    ann_file = root / VAL2017_ANNOTATIONS
+    ann_file = root / annotations
     if not ann_file.is_file():
-        raise DatasetError(f"{ann_file}: annotation file not found (expected the layout ROOT/{VAL2017_ANNOTATIONS.as_posix()})")
-    for candidate in VAL2017_IMAGE_DIRS:
+        raise DatasetError(f"{ann_file}: annotation file not found (expected the layout ROOT/{annotations.as_posix()})")
+    for candidate in image_dirs:
         if (root / candidate).is_dir():
             return ann_file, root / candidate
-    tried = " or ".join(str(root / c) for c in VAL2017_IMAGE_DIRS)
+    tried = " or ".join(str(root / c) for c in image_dirs)
     raise DatasetError(f"{tried}: image folder not found")
 
 
