@@ -300,21 +300,6 @@ def build_backend(
     return TorchBackend(net, **options), weights, timing_only
 
 
-def graph_info(model: str | os.PathLike):
-    """The :class:`~paadet.export.metadata.ExportInfo` of a ``paadet export`` graph, read without running it."""
-    import onnx
-
-    from .export.metadata import ExportFormatError, ExportInfo
-
-    if not Path(model).is_file():
-        raise ExportFormatError(f"{model}: ONNX model file not found")
-    try:
-        proto = onnx.load(os.fspath(model), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and others for a file that is not a model
-        raise ExportFormatError(f"{model}: cannot be read as an ONNX model ({type(exc).__name__})") from exc
-    return ExportInfo.from_metadata({p.key: p.value for p in proto.metadata_props}, os.fspath(model))
-
-
 def resolve_weights(checkpoint: str | None) -> tuple[PAANet, str, bool]:
     """The network to time, a description of its weights, and whether they are random ("timing only").
 
@@ -503,7 +488,9 @@ def run_benchmark(
         ValueError: a bad option (one line).
     """
     if model is not None and backend != "torch" and (preset is None or batch_size is None):
-        graph = graph_info(model)
+        from .export.metadata import read_export_info
+
+        graph = read_export_info(model)
         preset = preset if preset is not None else graph.preset
         batch_size = batch_size if batch_size is not None else graph.batch
     settings = resolve_settings(backend, device, batch_size, warmup, iters, preset if preset is not None else "800",

@@ -5,7 +5,6 @@ import argparse
 
 from typing import TYPE_CHECKING
 
-from ..coco import COCO_CLASSES, ClassList
 from ..preprocess import PRESETS, Preset, get_preset
 
 if TYPE_CHECKING:
@@ -95,27 +94,6 @@ def build_detector(
                          f"{ort_backend.fixed_batch}; use --batch-size {ort_backend.fixed_batch} or less, "
                          "or re-export with `paadet export --dynamic-batch`")
     return Detector(ort_backend, batch_size=batch_size or ort_backend.fixed_batch or default_batch, workers=workers)
-
-
-def model_classes(backend: str = "torch", checkpoint: str | None = None, model: str | None = None) -> ClassList:
-    """The classes the model of these options predicts, read without building it (for start-up checks).
-
-    The official checkpoint (``checkpoint`` None) is COCO's 80; a checkpoint file's come from its meta, an
-    ONNX graph's from its metadata. A file that cannot be read is left for the detector to report.
-    """
-    from ..checkpoint import CheckpointError, load_checkpoint
-    from ..errors import PaadetError
-
-    try:
-        if backend == "torch" and checkpoint is not None:
-            return load_checkpoint(checkpoint).classes
-        if backend == "onnxruntime" and model is not None:
-            from ..bench import graph_info
-
-            return graph_info(model).classes
-    except (CheckpointError, PaadetError):
-        pass
-    return COCO_CLASSES
 
 
 def detector_from_args(args: argparse.Namespace) -> Detector:

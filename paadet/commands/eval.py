@@ -8,7 +8,8 @@ from pathlib import Path
 from ..data.coco import LOADERS, VAL2017_ANNOTATIONS, CocoDataset, DatasetError, resolve_layout
 from ..evaluate import METRICS_NAME, CocoMetrics, EvalReport, evaluate_detector, evaluate_results_file, format_metrics
 from ..fileio import atomic_write_json, check_output_dir
-from .common import add_model_options, build_detector, model_classes, positive_int
+from ..runtime.classes import model_classes
+from .common import add_model_options, build_detector, positive_int
 
 DESCRIPTION = """\
 Evaluate the detector on a COCO-format dataset (such as COCO val2017) with pycocotools,

@@ -223,11 +223,11 @@ def merge_coco(output_dir: str | os.PathLike, sources: list[ImageSource],
                category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """The COCO results entries ``paadet predict`` writes for ``sources``, from an output folder.
 
-    Image ids follow :func:`paadet.commands.predict.image_ids` over ``sources``; inputs without results
+    Image ids follow :func:`paadet.results.image_ids` over ``sources``; inputs without results
     (unreadable, or not done yet) contribute nothing, as in ``predict``. ``category_ids``: the model's
     (default COCO's 80).
     """
-    from ..commands.predict import coco_entries
+    from ..results import coco_entries
 
     wanted = {input_key(s): i for i, s in enumerate(sources)}
     results: dict[int, ImageResult] = {}

@@ -335,7 +335,7 @@ def run_batch(
                     error_lines.append(json.dumps(error) + "\n")
         atomic_write_text(folder.root / ERRORS_FILE, "".join(error_lines))
         if coco_output is not None:
-            from ..commands.common import model_classes
+            from ..runtime.classes import model_classes
 
             classes = model_classes(spec.backend, spec.checkpoint, spec.model)
             atomic_write_json(coco_output, merge_coco(folder.root, sources, classes.category_ids))

@@ -8,7 +8,9 @@ individual keys (``paadet_graph``, ``paadet_preset``...) are written too, for Ne
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..coco import COCO_CLASSES, ClassList
 from ..errors import PaadetError
@@ -113,3 +115,20 @@ def same_preset(a: Preset, b: Preset) -> bool:
     """Whether two presets size images identically (names aside)."""
     return (tuple(a.scale), a.size_divisor, a.fixed_size and tuple(a.fixed_size)) == (
         tuple(b.scale), b.size_divisor, b.fixed_size and tuple(b.fixed_size))
+
+
+def read_export_info(path: str | os.PathLike) -> ExportInfo:
+    """The :class:`ExportInfo` of a ``paadet export`` graph file, read without running it.
+
+    Raises:
+        ExportFormatError: a missing file, one that is not an ONNX model, or not a paadet export.
+    """
+    import onnx
+
+    if not Path(path).is_file():
+        raise ExportFormatError(f"{path}: ONNX model file not found")
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for a file that is not a model
+        raise ExportFormatError(f"{path}: cannot be read as an ONNX model ({type(exc).__name__})") from exc
+    return ExportInfo.from_metadata({p.key: p.value for p in proto.metadata_props}, os.fspath(path))
