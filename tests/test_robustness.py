@@ -1,7 +1,6 @@
 """Bad input and interruptions, as a new user meets them: nothing lost, nothing overwritten, errors early."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
