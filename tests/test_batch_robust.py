@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import ray
 import torch
 
 from paadet import cli
@@ -20,8 +21,6 @@ from paadet.commands import batch as _batch_command  # noqa: F401 - imported up 
 from paadet.distributed import BatchError, ModelSpec, OutputFolder, expand_inputs, read_path_list, read_results, run_batch
 from paadet.preprocess import Preset
 from paadet.testing import seeded_state_dict, synthetic_image
-
-ray = pytest.importorskip("ray")
 
 TINY = Preset("tiny", (128, 128), size_divisor=None, fixed_size=(128, 128))
 SIZES = [(100, 140), (128, 96), (90, 200), (150, 150), (64, 120), (200, 130)]

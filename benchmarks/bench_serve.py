@@ -1,0 +1,194 @@
+"""Load-test ``paadet serve`` against offline ``paadet predict`` on the same images, in one run.
+
+1. offline: a :class:`Detector` (same backend, preset, batch size) over the images, images/s;
+2. a ``paadet serve`` process on a free port of 127.0.0.1; a bounded asyncio ``httpx`` load at each
+   concurrency (default 1, 4, 16) for ``--duration`` s: requests/s, p50/p90/p99 latency, batch sizes seen;
+3. an overload: twice the concurrency the queue admits (``2 * (max_queue + max_batch)`` clients) for
+   ``--overload-duration`` s: statuses (only 200 and 503 are acceptable), the server's resident memory
+   before, at steady state and after.
+
+Example (seeded weights, small images, a quick run)::
+
+    python benchmarks/bench_serve.py --duration 10 --overload-duration 30 --output serve_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def make_images(folder: Path, count: int, height: int, width: int) -> list[Path]:
+    from paadet.testing import synthetic_image
+
+    paths = []
+    for i in range(count):
+        path = folder / f"img_{i}.png"
+        cv2.imwrite(str(path), synthetic_image(height, width, seed=i))
+        paths.append(path)
+    return paths
+
+
+def offline(checkpoint: str, preset: str, batch: int, paths: list[Path], seconds: float) -> dict:
+    """``paadet predict``'s path (decode + resize threads, batches by padded shape) for about ``seconds``."""
+    from paadet.detector import Detector, iter_loaded
+
+    det = Detector.from_checkpoint(checkpoint, preset=preset, batch_size=batch, workers=2)
+    for _ in det.run(iter_loaded(paths[:1], det.preset, 0)):  # warm-up
+        pass
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for _item, _result in det.run(iter_loaded(paths, det.preset, det.workers)):
+            done += 1
+    elapsed = time.perf_counter() - started
+    return {"images": done, "seconds": round(elapsed, 2), "images_per_s": round(done / elapsed, 3)}
+
+
+async def load(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    statuses: collections.Counter = collections.Counter()
+    batches: collections.Counter = collections.Counter()
+    deadline = time.perf_counter() + seconds
+
+    async def client_loop(client, k: int) -> None:
+        i = k
+        while time.perf_counter() < deadline:
+            body = bodies[i % len(bodies)]
+            i += concurrency
+            start = time.perf_counter()
+            try:
+                r = await client.post(url + "/v1/detect", content=body)
+                statuses[r.status_code] += 1
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                    batches[int(r.headers.get("x-batch-size", 0))] += 1
+                elif r.status_code == 503:
+                    await asyncio.sleep(float(r.headers.get("retry-after", 1)) * 0.1)  # a polite but eager client
+            except httpx.HTTPError as exc:
+                statuses[type(exc).__name__] += 1
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        await asyncio.gather(*(client_loop(client, k) for k in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    lat = np.array(latencies) * 1000.0 if latencies else np.array([np.nan])
+    return {
+        "concurrency": concurrency, "seconds": round(elapsed, 2), "ok": statuses.get(200, 0),
+        "images_per_s": round(statuses.get(200, 0) / elapsed, 3),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1), "p90_ms": round(float(np.percentile(lat, 90)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)},
+        "batch_sizes": {str(k): v for k, v in sorted(batches.items())},
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=None, help="weights (default: seeded test weights)")
+    p.add_argument("--preset", default="mmdet")
+    p.add_argument("--images", type=int, default=8, help="generated images")
+    p.add_argument("--size", default="40x480", help="generated image size HxW (default 40x480)")
+    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--max-queue", type=int, default=16)
+    p.add_argument("--max-wait-ms", type=float, default=10)
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--duration", type=float, default=20, help="seconds per concurrency level")
+    p.add_argument("--overload-duration", type=float, default=30)
+    p.add_argument("--output", default=None, help="write the figures as JSON here")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            import torch
+
+            from paadet.testing import seeded_state_dict
+
+            checkpoint = str(tmp_path / "seeded.pth")
+            torch.save({"meta": {}, "state_dict": seeded_state_dict(2, cls_bias=-10.3)}, checkpoint)
+        h, w = (int(v) for v in args.size.split("x"))
+        paths = make_images(tmp_path, args.images, h, w)
+        bodies = [p.read_bytes() for p in paths]
+        report: dict = {"settings": {k: v for k, v in vars(args).items() if k != "output"}}
+        report["offline"] = offline(checkpoint, args.preset, args.max_batch, paths, args.duration)
+        print("offline predict:", report["offline"], flush=True)
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([sys.executable, "-m", "paadet", "serve", "--checkpoint", checkpoint, "--preset", args.preset,
+                                 "--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
+                                 "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"])
+        try:
+            import httpx
+
+            deadline = time.monotonic() + 180
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"server exited with {proc.returncode}")
+                try:
+                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("server not ready in 180 s")
+                time.sleep(0.25)
+            report["rss_mib_ready"] = round(rss_mib(proc.pid), 1)
+            report["levels"] = []
+            for c in (int(v) for v in args.concurrency.split(",")):
+                level = asyncio.run(load(url, bodies, c, args.duration))
+                level["vs_offline"] = round(level["images_per_s"] / report["offline"]["images_per_s"], 3)
+                report["levels"].append(level)
+                print("serve:", level, flush=True)
+            report["rss_mib_steady"] = round(rss_mib(proc.pid), 1)
+            over_c = 2 * (args.max_queue + args.max_batch)
+            over = asyncio.run(load(url, bodies, over_c, args.overload_duration))
+            over["rss_mib_after"] = round(rss_mib(proc.pid), 1)
+            over["rss_vs_steady"] = round(over["rss_mib_after"] / report["rss_mib_steady"], 3)
+            over["only_200_and_503"] = set(over["statuses"]) <= {"200", "503"}
+            report["overload"] = over
+            print("overload:", over, flush=True)
+            report["server_alive_after"] = httpx.get(url + "/healthz", timeout=10).status_code == 200
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                report["exit_code"] = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                report["exit_code"] = "killed"
+    print(json.dumps(report, indent=1))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
