@@ -34,7 +34,8 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from . import __version__
-from .data.coco import CocoDataset, DatasetError, ImageEntry, is_coco_id, is_number, coco_from_dict, iter_images, load_coco, read_json
+from .data.coco import CocoDataset, DatasetError, ImageEntry, is_coco_id, is_number, coco_from_dict, load_coco, read_json
+from .data.loading import iter_images
 from .detector import Detector
 from .errors import PaadetError
 from .fileio import atomic_write_json
@@ -504,7 +505,7 @@ def evaluate_detector(
         resume: continue ``output_dir``'s journal (same settings required), computing only the
             images it lacks (and retrying those it recorded as missing or unreadable).
         weights: identity of the weights (e.g. sha256) for the journal's settings.
-        loader: ``threads`` or ``processes`` (see :func:`paadet.data.coco.iter_images`).
+        loader: ``threads`` or ``processes`` (see :func:`paadet.data.loading.iter_images`).
         workers: decode/resize workers (default: the detector's).
         progress: show a progress bar (stderr).
         log: where warnings go.

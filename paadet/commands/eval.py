@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data.coco import LOADERS, VAL2017_ANNOTATIONS, CocoDataset, DatasetError, resolve_layout
-from ..evaluate import METRICS_NAME, CocoMetrics, EvalReport, evaluate_detector, evaluate_results_file, format_metrics
 from ..fileio import atomic_write_json, check_output_dir
-from ..runtime.classes import model_classes
 from .common import add_model_options, build_detector, positive_int
+
+if TYPE_CHECKING:
+    from ..evaluate import CocoMetrics, EvalReport
 
 DESCRIPTION = """\
 Evaluate the detector on a COCO-format dataset (such as COCO val2017) with pycocotools,
@@ -61,6 +63,8 @@ def dataset_files(data: str | None, ann: str | None, images: str | None, need_im
 
 
 def _print_metrics(metrics: CocoMetrics) -> None:
+    from ..evaluate import format_metrics
+
     print(format_metrics(metrics))
 
 
@@ -68,6 +72,8 @@ def run_results(results: str, ann_file: Path, limit: int | None, per_class: bool
     """Score a results file; print the table; write ``metrics.json`` when ``output_dir`` is given."""
     if output_dir is not None:
         check_output_dir(output_dir, "--output-dir", inputs=[results, ann_file])
+    from ..evaluate import METRICS_NAME, evaluate_results_file
+
     metrics = evaluate_results_file(results, ann_file, limit=limit, per_class=per_class)
     _print_metrics(metrics)
     print(f"images: {metrics.num_images} evaluated; {metrics.num_detections} detections from {results}")
@@ -102,7 +108,9 @@ def run_model(
 ) -> EvalReport:
     """Load the dataset, build the detector, evaluate; print warnings, the table and the summary."""
     from ..checkpoint import sha256_file
+    from ..evaluate import METRICS_NAME, evaluate_detector
     from ..hub import resolve_checkpoint
+    from ..runtime.classes import model_classes
 
     if output_dir is not None:
         check_output_dir(output_dir, "--output-dir", inputs=[ann_file])

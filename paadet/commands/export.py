@@ -50,9 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.output, "--output", inputs=[args.checkpoint] if args.checkpoint else [])
     from ..export import export_onnx
 
-    check_output_file(args.output, "--output", inputs=[args.checkpoint] if args.checkpoint else [])
     report = export_onnx(
         args.checkpoint, args.output, preset=args.preset, batch_size=args.batch_size,
         dynamic_batch=args.dynamic_batch, fp16=args.fp16, raw=args.raw, opset=args.opset,

@@ -10,9 +10,8 @@ A dataset is an annotation file in COCO's ``instances`` format plus a folder of 
 
 Every problem with the files is a :class:`DatasetError` whose one-line message names the file.
 
-Images are decoded and resized ahead of the network by :func:`iter_images`, in worker threads
-(the default, fastest here: OpenCV releases the GIL while decoding and resizing, and nothing is
-pickled) or in the worker processes of a ``torch.utils.data.DataLoader``.
+Images are decoded and resized ahead of the network by :func:`paadet.data.loading.iter_images`.
+This module imports no torch, so the commands check their datasets at once.
 """
 from __future__ import annotations
 
@@ -21,16 +20,14 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch.utils.data
 from pycocotools.coco import COCO
 
 from ..coco import COCO_CLASSES, ClassList
-from ..detector import LoadedImage, iter_loaded, load_one
 from ..errors import PaadetError
 from ..preprocess import Preset
 from .images import ImageSource
@@ -339,50 +336,3 @@ class CocoDataset:
         counts = Counter(a["image_id"] for a in self.coco.dataset["annotations"])
         boxes = sum(counts[i] for i in self.image_ids)
         return f"{len(self.images)} images, {boxes} boxes, {len(self.coco.cats)} categories"
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Decode + resize as a map-style dataset, for a ``DataLoader`` with worker processes."""
-
-    def __init__(self, sources: Sequence[ImageSource], preset: Preset) -> None:
-        self.sources = list(sources)
-        self.preset = preset
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, index: int) -> LoadedImage:
-        return load_one(index, self.sources[index], self.preset)
-
-
-def _identity(item: LoadedImage) -> LoadedImage:
-    return item
-
-
-def iter_images(
-    sources: Sequence[ImageSource],
-    preset: Preset,
-    workers: int = 2,
-    loader: Literal["threads", "processes"] = "threads",
-    prefetch: int = 16,
-) -> Iterator[LoadedImage]:
-    """Decode and resize ``sources`` ahead of the network, yielding :class:`LoadedImage` in order.
-
-    Args:
-        sources: the images.
-        preset: the resize preset.
-        workers: parallel workers (0: decode in the calling thread).
-        loader: ``threads`` (:func:`paadet.detector.iter_loaded`) or ``processes`` (a
-            ``torch.utils.data.DataLoader`` over :class:`ImageDataset`).
-        prefetch: images decoded ahead (threads), or per worker ``prefetch // workers`` (processes).
-    """
-    if loader not in LOADERS:
-        raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
-    if loader == "threads" or workers <= 0:
-        yield from iter_loaded(sources, preset, workers=workers, prefetch=prefetch)
-        return
-    data_loader = torch.utils.data.DataLoader(
-        ImageDataset(sources, preset), batch_size=None, shuffle=False, num_workers=workers,
-        collate_fn=_identity, prefetch_factor=max(1, prefetch // workers), persistent_workers=False,
-    )
-    yield from data_loader
