@@ -107,13 +107,13 @@ def run_model(
     optimize: bool = False,
 ) -> EvalReport:
     """Load the dataset, build the detector, evaluate; print warnings, the table and the summary."""
+    if output_dir is not None:
+        check_output_dir(output_dir, "--output-dir", inputs=[ann_file])
     from ..checkpoint import sha256_file
     from ..evaluate import METRICS_NAME, evaluate_detector
     from ..hub import resolve_checkpoint
     from ..runtime.classes import model_classes
 
-    if output_dir is not None:
-        check_output_dir(output_dir, "--output-dir", inputs=[ann_file])
     dataset = CocoDataset.load(ann_file, image_dir, limit=limit, classes=model_classes(backend, checkpoint, model))
     dataset.check_images_present()
     for warning in dataset.warnings:
