@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from paadet.cli import main
+from paadet.compare import match_detections
 from paadet.testing import seeded_state_dict, synthetic_image
 
 API_KEY = "test-key-123"
@@ -138,6 +139,19 @@ def predict_entries(entries: list[dict]) -> list[tuple]:
     return sorted((e["category_id"], e["bbox"], e["score"]) for e in entries)
 
 
+def assert_same_detections(served: list[tuple], expected: list[tuple], name: str) -> None:
+    """The parity rule of the core issue: every detection of ``predict`` matched (same category id,
+    IoU >= 0.99, |score difference| <= 1e-4) and none extra. Exact equality is too strict: batched
+    convolutions (the server batches requests) round differently at the 1e-6 level."""
+    def unpack(entries):
+        boxes = [[x, y, x + w, y + h] for _, (x, y, w, h), _ in entries]
+        return boxes, [e[2] for e in entries], [e[0] for e in entries]
+
+    report = match_detections(*unpack(expected), *unpack(served))
+    assert expected, f"no detections for {name}: the parity check would be empty"
+    assert report.matched == report.reference == report.ours, f"{name}: {report}"
+
+
 def test_parity_with_predict(server: ServerProcess, files: dict, predicted: dict) -> None:
     for name, path in files["images"].items():
         r = httpx.post(server.url + "/v1/detect", content=path.read_bytes(), headers=headers(), timeout=60)
@@ -150,9 +164,7 @@ def test_parity_with_predict(server: ServerProcess, files: dict, predicted: dict
         for d in answer["detections"]:
             assert set(d) == {"bbox", "score", "label", "category_id", "name"}
             assert isinstance(d["name"], str) and d["name"]
-        expected = predict_entries(predicted[str(path)])
-        assert expected, f"no detections for {name}: the parity check would be empty"
-        assert as_predict_entries(answer) == expected, name  # same floats exactly, same category ids
+        assert_same_detections(as_predict_entries(answer), predict_entries(predicted[str(path)]), name)
 
 
 def test_multipart_and_query_options(server: ServerProcess, files: dict, predicted: dict) -> None:
@@ -161,7 +173,7 @@ def test_multipart_and_query_options(server: ServerProcess, files: dict, predict
                    headers=headers(), timeout=60)
     assert r.status_code == 200, r.text
     full = r.json()
-    assert as_predict_entries(full) == predict_entries(predicted[str(path)])
+    assert_same_detections(as_predict_entries(full), predict_entries(predicted[str(path)]), "photo.png")
     assert "network;dur=" in r.headers["server-timing"]
     thr = full["detections"][len(full["detections"]) // 2]["score"]
     r = httpx.post(server.url + "/v1/detect", params={"score_thr": thr, "max_dets": 3}, content=path.read_bytes(),
@@ -186,7 +198,7 @@ def test_sixteen_concurrent_clients(server: ServerProcess, files: dict, predicte
     answers = asyncio.run(all_of_them())
     assert [status for _, status, _, _ in answers] == [200] * 16
     for name, _, answer, _ in answers:
-        assert as_predict_entries(answer) == predict_entries(predicted[str(files["images"][name])]), name
+        assert_same_detections(as_predict_entries(answer), predict_entries(predicted[str(files["images"][name])]), name)
     assert max(batch for *_, batch in answers) > 1, "16 concurrent requests were never batched"
     metrics = httpx.get(server.url + "/metrics", timeout=10).text
     assert 'paadet_requests_total{status="200"}' in metrics

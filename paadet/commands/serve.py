@@ -37,6 +37,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         f"(default: the environment variable {API_KEY_ENV}, if set)")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default info)")
+    r = p.add_argument_group("Ray Serve (scale out; needs `pip install \"paadet[ray-serve]\"`)")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the app as a Ray Serve deployment behind Ray's HTTP proxy on --host:--port; "
+                        "ADDRESS joins a running cluster ('auto', or ray://HOST:10001), none starts a local Ray instance")
+    r.add_argument("--replicas", type=positive_int, default=1,
+                   help="with --ray: replicas of the model, each with its own batcher (default 1)")
+    r.add_argument("--cpus-per-replica", type=positive_float, default=1.0,
+                   help="with --ray: CPUs Ray reserves for each replica (default 1); with --device cuda each "
+                        "replica also gets one GPU")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -72,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.batch_size is None:
         args.batch_size = args.max_batch
+    if args.ray is not None:
+        from ..serve.ray_serve import run_on_ray
+
+        return run_on_ray(args, settings)
+    if args.replicas != 1:
+        raise ValueError("--replicas needs --ray (one process serves one model otherwise)")
     detector = detector_from_args(args)
     app = create_app(detector, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
