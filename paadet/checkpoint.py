@@ -30,6 +30,7 @@ __all__ = [
     "key_mismatch_report",
     "load_state_dict",
     "load_weights",
+    "safe_torch_load",
     "sha256_file",
     "verify_sha256_prefix",
 ]
@@ -124,8 +125,11 @@ def _describe_load_failure(path: Path, exc: Exception) -> str:
     return f"{path}: cannot be read as a PyTorch checkpoint (corrupt, truncated or not a checkpoint): {detail}"
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers, with failures as CheckpointError."""
+def safe_torch_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(weights_only=True)`` of an existing, non-empty file onto the CPU: tensors and plain
+    containers only, every failure a one-line :class:`CheckpointError` (unsafe content named as such)."""
+    path = Path(path)
+    _check_readable_file(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -210,7 +214,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     path = Path(path)
     _check_readable_file(path)
     verify_sha256_prefix(path)
-    obj = _torch_load(path)
+    obj = safe_torch_load(path)
     state = _validate_tensors(path, _extract_state_dict(path, obj))
     meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
     return Checkpoint(path, _strip_module_prefix(state), dict(meta))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import os
 import random
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..checkpoint import CheckpointError
-from ..errors import one_line
+from ..checkpoint import CheckpointError, safe_torch_load
 from ..fileio import atomic_write_bytes
 
 __all__ = [
@@ -206,15 +204,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             (one line naming it).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint (weights_only=True): {type(exc).__name__}: "
-                              f"{one_line(exc)[:200]}") from exc
+    obj = safe_torch_load(path)
     if not isinstance(obj, dict) or not isinstance(obj.get("meta"), dict) or not isinstance(obj.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a paadet training checkpoint (no meta and state_dict)")
     return obj
