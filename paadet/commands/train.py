@@ -96,6 +96,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--max-iters", metavar="N", type=positive_int, default=None, help="stop after N iterations in all")
     o.add_argument("--bn-train", action="store_true",
                    help="train BatchNorm statistics (default: frozen, as the recipe; use it with --from-scratch)")
+    o.add_argument("--frozen-stages", metavar="N", type=int, choices=range(-1, 5), default=1,
+                   help="ResNet stages kept frozen: 1 (the recipe) the stem and layer1, 0 the stem, -1 none "
+                        "(for --from-scratch) (default: 1)")
+    o.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="mixed precision for the network: bf16 (CPU with AMX, or CUDA) or fp16 (CUDA, with a "
+                        "gradient scaler); the assignment and the losses stay float32 (default: float32)")
     o.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     r = p.add_argument_group("output")
     r.add_argument("--output-dir", metavar="DIR", required=True,
@@ -162,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
         scale=args.scale, flip_prob=args.flip_prob, batch_size=args.batch_size, shuffle=not args.no_shuffle,
         seed=args.seed, workers=args.workers, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         epochs=args.epochs, lr_steps=args.lr_steps, warmup_iters=args.warmup_iters, warmup_ratio=args.warmup_ratio,
-        max_iters=args.max_iters, bn_train=args.bn_train, device=args.device, resume=args.resume,
+        max_iters=args.max_iters, bn_train=args.bn_train, frozen_stages=args.frozen_stages, amp=args.amp,
+        device=args.device, resume=args.resume,
         val_ann=args.val_ann, val_images=args.val_images, val_interval=args.val_interval,
         progress=not args.no_progress,
     )

@@ -141,6 +141,7 @@ def make_checkpoint(
     optimizer: dict[str, Any] | None = None,
     scheduler: dict[str, Any] | None = None,
     rng: dict[str, Any] | None = None,
+    scaler: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict (see the module docstring); tensors are copied to the CPU.
 
@@ -150,7 +151,7 @@ def make_checkpoint(
         state: the loop position.
         settings: the run's settings as plain values.
         init: how the weights were initialised (plain values).
-        optimizer, scheduler, rng: resume state; left out when None.
+        optimizer, scheduler, rng, scaler: resume state (``scaler``: fp16's gradient scaler); left out when None.
     """
     meta = {
         "dataset_meta": {"classes": list(classes_meta["classes"]), "category_ids": list(classes_meta["category_ids"])},
@@ -162,6 +163,8 @@ def make_checkpoint(
         "init": dict(init or {}),
         "train_state": state.to_plain(),
     }
+    if "scale" in settings:  # the input scale it was trained at: predict / eval / export default to it
+        meta["preset"] = {"name": "trained", "scale": [int(v) for v in settings["scale"]], "size_divisor": 32}
     out: dict[str, Any] = {"meta": meta, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}
     if optimizer is not None:
         out["optimizer"] = _to_cpu(optimizer)
@@ -169,6 +172,8 @@ def make_checkpoint(
         out["scheduler"] = dict(scheduler)
     if rng is not None:
         out["rng"] = _to_cpu(rng)
+    if scaler is not None:
+        out["scaler"] = dict(scaler)
     return out
 
 

@@ -9,14 +9,18 @@ from typing import Any
 
 from ..errors import PaadetError
 
-__all__ = ["INIT_MODES", "RESUME_KEYS", "TrainConfig", "TrainingError"]
+__all__ = ["AMP_MODES", "INIT_MODES", "RESUME_KEYS", "TrainConfig", "TrainingError"]
 
 INIT_MODES = ("checkpoint", "backbone", "scratch")
+AMP_MODES = ("bf16", "fp16")
+"""Mixed precision: the network's forward pass under autocast in bfloat16 (CPU and CUDA) or float16 (CUDA,
+with a gradient scaler); the targets, the assignment and the losses always run in float32."""
 """Where the weights come from: a PAA checkpoint, torchvision's ImageNet ResNet-50, or nothing."""
 
 RESUME_KEYS = (
     "ann_file", "image_dir", "scale", "flip_prob", "batch_size", "shuffle", "seed", "lr", "momentum",
     "weight_decay", "lr_steps", "warmup_iters", "warmup_ratio", "bn_train",
+    "frozen_stages", "amp",
 )
 """The settings a resumed run must share with the run it continues (they change the weights it ends with).
 ``epochs`` and ``max_iters`` may grow; the device, workers, validation and progress bar may change."""
@@ -53,6 +57,10 @@ class TrainConfig:
         max_iters: stop after this many iterations in all (None: run every epoch).
         bn_train: train BatchNorm statistics (mmdetection's ``norm_eval=False``; for from-scratch runs).
             Off: every BatchNorm in eval mode, as in the recipe.
+        frozen_stages: ResNet stages kept frozen (weights and BatchNorm): 1 (the recipe) freezes the stem and
+            ``layer1``; 0 the stem only; -1 nothing (for from-scratch runs).
+        amp: None (float32), ``bf16`` (autocast bfloat16, CPU or CUDA; AMX on Xeons) or ``fp16`` (autocast
+            float16 with a gradient scaler, CUDA only). The loss and the assignment stay in float32.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         resume: continue the run in ``output_dir`` from its ``latest.pth``.
         val_ann, val_images: a validation set (COCO format), evaluated every ``val_interval`` epochs
@@ -89,6 +97,8 @@ class TrainConfig:
     warmup_ratio: float = 0.001
     max_iters: int | None = None
     bn_train: bool = False
+    frozen_stages: int = 1
+    amp: str | None = None
     device: str = "cpu"
     resume: bool = False
     val_ann: str | os.PathLike | None = None
@@ -132,6 +142,11 @@ class TrainConfig:
         need((self.val_ann is None) == (self.val_images is None),
              "validation needs both --val-ann FILE and --val-images DIR")
         need(self.val_interval >= 1, f"val_interval must be >= 1, got {self.val_interval}")
+        need(-1 <= self.frozen_stages <= 4, f"frozen_stages must be in -1..4, got {self.frozen_stages}")
+        need(self.amp is None or self.amp in AMP_MODES,
+             f"unknown amp {self.amp!r}; choose one of {', '.join(AMP_MODES)} (or none for float32)")
+        need(self.amp != "fp16" or self.device.startswith("cuda"),
+             "--amp fp16 needs a CUDA device (float16 on the CPU is slow and needs no scaler); on the CPU use --amp bf16")
         need(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         need(self.save_interval_iters is None or self.save_interval_iters >= 1,
              f"save_interval_iters must be >= 1, got {self.save_interval_iters}")
@@ -157,4 +172,6 @@ class TrainConfig:
     def resume_mismatches(self, stored: dict[str, Any]) -> list[str]:
         """``name: stored -> now`` for each of :data:`RESUME_KEYS` that differs from a checkpoint's settings."""
         now = self.settings()
-        return [f"{key} {stored.get(key)!r} -> {now[key]!r}" for key in RESUME_KEYS if stored.get(key) != now[key]]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # for checkpoints older than a setting
+        return [f"{key} {stored.get(key, defaults[key])!r} -> {now[key]!r}" for key in RESUME_KEYS
+                if stored.get(key, defaults[key]) != now[key]]

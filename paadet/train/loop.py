@@ -45,6 +45,8 @@ from .schedule import LRSchedule, set_lr
 
 __all__ = ["TrainSummary", "train"]
 
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def _stderr(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
@@ -160,6 +162,8 @@ class _Trainer:
         self.out = config.output_path
         self.schedule = LRSchedule(config.lr, config.warmup_iters, config.warmup_ratio, config.lr_steps)
         self.loss_fn = PAALoss()
+        # fp16 needs a gradient scaler (its small gradients underflow); bfloat16 has float32's range
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
         self.settings = settings
         self.summary = TrainSummary(self.out, state.iteration, state.epoch, best_ap=state.best_ap, best_epoch=state.best_epoch)
         self.last_save = time.monotonic()
@@ -186,7 +190,7 @@ class _Trainer:
             self.net.state_dict(), classes_meta=self.classes.to_meta(), state=self.state, settings=self.settings,
             init=self.init_info, optimizer=self.optimizer.state_dict(),
             scheduler={"schedule": self.schedule.state_dict(), "iteration": self.state.iteration, "epoch": self.state.epoch},
-            rng=capture_rng(),
+            rng=capture_rng(), scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
         )
 
     def save_latest(self) -> Path:
@@ -287,7 +291,11 @@ class _Trainer:
         images = batch.images.to(device, non_blocking=True)
         gt_boxes = [b.to(device, non_blocking=True) for b in batch.gt_boxes]
         gt_labels = [lab.to(device, non_blocking=True) for lab in batch.gt_labels]
-        cls_logits, box_deltas, iou_logits = self.net(images)
+        with torch.autocast(device.type, dtype=_AMP_DTYPES.get(self.config.amp, torch.float32),
+                            enabled=self.config.amp is not None):
+            outputs = self.net(images)
+        # the targets, the GMM and the losses in float32 (a no-op without amp)
+        cls_logits, box_deltas, iou_logits = ([t.float() for t in level] for level in outputs)
         try:
             out = self.loss_fn(cls_logits, box_deltas, iou_logits, gt_boxes, gt_labels, list(batch.pad_shapes))
         except Exception as exc:  # the targets' maths refuses non-finite network outputs: say which batch
@@ -302,8 +310,9 @@ class _Trainer:
             raise self._not_finite(batch, epoch, lr, f"the loss is not finite (loss {loss}, loss_cls {loss_cls}, "
                                                      f"loss_bbox {loss_bbox}, loss_iou {loss_iou})")
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(out.loss).backward()
+        self.scaler.step(self.optimizer)  # without fp16: a plain step
+        self.scaler.update()
         state.iteration += 1
         self.summary.run_iterations += 1
         self.summary.images += len(batch)
@@ -407,10 +416,12 @@ def _network(config: TrainConfig, classes: ClassList, resume_ckpt: dict[str, Any
     """The network to train (from the checkpoint being resumed, or initialised as ``config`` says), how it
     was initialised, and the note about it worth printing (or None)."""
     if resume_ckpt is not None:
-        net = PAANet(num_classes=len(classes), trainable=True, norm_eval=not config.bn_train)
+        net = PAANet(num_classes=len(classes), trainable=True, frozen_stages=config.frozen_stages,
+                     norm_eval=not config.bn_train)
         net.load_state_dict(resume_ckpt["state_dict"], strict=True)
         return net, dict(resume_ckpt["meta"].get("init", {})), None
     net, report = build_train_model(len(classes), config.init, config.init_file, seed=config.seed,
+                                    frozen_stages=config.frozen_stages,
                                     norm_eval=not config.bn_train, class_names=classes.names)
     if report.note:
         log(report.note)
@@ -470,6 +481,8 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         metrics = MetricsLog(out / METRICS_NAME, keep_upto=(state.iteration, state.epoch) if resume_ckpt else None)
         trainer = _Trainer(config, settings, net, classes, dataset, optimizer, state, init_info, device, metrics,
                            val_set, log)
+        if resume_ckpt is not None and "scaler" in resume_ckpt:
+            trainer.scaler.load_state_dict(resume_ckpt["scaler"])
         try:
             summary = trainer.run()
         finally:
