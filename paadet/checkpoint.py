@@ -14,9 +14,12 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .preprocess import Preset
 from torch import Tensor
 
 from .coco import ClassList
@@ -187,6 +190,24 @@ class Checkpoint:
         """The head's class count, from ``bbox_head.atss_cls.weight`` (None if absent)."""
         weight = self.state_dict.get(CLASS_WEIGHT_KEY)
         return int(weight.shape[0]) if weight is not None and weight.ndim == 4 else None
+
+    @property
+    def preset(self) -> Preset | None:
+        """The input sizing the model was trained at (``meta.preset``, written by ``paadet train``); None
+        when the file records none (the official checkpoint: mmdetection's 1333x800).
+
+        Raises:
+            CheckpointError: a malformed ``meta.preset``.
+        """
+        data = self.meta.get("preset")
+        if data is None:
+            return None
+        from .preprocess import Preset
+
+        try:
+            return Preset.from_meta(data)
+        except ValueError as exc:
+            raise CheckpointError(f"{self.path}: {one_line(exc)} in meta.preset") from exc
 
     @property
     def classes(self) -> ClassList:

@@ -181,25 +181,32 @@ class Detector:
     def from_checkpoint(
         cls,
         path: str | os.PathLike | None = None,
-        preset: str = "mmdet",
+        preset: str | Preset | None = None,
         device: str = "cpu",
         fp16: bool = False,
         score_voting: bool = True,
         batch_size: int = 1,
         workers: int = 2,
+        default_preset: str = "mmdet",
         **backend_options,
     ) -> "Detector":
         """A PyTorch detector from an mmdetection checkpoint (the official one, downloaded, if ``path`` is None).
 
         ``backend_options`` go to :class:`~paadet.runtime.torch_backend.TorchBackend` (e.g.
         ``optimize=True`` on a CPU, ``channels_last=True`` on CUDA).
+
+        ``preset`` None: the one the checkpoint was trained at (``meta.preset``, written by ``paadet
+        train``), else ``default_preset``.
         """
+        from .checkpoint import load_checkpoint
         from .hub import resolve_checkpoint
+        from .model.loading import load_network
         from .runtime.torch_backend import TorchBackend
 
-        checkpoint = resolve_checkpoint(path)
-        backend = TorchBackend.from_checkpoint(
-            str(checkpoint), preset=get_preset(preset), device=device, fp16=fp16,
+        checkpoint = load_checkpoint(resolve_checkpoint(path))
+        chosen = get_preset(preset) if preset is not None else checkpoint.preset or get_preset(default_preset)
+        backend = TorchBackend(
+            load_network(checkpoint), preset=chosen, device=device, fp16=fp16,
             postprocess=PostprocessConfig(score_voting=score_voting), **backend_options,
         )
         return cls(backend, batch_size=batch_size, workers=workers)

@@ -36,6 +36,27 @@ class Preset:
     size_divisor: int | None = 32
     fixed_size: tuple[int, int] | None = None
 
+    def to_meta(self) -> dict:
+        """Plain values (as a checkpoint's ``meta.preset`` and an export's metadata hold them)."""
+        return {"name": self.name, "scale": list(self.scale), "size_divisor": self.size_divisor,
+                "fixed_size": list(self.fixed_size) if self.fixed_size else None}
+
+    @classmethod
+    def from_meta(cls, data: dict) -> "Preset":
+        """The inverse of :meth:`to_meta`; raises ``ValueError`` for malformed values."""
+        try:
+            scale = tuple(int(v) for v in data["scale"])
+            divisor = data.get("size_divisor", 32)
+            fixed = data.get("fixed_size")
+            preset = cls(name=str(data.get("name", "checkpoint")), scale=scale,  # type: ignore[arg-type]
+                         size_divisor=int(divisor) if divisor is not None else None,
+                         fixed_size=tuple(int(v) for v in fixed) if fixed else None)  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed preset {data!r}: {exc}") from None
+        if len(preset.scale) != 2 or min(preset.scale) < 1 or (preset.size_divisor is None and preset.fixed_size is None):
+            raise ValueError(f"malformed preset {data!r}")
+        return preset
+
     def padded_shape(self, height: int, width: int) -> tuple[int, int]:
         """Padded input size for a resized image of ``height x width``."""
         if self.fixed_size is not None:

@@ -62,6 +62,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _checkpoint_preset(checkpoint: str | None):
+    """The preset a checkpoint file records (``meta.preset``), or None (none recorded, no file, unreadable:
+    the workers report an unreadable file when they load it)."""
+    if checkpoint is None:
+        return None
+    from ..checkpoint import load_checkpoint
+    from ..errors import PaadetError
+
+    try:
+        return load_checkpoint(checkpoint).preset
+    except PaadetError:
+        return None
+
+
 def spec_from_args(args: argparse.Namespace) -> "ModelSpec":
     """The model options of :func:`~paadet.commands.common.add_model_options` as a :class:`ModelSpec`.
 
@@ -70,11 +84,13 @@ def spec_from_args(args: argparse.Namespace) -> "ModelSpec":
     """
     from ..distributed import ModelSpec
 
-    preset = args.preset if args.preset is not None or args.backend != "torch" else args.default_preset
+    preset = args.preset
+    if preset is None and args.backend == "torch":  # the checkpoint's training scale, else the default
+        preset = _checkpoint_preset(args.checkpoint) or args.default_preset
     return ModelSpec(
         backend=args.backend, checkpoint=args.checkpoint, model=args.model, providers=args.providers,
         preset=preset, device=args.device, batch_size=args.batch_size, fp16=args.fp16,
-        score_voting=not args.no_score_voting, workers=args.workers, optimize=args.optimize,
+        score_voting=not args.no_score_voting, workers=args.workers, optimize=args.optimize, bf16=args.bf16,
     )
 
 

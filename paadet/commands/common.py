@@ -30,11 +30,14 @@ def add_model_options(parser: argparse.ArgumentParser, default_preset: str = "mm
                    help="comma-separated ONNX Runtime execution providers (default: the best installed)")
     g.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help=f"pre-processing: mmdet = fit 1333x800, pad to /32; 800 = fit and pad to 800x800 "
-                        f"(default: {default_preset}; with --backend onnxruntime, the graph's)")
+                        f"(default: the checkpoint's training scale when it records one, else {default_preset}; "
+                        "with --backend onnxruntime, the graph's)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (torch backend; default: cpu)")
     g.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"images per network call (default: {default_batch}; with --backend onnxruntime, the graph's static batch)")
     g.add_argument("--fp16", action="store_true", help="half precision (CUDA for the torch backend)")
+    g.add_argument("--bf16", action="store_true",
+                   help="torch backend: bfloat16 autocast (AMX on a Xeon CPU, or CUDA); detections change slightly")
     g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting (torch backend)")
     g.add_argument("--workers", type=nonnegative_int, default=2, help="threads decoding images ahead of the network (default: 2)")
     g.add_argument("--optimize", action="store_true",
@@ -54,13 +57,15 @@ def build_detector(
     score_voting: bool = True,
     workers: int = 2,
     default_preset: str = "mmdet",
+    bf16: bool = False,
     default_batch: int = 1,
     optimize: bool = False,
 ) -> Detector:
     """The detector the command-line options describe.
 
-    ``preset`` / ``batch_size`` None mean ``default_preset`` / ``default_batch`` for the torch backend,
-    and the graph's preset / static batch for ONNX Runtime. For ONNX Runtime, ``fp16`` and
+    ``preset`` / ``batch_size`` None mean the checkpoint's preset (``meta.preset``, when it records one)
+    or ``default_preset`` / ``default_batch`` for the torch backend, and the graph's preset / static
+    batch for ONNX Runtime. For ONNX Runtime, ``fp16`` and
     ``score_voting=False`` must agree with how the graph was exported (they are baked into it).
     """
     from ..detector import Detector
@@ -70,9 +75,13 @@ def build_detector(
     if backend == "torch":
         if model is not None:
             raise ValueError("--model is for --backend onnxruntime; the torch backend takes --checkpoint")
-        return Detector.from_checkpoint(checkpoint, preset=get_preset(preset or default_preset), device=device, fp16=fp16,
+        # no --preset: the checkpoint's own (a paadet-trained model records its input scale), else the default
+        return Detector.from_checkpoint(checkpoint, preset=get_preset(preset) if preset else None,
+                                        default_preset=default_preset, device=device, fp16=fp16,
                                         score_voting=score_voting, batch_size=batch_size or default_batch, workers=workers,
-                                        optimize=optimize)
+                                        optimize=optimize, bf16=bf16)
+    if bf16:
+        raise ValueError("--bf16 is for --backend torch; an ONNX graph's precision is set when it is exported")
     if model is None:
         raise ValueError("--backend onnxruntime needs --model FILE.onnx (make one with `paadet export`)")
     if checkpoint is not None:
@@ -103,6 +112,7 @@ def detector_from_args(args: argparse.Namespace) -> Detector:
         preset=args.preset, device=args.device, batch_size=args.batch_size, fp16=args.fp16,
         score_voting=not args.no_score_voting, workers=args.workers,
         default_preset=args.default_preset, default_batch=args.default_batch, optimize=args.optimize,
+        bf16=args.bf16,
     )
 
 

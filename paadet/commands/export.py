@@ -28,9 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--output", default="paa.onnx", help="ONNX file to write (default: paa.onnx)")
     p.add_argument("--checkpoint", default=None,
                    help="mmdetection checkpoint (.pth); default: the official file, downloaded if missing")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="mmdet",
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="pre-processing the graph expects: mmdet = dynamic height/width (each image padded to /32), "
-                        "800 = static 800x800 (default: mmdet)")
+                        "800 = static 800x800 (default: the checkpoint's training scale when it records one, "
+                        "else mmdet)")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=positive_int, default=1, help="static batch size (default: 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension")

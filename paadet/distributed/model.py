@@ -32,6 +32,7 @@ class ModelSpec:
     score_voting: bool = True
     workers: int = 2
     optimize: bool = False
+    bf16: bool = False
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``build_detector`` (the preset object kept as is)."""
@@ -50,6 +51,7 @@ class ModelSpec:
             "fp16": self.fp16,
             "score_voting": self.score_voting,
             "optimize": self.optimize,
+            **({"bf16": True} if self.bf16 else {}),  # absent when off: runs from before the flag resume
         }))
 
     @property

@@ -84,13 +84,16 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def _load_network(net_or_checkpoint: PAANet | str | os.PathLike | None) -> PAANet:
+def _load_network(net_or_checkpoint: PAANet | str | os.PathLike | None) -> tuple[PAANet, Preset | None]:
+    """The network in eval mode, and the preset its checkpoint records (``meta.preset``; None if none)."""
     if isinstance(net_or_checkpoint, PAANet):
-        return net_or_checkpoint.eval()
+        return net_or_checkpoint.eval(), None
+    from ..checkpoint import load_checkpoint
     from ..hub import resolve_checkpoint
     from ..model.loading import load_network
 
-    return load_network(resolve_checkpoint(net_or_checkpoint))
+    checkpoint = load_checkpoint(resolve_checkpoint(net_or_checkpoint))
+    return load_network(checkpoint), checkpoint.preset
 
 
 def _input_size(preset: Preset, input_size: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -202,7 +205,7 @@ def _simplify(model, enabled: bool):
 def export_onnx(
     net_or_checkpoint: PAANet | str | os.PathLike | None,
     output: str | os.PathLike,
-    preset: str | Preset = "mmdet",
+    preset: str | Preset | None = "mmdet",
     batch_size: int = 1,
     dynamic_batch: bool = False,
     fp16: bool = False,
@@ -220,7 +223,8 @@ def export_onnx(
         net_or_checkpoint: a :class:`PAANet` with weights, a checkpoint path, or None for the official
             checkpoint (downloaded to the cache if missing).
         output: the ``.onnx`` file to write.
-        preset: ``mmdet``, ``800`` or a :class:`Preset`. A preset with ``fixed_size`` gives a graph of
+        preset: ``mmdet``, ``800`` or a :class:`Preset`; None: the checkpoint's ``meta.preset`` (the scale
+            ``paadet train`` trained it at), else ``mmdet``. A preset with ``fixed_size`` gives a graph of
             that input size; otherwise the input height and width are dynamic unless ``input_size``.
         batch_size: the static batch (ignored with ``dynamic_batch``).
         dynamic_batch: make the batch dimension dynamic.
@@ -242,15 +246,17 @@ def export_onnx(
     import onnx
 
     start = time.perf_counter()
-    preset = get_preset(preset)
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if not MIN_OPSET <= opset <= DEFAULT_OPSET:
         raise ExportError(f"--opset {opset}: paadet exports opsets {MIN_OPSET} to {DEFAULT_OPSET}")
     if not dynamic_batch and batch_size < 1:
         raise ExportError(f"--batch-size must be >= 1, got {batch_size}")
+    if preset is not None:
+        preset = get_preset(preset)
+    net, trained_preset = _load_network(net_or_checkpoint)
+    preset = preset or trained_preset or get_preset("mmdet")  # no preset asked for: the one it was trained at
     size = _input_size(preset, input_size)
     config = dataclasses.replace(postprocess or PostprocessConfig(), score_voting=score_voting)
-    net = _load_network(net_or_checkpoint)
     output = Path(output)
 
     module = RawGraph(net, fp16=fp16) if raw else PAAGraph(net, config, fp16=fp16)

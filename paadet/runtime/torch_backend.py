@@ -167,6 +167,9 @@ class TorchBackend(Backend):
         device: where to run.
         fp16: run the network under autocast float16 (convolutions in half precision; GroupNorm and
             the post-processing stay in float32). CUDA only.
+        bf16: run the network under autocast bfloat16 (convolutions on a Xeon's AMX units on the CPU;
+            the pre- and post-processing stay in float32). CPU or CUDA. Detections change slightly:
+            judge them by AP (docs/benchmarks.md).
         postprocess: post-processing settings.
         channels_last: run the network in channels-last memory format. CUDA only.
         compile_mode: ``torch.compile`` the network with this mode (one of :data:`COMPILE_MODES`);
@@ -207,8 +210,13 @@ class TorchBackend(Backend):
         optimize: bool = False,
         fold_bn: bool = False,
         fp16_weights: bool = False,
+        bf16: bool = False,
     ) -> None:
         self.device = resolve_device(device)
+        if bf16 and fp16:
+            raise ValueError("--bf16 and --fp16 exclude each other: choose one reduced precision")
+        if bf16 and optimize:
+            raise ValueError("--bf16 runs the eager network under autocast; leave --optimize out")
         if optimize and self.device.type != "cpu":
             raise ValueError("optimize (trace + freeze) is for the CPU; on CUDA use fp16, channels_last, cuda_graphs or compile_mode")
         if fp16 and self.device.type != "cuda":
@@ -226,6 +234,7 @@ class TorchBackend(Backend):
         self.preset = get_preset(preset)
         self.classes = classes_of(net)
         self.fp16 = fp16
+        self.bf16 = bf16
         self.channels_last = channels_last
         self.compile_mode = compile_mode
         self.cuda_graphs = cuda_graphs
@@ -258,6 +267,8 @@ class TorchBackend(Backend):
     def _autocast(self):
         if self.fp16 and not self.fp16_weights:
             return torch.autocast(device_type=self.device.type, dtype=torch.float16, cache_enabled=not self.cuda_graphs)
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cuda_graphs)
         return nullcontext()
 
     @contextmanager
@@ -378,7 +389,7 @@ class TorchBackend(Backend):
 
     def describe(self) -> dict:
         info = super().describe()
-        info.update(device=str(self.device), precision="fp16" if self.fp16 else "fp32",
+        info.update(device=str(self.device), precision="fp16" if self.fp16 else "bf16" if self.bf16 else "fp32",
                     score_voting=self.post.config.score_voting)
         if self.optimize:
             info["optimize"] = "traced, frozen, optimised for inference"
