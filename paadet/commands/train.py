@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..data.coco import DatasetError, layout_paths, resolve_layout
 from ..errors import PaadetError
 from ..fileio import check_output_dir
-from .common import nonnegative_float, nonnegative_int, positive_int, probability
+from .common import nonnegative_float, nonnegative_int, positive_float, positive_int, probability
 
 DESCRIPTION = """\
 Train PAA (ResNet-50 + FPN) on a COCO-format dataset, with mmdetection 3.3's recipe as the defaults:
@@ -27,6 +28,10 @@ iteration: --lr 0.00125 x images, e.g. --lr 0.0025 for --batch-size 2 on one GPU
 The output folder gets metrics.jsonl (a row per iteration), epoch_N.pth, latest.pth, best.pth (with
 --val-ann/--val-images) and metrics.png. --resume continues an interrupted run (Ctrl-C saves first; a
 killed run restarts from its last latest.pth, written every 10 minutes and at each epoch's end).
+
+Many GPUs or machines: PyTorch DDP over torchrun, e.g. `torchrun --nproc-per-node 8 -m paadet train
+--device cuda ...` (NCCL; gloo on CPUs), or `--nproc N` on one machine. --batch-size is per process,
+rank 0 writes the outputs, --resume needs the same number of processes (README: "Training on many GPUs").
 """
 
 TRAIN_SPLIT = "train2017"
@@ -102,7 +107,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                    help="mixed precision for the network: bf16 (CPU with AMX, or CUDA) or fp16 (CUDA, with a "
                         "gradient scaler); the assignment and the losses stay float32 (default: float32)")
-    o.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    o.add_argument("--device", default="cpu",
+                   help="cpu or cuda[:N] (default: cpu); under torchrun give cuda: each process takes cuda:LOCAL_RANK")
+    m = p.add_argument_group("many processes (PyTorch DDP; or start this command with torchrun)")
+    m.add_argument("--nproc", metavar="N", type=positive_int, default=None,
+                   help="train with N processes on this machine (torchrun's launcher, standalone): one per GPU "
+                        "with --device cuda; --batch-size is per process")
+    m.add_argument("--dist-timeout", metavar="S", type=positive_float, default=1800.0,
+                   help="seconds a process waits for the others (a validation on rank 0 included) before the run "
+                        "fails (default: 1800)")
     r = p.add_argument_group("output")
     r.add_argument("--output-dir", metavar="DIR", required=True,
                    help="metrics.jsonl, epoch_N.pth, latest.pth, best.pth and metrics.png go here")
@@ -171,8 +184,14 @@ def run(args: argparse.Namespace) -> int:
         max_iters=args.max_iters, bn_train=args.bn_train, frozen_stages=args.frozen_stages, amp=args.amp,
         device=args.device, resume=args.resume,
         val_ann=args.val_ann, val_images=args.val_images, val_interval=args.val_interval,
-        progress=not args.no_progress,
+        progress=not args.no_progress, dist_timeout_s=args.dist_timeout,
     )
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from ..train.distributed import launch_local
+
+        print(launch_local(config, args.nproc))
+        return 0
     summary = train(config)
-    print(summary.line())
+    if summary.rank == 0:
+        print(summary.line())
     return 0

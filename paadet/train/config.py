@@ -20,10 +20,11 @@ with a gradient scaler); the targets, the assignment and the losses always run i
 RESUME_KEYS = (
     "ann_file", "image_dir", "scale", "flip_prob", "batch_size", "shuffle", "seed", "lr", "momentum",
     "weight_decay", "lr_steps", "warmup_iters", "warmup_ratio", "bn_train",
-    "frozen_stages", "amp",
+    "frozen_stages", "amp", "world_size",
 )
 """The settings a resumed run must share with the run it continues (they change the weights it ends with).
-``epochs`` and ``max_iters`` may grow; the device, workers, validation and progress bar may change."""
+``epochs`` and ``max_iters`` may grow; the device, workers, validation and progress bar may change. The
+world size (processes under torchrun) changes each process's batches, so it must stay too."""
 
 
 class TrainingError(PaadetError):
@@ -75,6 +76,11 @@ class TrainConfig:
         save_interval_iters: also write ``latest.pth`` every this many iterations (None: only by time).
         save_interval_s: also write ``latest.pth`` when this many seconds passed since the last write.
         loader: ``threads`` or ``processes`` (see :func:`paadet.train.data.build_train_loader`).
+        world_size: the processes training together (DDP under torchrun, see :mod:`paadet.train.distributed`);
+            :func:`~paadet.train.train` sets it from ``WORLD_SIZE``; recorded so that a resume with
+            another one is refused.
+        dist_timeout_s: the process group's timeout under DDP: the longest a rank waits in a collective
+            (a barrier while rank 0 validates included) before the run fails.
     """
 
     ann_file: str | os.PathLike
@@ -110,6 +116,8 @@ class TrainConfig:
     save_interval_iters: int | None = None
     save_interval_s: float = 600.0
     loader: str = "threads"
+    world_size: int = 1
+    dist_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         self.scale = tuple(int(v) for v in self.scale)  # type: ignore[assignment]
@@ -151,6 +159,8 @@ class TrainConfig:
         need(self.save_interval_iters is None or self.save_interval_iters >= 1,
              f"save_interval_iters must be >= 1, got {self.save_interval_iters}")
         need(self.save_interval_s > 0, f"save_interval_s must be > 0, got {self.save_interval_s}")
+        need(self.world_size >= 1, f"world_size must be >= 1, got {self.world_size}")
+        need(self.dist_timeout_s > 0, f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         need(self.loader in ("threads", "processes"), f"loader must be threads or processes, got {self.loader!r}")
 
     @property

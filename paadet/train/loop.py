@@ -12,10 +12,14 @@ epoch (the batch order and flips are functions of the seed and the epoch, see
 :func:`paadet.train.data.build_train_loader`) and the RNG states, and sets each iteration's lr from
 ``(iteration, epoch)`` alone; on the CPU, with the same thread count, it ends with the same weights as
 an uninterrupted run, bit for bit.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the network is trained as PyTorch DDP, each process on its
+shard of the epoch, rank 0 alone writing outputs: see :mod:`paadet.train.distributed`.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
@@ -32,11 +36,11 @@ from tqdm import tqdm
 from ..coco import ClassList
 from ..fileio import check_output_dir
 from ..model import PAANet
-from ..runtime.torch_backend import resolve_device
 from .checkpointer import (BEST_NAME, LATEST_NAME, TrainState, capture_rng, epoch_name, link_or_copy,
                            make_checkpoint, read_checkpoint, restore_rng, save_checkpoint)
 from .config import TrainConfig, TrainingError
 from .data import CocoTrainDataset, TrainBatch, build_train_loader
+from .distributed import DistEnv, Distributed, NullMetrics, die_for_test, dump_weights_for_test, kill_point_for_test, start_distributed
 from .init import build_train_model, trainable_parameters
 from .loss import PAALoss
 from .metrics import METRICS_NAME, MetricsLog
@@ -70,6 +74,8 @@ class TrainSummary:
         plot: the PNG (None: matplotlib missing, or no iteration).
         stopped: ``finished`` (every epoch), ``max_iters`` or ``nothing to do``.
         init_note: how the weights were initialised, when it is worth saying (re-initialised ``atss_cls``).
+        rank, world_size: this process's rank and the processes training together (DDP; 1: one process).
+            Under DDP ``images`` counts every rank's, ``skipped`` this rank's.
     """
 
     output_dir: Path
@@ -87,6 +93,8 @@ class TrainSummary:
     plot: Path | None = None
     stopped: str = "finished"
     init_note: str | None = None
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def seconds_per_iter(self) -> float | None:
@@ -94,7 +102,8 @@ class TrainSummary:
 
     def line(self) -> str:
         """One line with the figures."""
-        parts = [f"{self.stopped}: {self.iterations} iterations, {self.epochs} epochs"]
+        parts = [f"{self.stopped}: {self.iterations} iterations, {self.epochs} epochs"
+                 + (f" on {self.world_size} processes" if self.world_size > 1 else "")]
         if self.run_iterations:
             parts.append(f"this run {self.run_iterations} iterations on {self.images} images in {self.seconds:.1f} s "
                          f"({self.seconds_per_iter:.3f} s/iter)")
@@ -127,10 +136,15 @@ def _torch_settings(threads: int, deterministic: bool) -> Iterator[None]:
 
 class _StopFlag:
     """Ctrl-C during training: the first one asks the loop to stop after the current iteration (and save);
-    the second raises ``KeyboardInterrupt`` at once. Installed only in the main thread."""
+    the second raises ``KeyboardInterrupt`` at once. Installed only in the main thread.
 
-    def __init__(self, log: Callable[[str], None]) -> None:
-        self.requested = False
+    ``deferred`` (DDP): the first Ctrl-C only sets ``pending``; ``requested`` is set when the ranks
+    have agreed on it (so that every rank stops after the same iteration). A repeat within 2 s counts
+    as the same Ctrl-C: torchrun forwards the terminal's to workers that got it already."""
+
+    def __init__(self, log: Callable[[str], None], deferred: bool = False) -> None:
+        self.requested = self.pending = False
+        self.deferred, self._first = deferred, 0.0
         self.log = log
         self._previous: Any = None
 
@@ -140,9 +154,13 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        now = time.monotonic()
+        if self.requested or self.pending:
+            if self.deferred and now - self._first < 2.0:
+                return
             raise KeyboardInterrupt
-        self.requested = True
+        self.pending, self._first = True, now
+        self.requested = not self.deferred
         self.log("interrupt: stopping after this iteration to save latest.pth (Ctrl-C again to abort without saving)")
 
     def __exit__(self, *exc: Any) -> None:
@@ -155,8 +173,12 @@ class _Trainer:
 
     def __init__(self, config: TrainConfig, settings: dict[str, Any], net: PAANet, classes: ClassList, dataset: CocoTrainDataset,
                  optimizer: torch.optim.Optimizer, state: TrainState, init_info: dict[str, Any],
-                 device: torch.device, metrics: MetricsLog, val_set: Any, log: Callable[[str], None]) -> None:
+                 device: torch.device, metrics: MetricsLog | NullMetrics, val_set: Any, log: Callable[[str], None],
+                 dist: Distributed | None = None) -> None:
         self.config, self.net, self.classes, self.dataset = config, net, classes, dataset
+        self.dist = dist or Distributed(DistEnv(), device, None)
+        self.model = self.dist.wrap(net)  # what the forward pass calls: DDP under torchrun, else ``net``
+        self.kill_at = kill_point_for_test()
         self.optimizer, self.state, self.init_info, self.device = optimizer, state, init_info, device
         self.metrics, self.val_set, self.log = metrics, val_set, log
         self.out = config.output_path
@@ -165,7 +187,8 @@ class _Trainer:
         # fp16 needs a gradient scaler (its small gradients underflow); bfloat16 has float32's range
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
         self.settings = settings
-        self.summary = TrainSummary(self.out, state.iteration, state.epoch, best_ap=state.best_ap, best_epoch=state.best_epoch)
+        self.summary = TrainSummary(self.out, state.iteration, state.epoch, best_ap=state.best_ap, best_epoch=state.best_epoch,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
         self.last_save = time.monotonic()
         self.saved: Path | None = self.out / LATEST_NAME if (self.out / LATEST_NAME).is_file() else None
 
@@ -194,6 +217,8 @@ class _Trainer:
         )
 
     def save_latest(self) -> Path:
+        if not self.dist.is_main:  # rank 0 alone writes
+            return self.out / LATEST_NAME
         self._check_weights()
         self.metrics.sync()
         path = save_checkpoint(self.out / LATEST_NAME, self.checkpoint())
@@ -201,6 +226,8 @@ class _Trainer:
         return path
 
     def _save_due(self) -> bool:
+        if not self.dist.is_main:
+            return False
         every = self.config.save_interval_iters
         if every is not None and self.state.iteration % every == 0:
             return True
@@ -213,7 +240,7 @@ class _Trainer:
             self.summary.stopped = "nothing to do"
             self.log(f"nothing to do: the run in {self.out} is at {state.epoch} epochs, {state.iteration} iterations")
             return self._finish()
-        with _StopFlag(self.log) as stop:
+        with _StopFlag(self.log, deferred=self.dist.active) as stop:
             while state.epoch < config.epochs:
                 reached_max = self._run_epoch(stop)
                 if stop.requested:
@@ -236,9 +263,10 @@ class _Trainer:
         epoch = state.epoch
         loader = build_train_loader(
             self.dataset, batch_size=config.batch_size, shuffle=config.shuffle, seed=config.seed, epoch=epoch,
-            workers=config.workers, start_batch=state.batch_in_epoch, loader=config.loader)
+            workers=config.workers, rank=self.dist.rank, world_size=self.dist.world_size,
+            start_batch=state.batch_in_epoch, loader=config.loader)
         bar = tqdm(total=loader.total_batches, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   unit="it", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
+                   unit="it", disable=not (config.progress and self.dist.is_main), dynamic_ncols=True, file=sys.stderr)
         reached_max = False
         self.net.train()
         tick = time.perf_counter()
@@ -248,8 +276,8 @@ class _Trainer:
                 fetched = time.perf_counter()
                 state.batch_in_epoch += 1
                 self._note_skipped(batch)
-                if len(batch) > 0:
-                    row = self._step(batch, epoch)
+                row = self._step(batch, epoch, stop) if len(batch) > 0 or self.dist.active else None
+                if row is not None:
                     now = time.perf_counter()
                     row.update(time=now - tick, data_time=fetched - tick)
                     self.metrics.append(row)
@@ -260,7 +288,7 @@ class _Trainer:
                 reached_max = config.max_iters is not None and state.iteration >= config.max_iters
                 if stop.requested or (reached_max and not last_batch):
                     break
-                if not last_batch and len(batch) > 0 and self._save_due():
+                if not last_batch and row is not None and self._save_due():
                     self.save_latest()
                 tick = time.perf_counter()  # a row's time: waiting for its batch and its step, not the saves
         finally:
@@ -282,9 +310,12 @@ class _Trainer:
             self.summary.skipped_files.append(name)
             self.log(f"warning: skipped unreadable image {name}: {reason}")
 
-    def _step(self, batch: TrainBatch, epoch: int) -> dict[str, Any]:
-        """One SGD step on ``batch``; returns its metrics row (timings added by the caller)."""
+    def _step(self, batch: TrainBatch, epoch: int, stop: _StopFlag) -> dict[str, Any] | None:
+        """One SGD step on ``batch``; returns its metrics row (timings added by the caller), or None when
+        (under DDP) some rank's batch held no readable image and every rank skips the step."""
         state = self.state
+        if self.dist.active and not self._agree_batch(batch, epoch, stop):
+            return None
         lr = self.schedule.lr_at(state.iteration, epoch)
         set_lr(self.optimizer, lr)
         device = self.device
@@ -293,7 +324,7 @@ class _Trainer:
         gt_labels = [lab.to(device, non_blocking=True) for lab in batch.gt_labels]
         with torch.autocast(device.type, dtype=_AMP_DTYPES.get(self.config.amp, torch.float32),
                             enabled=self.config.amp is not None):
-            outputs = self.net(images)
+            outputs = self.model(images)
         # the targets, the GMM and the losses in float32 (a no-op without amp)
         cls_logits, box_deltas, iou_logits = ([t.float() for t in level] for level in outputs)
         try:
@@ -306,7 +337,11 @@ class _Trainer:
         parts = torch.stack([out.loss.detach(), out.loss_cls.detach(), out.loss_bbox.detach(), out.loss_iou.detach()])
         num_pos = out.num_pos.detach().cpu()
         loss, loss_cls, loss_bbox, loss_iou = (float(v) for v in parts.double().cpu())
-        if not all(math.isfinite(v) for v in (loss, loss_cls, loss_bbox, loss_iou)):
+        num_pos_total, images_total = int(num_pos.sum()), len(batch)
+        if self.dist.active:
+            (loss, loss_cls, loss_bbox, loss_iou), num_pos_total, images_total = self._agree_losses(
+                (loss, loss_cls, loss_bbox, loss_iou), num_pos_total, batch, epoch, lr)
+        elif not all(math.isfinite(v) for v in (loss, loss_cls, loss_bbox, loss_iou)):
             raise self._not_finite(batch, epoch, lr, f"the loss is not finite (loss {loss}, loss_cls {loss_cls}, "
                                                      f"loss_bbox {loss_bbox}, loss_iou {loss_iou})")
         self.optimizer.zero_grad(set_to_none=True)
@@ -315,15 +350,41 @@ class _Trainer:
         self.scaler.update()
         state.iteration += 1
         self.summary.run_iterations += 1
-        self.summary.images += len(batch)
+        self.summary.images += images_total
+        if self.kill_at == (self.dist.rank, state.iteration):
+            die_for_test()
         self.summary.last_losses = {"loss": loss, "loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_iou": loss_iou}
         return {
             "iter": state.iteration, "epoch": epoch + 1, "batch": state.batch_in_epoch, "lr": lr,
             "loss": loss, "loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_iou": loss_iou,
-            "num_pos": int(num_pos.sum()), "num_pos_per_image": [int(v) for v in num_pos],
+            "num_pos": num_pos_total, "num_pos_per_image": [int(v) for v in num_pos],
             "num_ill_defined": int(out.num_ill_defined.sum()),
             "files": list(batch.file_names), "skipped": [name for name, _ in batch.skipped],
         }
+
+    def _agree_batch(self, batch: TrainBatch, epoch: int, stop: _StopFlag) -> bool:
+        """DDP, before the forward pass (DDP's forward may communicate): whether every rank has a readable
+        image (else every rank skips this step, so the gradient reductions stay paired); a pending Ctrl-C
+        on any rank becomes ``stop.requested`` on all."""
+        all_have_batch, any_stop = self.dist.agree_batch(len(batch) > 0, stop.pending)
+        stop.requested = stop.requested or any_stop
+        if not all_have_batch and self.dist.is_main:
+            self.log(f"warning: iteration {self.state.iteration + 1} (epoch {epoch + 1}, batch "
+                     f"{self.state.batch_in_epoch}) skipped on every rank: a rank's batch held no readable image")
+        return all_have_batch
+
+    def _agree_losses(self, losses: tuple[float, float, float, float], num_pos: int, batch: TrainBatch, epoch: int,
+                      lr: float) -> tuple[tuple[float, float, float, float], int, int]:
+        """DDP, before the backward pass: the losses averaged over the ranks, the positives and the images
+        summed. A non-finite loss on any rank stops every rank before the weights change."""
+        agreed = self.dist.agree_losses(losses, num_pos, len(batch))
+        if not agreed.finite:
+            if not all(math.isfinite(v) for v in losses):
+                raise self._not_finite(batch, epoch, lr, "the loss is not finite (loss {}, loss_cls {}, loss_bbox {}, "
+                                                         "loss_iou {})".format(*losses))
+            raise TrainingError(f"iteration {self.state.iteration + 1} (epoch {epoch + 1}): another rank's loss is not "
+                                f"finite; stopped before updating the weights")
+        return agreed.losses, agreed.num_pos, agreed.images
 
     def _not_finite(self, batch: TrainBatch, epoch: int, lr: float, what: str) -> TrainingError:
         kept = f"the last good checkpoint is {self.saved}" if self.saved is not None else "no checkpoint was written yet"
@@ -336,7 +397,7 @@ class _Trainer:
         config, state = self.config, self.state
         finished = state.epoch + 1
         improved = False
-        if self.val_set is not None and (finished % config.val_interval == 0 or finished == config.epochs):
+        if self.val_set is not None and self.dist.is_main and (finished % config.val_interval == 0 or finished == config.epochs):
             result = self._validate()
             self.metrics.append({"epoch": finished, "iter": state.iteration, **result.to_row()})
             self.log(f"epoch {finished}: val AP {result.ap:.4f} (AP50 {result.stats['AP50']:.4f}) "
@@ -345,13 +406,15 @@ class _Trainer:
                 state.best_ap, state.best_epoch, improved = result.ap, finished, True
         state.epoch, state.batch_in_epoch = finished, 0
         self.summary.epochs = finished
-        self._check_weights()
-        self.metrics.sync()
-        path = save_checkpoint(self.out / epoch_name(finished), self.checkpoint())
-        link_or_copy(path, self.out / LATEST_NAME)
-        self.last_save, self.saved = time.monotonic(), self.out / LATEST_NAME
-        if improved:
-            link_or_copy(path, self.out / BEST_NAME)
+        if self.dist.is_main:  # rank 0 alone validates and writes; the others wait here
+            self._check_weights()
+            self.metrics.sync()
+            path = save_checkpoint(self.out / epoch_name(finished), self.checkpoint())
+            link_or_copy(path, self.out / LATEST_NAME)
+            self.last_save, self.saved = time.monotonic(), self.out / LATEST_NAME
+            if improved:
+                link_or_copy(path, self.out / BEST_NAME)
+        self.dist.barrier()
 
     def _validate(self) -> Any:
         from .validation import validate
@@ -390,8 +453,10 @@ def _resume_checkpoint(config: TrainConfig, latest: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _datasets(config: TrainConfig, log: Callable[[str], None]) -> tuple[CocoTrainDataset, ClassList, Any]:
-    """The training set, its classes (the annotation file's categories, in its order) and the validation set."""
+def _datasets(config: TrainConfig, log: Callable[[str], None],
+              with_validation: bool = True) -> tuple[CocoTrainDataset, ClassList, Any]:
+    """The training set, its classes (the annotation file's categories, in its order) and the validation set
+    (None without one, or when not ``with_validation``: DDP ranks other than 0)."""
     dataset = CocoTrainDataset(config.ann_file, config.image_dir, scale=config.scale, flip_prob=config.flip_prob,
                                seed=config.seed)
     for warning in dataset.warnings:
@@ -400,7 +465,7 @@ def _datasets(config: TrainConfig, log: Callable[[str], None]) -> tuple[CocoTrai
         log(f"{len(dataset.dropped)} images left out by mmdetection's filter (no annotations, or under 32 px)")
     classes = ClassList(tuple(str(c) for c in dataset.classes), tuple(int(i) for i in dataset.category_ids))
     val_set = None
-    if config.val_ann is not None:
+    if config.val_ann is not None and with_validation:
         from .validation import load_validation_set
 
         val_set = load_validation_set(config.val_ann, config.val_images)
@@ -441,17 +506,29 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
             iteration and the batch's files; the last good checkpoint is kept).
         DatasetError, CheckpointError, OutputPathError: an unusable dataset, checkpoint or output folder.
         KeyboardInterrupt: Ctrl-C, after ``latest.pth`` was saved.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) each process joins the process group and
+    trains its shard as DDP (:mod:`paadet.train.distributed`); ``config.world_size`` is set from it.
     """
     log = log or _stderr
     config.validate()
+    dist = start_distributed(config.device, config.dist_timeout_s)
+    try:
+        return _train(dataclasses.replace(config, world_size=dist.world_size), dist, dist.rank_log(log))
+    finally:
+        dist.close()
+
+
+def _train(config: TrainConfig, dist: Distributed, log: Callable[[str], None]) -> TrainSummary:
+    """:func:`train` once the process group (if any) is up."""
     out = check_output_dir(config.output_dir, "--output-dir")
     latest = out / LATEST_NAME
     if not config.resume and latest.exists():
         raise TrainingError(f"{out} already holds a training run ({LATEST_NAME}); continue it with --resume "
                             f"or choose another --output-dir")
     resume_ckpt = _resume_checkpoint(config, latest) if config.resume else None
-    device = resolve_device(config.device)
-    dataset, classes, val_set = _datasets(config, log)
+    device = dist.device
+    dataset, classes, val_set = _datasets(config, log, with_validation=dist.is_main)
     state, threads, settings = TrainState(), config.threads, config.settings()
     if resume_ckpt is not None:
         meta = resume_ckpt["meta"]
@@ -478,14 +555,16 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         if resume_ckpt is not None:
             optimizer.load_state_dict(resume_ckpt["optimizer"])
             restore_rng(resume_ckpt["rng"])
-        metrics = MetricsLog(out / METRICS_NAME, keep_upto=(state.iteration, state.epoch) if resume_ckpt else None)
+        metrics = MetricsLog(out / METRICS_NAME, keep_upto=(state.iteration, state.epoch) if resume_ckpt else None) \
+            if dist.is_main else NullMetrics()
         trainer = _Trainer(config, settings, net, classes, dataset, optimizer, state, init_info, device, metrics,
-                           val_set, log)
+                           val_set, log, dist)
         if resume_ckpt is not None and "scaler" in resume_ckpt:
             trainer.scaler.load_state_dict(resume_ckpt["scaler"])
         try:
             summary = trainer.run()
         finally:
             metrics.close()
+        dump_weights_for_test(dist.rank, net)
         summary.init_note = init_note
         return summary
