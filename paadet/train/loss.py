@@ -15,7 +15,8 @@
 
 ``num_pos`` and every normaliser are over the images of this call (mmdetection normalises per GPU,
 with no all-reduce). The focal loss is mmdetection's CPU formula on every device (see
-:func:`paadet.train.reassign.sigmoid_focal_loss`).
+:func:`paadet.train.reassign.sigmoid_focal_loss`), summed in few passes by
+:func:`paadet.train.focal.focal_loss_sum` (equal to float32 rounding).
 
 :meth:`PAALoss.targets` returns the intermediate targets (pre-assignment, PAA scores, reassigned
 labels) for inspection; the losses use exactly those.
@@ -40,7 +41,8 @@ from ..errors import PaadetError
 from ..model.anchors import AnchorGenerator
 from ..model.box_coder import DeltaXYWHBoxCoder
 from .assign import MaxIoUAssigner, aligned_giou, aligned_iou, pad_targets, valid_flags
-from .reassign import paa_anchor_scores, paa_reassign, sigmoid_focal_loss
+from .focal import focal_loss_sum
+from .reassign import paa_anchor_scores, paa_reassign
 
 EPS32 = float(torch.finfo(torch.float32).eps)  # mmdetection's avg_factor epsilon
 IOU_WEIGHT_EPS = 1e-12  # PAAHead's EPS: clamp of the IoU used as GIoU weight
@@ -301,9 +303,10 @@ class PAALoss:
         final_pos = targets.pos_index
         total_pos = int(final_pos.shape[0])
 
-        focal = sigmoid_focal_loss(cls_flat, targets.labels, cfg.focal_alpha, cfg.focal_gamma)
-        focal = focal * targets.label_weights[:, None]
-        loss_cls = cfg.loss_cls_weight * (focal.sum() / (max(total_pos, batch) + EPS32))
+        # mmdetection's focal loss summed (weighted by the label weights), in few passes: paadet.train.focal
+        focal = focal_loss_sum(cls_flat, targets.labels, targets.label_weights, cfg.focal_alpha, cfg.focal_gamma,
+                               positives=final_pos)
+        loss_cls = cfg.loss_cls_weight * (focal / (max(total_pos, batch) + EPS32))
         if total_pos > 0:
             pred = self.box_coder.decode(targets.pos_anchors, deltas_flat[final_pos])
             target = targets.pos_boxes
