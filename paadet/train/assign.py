@@ -237,8 +237,11 @@ class MaxIoUAssigner:
             gt_ok = gt_mask & (gt_max_overlaps >= self.min_pos_iou)  # [B, M]
             order = torch.arange(1, num_gts + 1, device=device, dtype=torch.int32)  # i + 1
             if self.gt_max_assign_all:
-                match = (overlaps == gt_max_overlaps[:, :, None]) & gt_ok[:, :, None] & real
-                last = (match.to(torch.int32) * order[None, :, None]).amax(dim=1)  # the last matching GT wins
+                # a GT left out gets an unreachable best IoU (2), so one comparison replaces "& gt_ok"; with
+                # min_pos_iou >= 0 a match has IoU >= 0 and is real (padding and invalid anchors hold -1)
+                best = torch.where(gt_ok, gt_max_overlaps, 2.0)[:, :, None]
+                match = overlaps == best if self.min_pos_iou >= 0 else (overlaps == best) & real
+                last = torch.where(match, order[None, :, None], 0).amax(dim=1)  # the last matching GT wins
             else:
                 last = torch.zeros(batch, num_anchors, dtype=torch.int32, device=device)
                 values = torch.where(gt_ok, order[None, :], 0)

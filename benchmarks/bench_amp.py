@@ -1,0 +1,75 @@
+"""Mixed precision in training: ``paadet train`` s/iter in float32 and with ``--amp bf16``, same run, same data.
+
+    python benchmarks/bench_amp.py [--iters 6] [--json FILE]
+
+Two settings: the recipe's (scale 1333x800, batch 2, frozen stem and BatchNorm) and the stand-in's
+(256x256, batch 4, from scratch with BatchNorm trained; docs/standin.md). For each, ``paadet.train.train``
+(the code behind ``paadet train``) runs ``--iters`` iterations in float32, then in bfloat16, then float32
+and bfloat16 again (alternating, so that a change in the machine's load hits both), on synthetic images
+(``paadet.data.synthetic``), from the same seeded initialisation. Each run's first iteration is a warm-up and
+is left out; the figure is the median of the remaining rows' ``time`` in ``metrics.jsonl`` (loading,
+forward, loss, backward and SGD step). ``--amp fp16`` needs CUDA and is timed with ``--device cuda``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from paadet.data.synthetic import SyntheticSpec, generate_split
+from paadet.fileio import atomic_write_json
+from paadet.train import TrainConfig, train
+
+SETTINGS = {
+    "recipe 1333x800 b2": {"scale": (1333, 800), "batch_size": 2, "init": "scratch", "bn_train": False, "frozen_stages": 1},
+    "stand-in 256x256 b4": {"scale": (256, 256), "batch_size": 4, "init": "scratch", "bn_train": True, "frozen_stages": -1},
+}
+
+
+def time_run(data: tuple[Path, Path], out: Path, amp: str | None, iters: int, device: str, **settings) -> list[float]:
+    config = TrainConfig(ann_file=data[0], image_dir=data[1], output_dir=out, max_iters=iters, amp=amp, device=device,
+                         progress=False, workers=1, lr=0.001, warmup_iters=0, seed=0, **settings)
+    train(config, log=lambda message: None)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["time"] for r in rows if "loss" in r][1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--iters", type=int, default=6, help="iterations per run, the first one a warm-up (default: 6)")
+    p.add_argument("--rounds", type=int, default=2, help="float32 / bf16 alternations (default: 2)")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    modes = [None, "bf16"] + (["fp16"] if args.device.startswith("cuda") else [])
+    result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "device": args.device, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = generate_split(Path(tmp) / "data", 16, seed=0, spec=SyntheticSpec())
+        for name in args.settings.split(","):
+            times: dict[str, list[float]] = {str(m or "fp32"): [] for m in modes}
+            for round_ in range(args.rounds):
+                for mode in modes:
+                    out = Path(tmp) / f"{name.split()[0]}-{mode}-{round_}"
+                    times[str(mode or "fp32")] += time_run(data, out, mode, args.iters, args.device, **SETTINGS[name])
+            base = statistics.median(times["fp32"])
+            for mode, values in times.items():
+                row = {"setting": name, "amp": mode, "s_per_iter": statistics.median(values),
+                       "speedup": base / statistics.median(values), "n": len(values)}
+                result["rows"].append(row)
+                print(f"{name}: {mode} {row['s_per_iter']:.3f} s/iter ({row['speedup']:.2f}x float32; {len(values)} iterations)",
+                      flush=True)
+    if args.json is not None:
+        atomic_write_json(args.json, result, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
