@@ -7,7 +7,7 @@
 behind ``paadet eval``) over the stand-in's val split, in this one process, one after another:
 
 * ``torch-fp32``: the torch backend, float32 (the reference of every difference below);
-* ``torch-bf16``: the torch backend under bfloat16 autocast (``paadet eval --bf16``; AMX on a Xeon);
+* ``torch-bf16``: the torch backend under bfloat16 autocast (``paadet eval --bf16``; AVX512-BF16 or AMX on the CPU);
 * ``ort-fp32`` / ``ort-fp16``: ``paadet export`` graphs (fp32, and ``--fp16``) on ONNX Runtime's CPU
   provider (``paadet eval --backend onnxruntime --model ...``);
 * ``torch-fp16``: the torch backend under float16 autocast, only on CUDA (``--device cuda``).

@@ -13,7 +13,7 @@
 
 The recipe (see docs/standin.md for why): 256x256 images, input scale 256x256, batch 4, from scratch
 (mmdetection's initialisation) with BatchNorm trained and no frozen stage, bfloat16 autocast
-(``--amp bf16``, the AMX units of a Xeon), SGD lr 0.01 with a 500-iteration warm-up, 5 epochs of 3,000
+(``--amp bf16``, AVX512-BF16 on this CPU, AMX on a recent Xeon), SGD lr 0.01 with a 500-iteration warm-up, 5 epochs of 3,000
 images, lr x0.1 after epoch 4. The run is a function of the seed and the thread count (2 here), so the
 same command on the same machine gives the same weights; an interrupted run continues with ``--resume``.
 """

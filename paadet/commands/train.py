@@ -105,7 +105,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="ResNet stages kept frozen: 1 (the recipe) the stem and layer1, 0 the stem, -1 none "
                         "(for --from-scratch) (default: 1)")
     o.add_argument("--amp", choices=("bf16", "fp16"), default=None,
-                   help="mixed precision for the network: bf16 (CPU with AMX, or CUDA) or fp16 (CUDA, with a "
+                   help="mixed precision for the network: bf16 (CPUs with AVX512-BF16 or AMX, or CUDA) or fp16 (CUDA, with a "
                         "gradient scaler); the assignment and the losses stay float32 (default: float32)")
     o.add_argument("--device", default="cpu",
                    help="cpu or cuda[:N] (default: cpu); under torchrun give cuda: each process takes cuda:LOCAL_RANK")

@@ -167,7 +167,7 @@ class TorchBackend(Backend):
         device: where to run.
         fp16: run the network under autocast float16 (convolutions in half precision; GroupNorm and
             the post-processing stay in float32). CUDA only.
-        bf16: run the network under autocast bfloat16 (convolutions on a Xeon's AMX units on the CPU;
+        bf16: run the network under autocast bfloat16 (on a CPU with AVX512-BF16 or AMX, oneDNN's bfloat16 convolutions;
             the pre- and post-processing stay in float32). CPU or CUDA. Detections change slightly:
             judge them by AP (docs/benchmarks.md).
         postprocess: post-processing settings.

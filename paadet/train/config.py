@@ -60,7 +60,7 @@ class TrainConfig:
             Off: every BatchNorm in eval mode, as in the recipe.
         frozen_stages: ResNet stages kept frozen (weights and BatchNorm): 1 (the recipe) freezes the stem and
             ``layer1``; 0 the stem only; -1 nothing (for from-scratch runs).
-        amp: None (float32), ``bf16`` (autocast bfloat16, CPU or CUDA; AMX on Xeons) or ``fp16`` (autocast
+        amp: None (float32), ``bf16`` (autocast bfloat16, CPU or CUDA; AVX512-BF16 or AMX CPUs) or ``fp16`` (autocast
             float16 with a gradient scaler, CUDA only). The loss and the assignment stay in float32.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         resume: continue the run in ``output_dir`` from its ``latest.pth``.
