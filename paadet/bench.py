@@ -56,7 +56,7 @@ E2E_DEFINITION = (
 GENERATED_SIZES = ((480, 640), (427, 640), (640, 480), (480, 640))  # (height, width): COCO's usual shapes
 MAX_GENERATED = 64
 DECODE_MODES = ("auto", "cpu", "gpu")
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class BenchSettings:
     preset: Preset
     fp16: bool
     decode: str
+    precision: str | None = None  # OpenVINO's inference precision (f32 / bf16); None = f32
 
 
 def default_device() -> str:
@@ -109,6 +110,7 @@ def resolve_settings(
     fp16: bool = False,
     decode: str = "auto",
     model: str | None = None,
+    precision: str | None = None,
 ) -> BenchSettings:
     """Fill in the device-dependent defaults and reject bad values with one-line ``ValueError``s.
 
@@ -120,7 +122,15 @@ def resolve_settings(
     backend = choose_backend(backend, device, model, fp16)
     if backend == "torch" and model is not None:
         raise ValueError("--model is for --backend onnxruntime; the torch backend takes --checkpoint")
-    device = device or ("cpu" if backend == "onnxruntime" else default_device())
+    if precision is not None and backend != "openvino":
+        raise ValueError(f"--precision is for --backend openvino (this run uses {backend})")
+    if backend == "openvino":
+        from .runtime.openvino_backend import normalize_precision
+
+        precision = normalize_precision(precision)
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"--backend openvino runs on the CPU, not --device {device}")
+    device = device or ("cpu" if backend in ("onnxruntime", "openvino") else default_device())
     on_gpu = torch.device(device).type == "cuda"
     batch_size = batch_size if batch_size is not None else (32 if on_gpu else 1)
     warmup = warmup if warmup is not None else (3 if on_gpu else 1)
@@ -142,7 +152,7 @@ def resolve_settings(
     if decode == "gpu" and (backend != "torch" or not on_gpu):
         raise ValueError("--decode gpu needs the torch backend on a CUDA device")
     return BenchSettings(backend=backend, device=device, batch_size=batch_size, warmup=warmup, iters=iters,
-                         preset=get_preset(preset), fp16=fp16, decode=decode)
+                         preset=get_preset(preset), fp16=fp16, decode=decode, precision=precision)
 
 
 def cpu_model() -> str:
@@ -187,6 +197,7 @@ def versions() -> dict[str, str | None]:
     """Versions of paadet and what it runs on (None for what is not installed)."""
     return {
         "paadet": __version__, "torch": torch.__version__, "onnxruntime": _version_of("onnxruntime"),
+        "openvino": _version_of("openvino"),
         "torchvision": _version_of("torchvision"), "numpy": np.__version__, "opencv": cv2.__version__,
         "python": platform.python_version(),
     }
@@ -281,15 +292,16 @@ def build_backend(
     """
     from .postprocess import PostprocessConfig
 
-    if settings.backend == "onnxruntime" and model is not None:
+    if settings.backend in ("onnxruntime", "openvino") and model is not None:
         from .commands.common import build_detector
 
-        detector = build_detector(backend="onnxruntime", model=model, providers=providers,
-                                  preset=settings.preset, batch_size=settings.batch_size, fp16=settings.fp16)
+        detector = build_detector(backend=settings.backend, model=model, providers=providers,
+                                  preset=settings.preset, batch_size=settings.batch_size, fp16=settings.fp16,
+                                  precision=settings.precision if settings.backend == "openvino" else None)
         return detector.backend, f"from the ONNX graph {model}", False
 
     net, weights, timing_only = resolve_weights(checkpoint)
-    if settings.backend == "onnxruntime":
+    if settings.backend in ("onnxruntime", "openvino"):
         return exported_backend(net, settings, providers, score_voting, weights), weights, timing_only
 
     from .runtime.torch_backend import TorchBackend
@@ -325,15 +337,20 @@ def resolve_weights(checkpoint: str | None) -> tuple[PAANet, str, bool]:
 
 def exported_backend(net: PAANet, settings: BenchSettings, providers: str | None, score_voting: bool,
                      weights: str) -> Backend:
-    """Export ``net`` to a temporary full graph (not timed) and open it with ONNX Runtime."""
+    """Export ``net`` to a temporary full graph (not timed) and open it with ONNX Runtime (or OpenVINO)."""
     from .export import export_onnx
     from .runtime.onnxruntime_backend import OnnxRuntimeBackend, parse_providers
 
     with tempfile.TemporaryDirectory(prefix="paadet-bench-export-") as tmp:
         graph = Path(tmp) / "paa.onnx"
-        print("exporting the weights to a temporary ONNX graph for ONNX Runtime (not timed)...", file=sys.stderr, flush=True)
+        runtime = "OpenVINO" if settings.backend == "openvino" else "ONNX Runtime"
+        print(f"exporting the weights to a temporary ONNX graph for {runtime} (not timed)...", file=sys.stderr, flush=True)
         export_onnx(net, graph, settings.preset, batch_size=settings.batch_size, fp16=settings.fp16,
                     score_voting=score_voting, verify=False)
+        if settings.backend == "openvino":  # the model is read into memory: the file may go
+            from .runtime.openvino_backend import OpenVinoBackend
+
+            return OpenVinoBackend.from_file(graph, preset=settings.preset, precision=settings.precision or "f32")
         return OnnxRuntimeBackend.from_file(graph, providers=parse_providers(providers), preset=settings.preset)
 
 
@@ -476,6 +493,7 @@ def run_benchmark(
     skip_engine: bool = False,
     fold_bn: bool = False,
     fp16_weights: bool = False,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Time ``engine`` and ``e2e`` and return the report (every field of the JSON).
 
@@ -490,15 +508,18 @@ def run_benchmark(
     if model is not None and backend != "torch" and (preset is None or batch_size is None):
         from .export.metadata import read_export_info
 
+        if backend == "openvino":  # an OpenVINO IR .xml too
+            from .runtime.openvino_backend import read_export_info_any as read_export_info
         graph = read_export_info(model)
         preset = preset if preset is not None else graph.preset
         batch_size = batch_size if batch_size is not None else graph.batch
     settings = resolve_settings(backend, device, batch_size, warmup, iters, preset if preset is not None else "800",
-                                fp16, decode, model)
+                                fp16, decode, model, precision)
     torch_options = TorchOptions(channels_last, compile_mode, cuda_graphs, tf32, cudnn_benchmark, fold_bn, fp16_weights)
     asked = torch_options.asked()
-    if settings.backend == "onnxruntime" and asked:
-        raise ValueError(f"{', '.join(asked)} are options of the torch backend on CUDA; this run uses ONNX Runtime "
+    if settings.backend in ("onnxruntime", "openvino") and asked:
+        runtime = "OpenVINO" if settings.backend == "openvino" else "ONNX Runtime"
+        raise ValueError(f"{', '.join(asked)} are options of the torch backend on CUDA; this run uses {runtime} "
                          "(give --backend torch --device cuda)")
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"--images {images}: no such folder")

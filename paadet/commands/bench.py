@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="runtime (default: auto = torch on CUDA; on a CPU ONNX Runtime, the faster there, with the "
                         "weights exported to a temporary graph when no --model is given)")
     g.add_argument("--model", default=None,
-                   help="ONNX graph from `paadet export` (onnxruntime backend; default: export the weights on the fly)")
+                   help="ONNX graph from `paadet export` (onnxruntime / openvino backends; default: export the weights on the fly)")
     g.add_argument("--providers", default=None, help="comma-separated ONNX Runtime execution providers")
     g.add_argument("--checkpoint", default=None,
                    help="mmdetection checkpoint (.pth); default: the official file if cached (never downloaded), "
@@ -37,6 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per network call (default: the graph's static batch with --model, else 32 on GPU, 1 on CPU)")
     g.add_argument("--fp16", action="store_true", help="half precision (CUDA, torch backend)")
+    g.add_argument("--precision", choices=("f32", "bf16"), default=None,
+                   help="openvino backend: inference precision (default: f32)")
     g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting")
     t = p.add_argument_group("timing")
     t.add_argument("--warmup", type=nonnegative_int, default=None, help="untimed batches first (default: 3 on GPU, 1 on CPU)")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup, iters=args.iters, images=args.images, score_voting=not args.no_score_voting,
         channels_last=args.channels_last, compile_mode=args.compile_mode, cuda_graphs=args.cuda_graphs,
         tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark, decode=args.decode, skip_engine=args.skip_engine,
-        fold_bn=args.fold_bn, fp16_weights=args.fp16_weights,
+        fold_bn=args.fold_bn, fp16_weights=args.fp16_weights, precision=args.precision,
     )
     print(format_report(report))
     if args.json:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_preset: str = "mmdet", default_batch: int = 1) -> None:
-    """``--backend --model --providers --checkpoint --preset --device --batch-size --fp16 --no-score-voting --workers``.
+    """``--backend --model --providers --checkpoint --preset --device --batch-size --fp16 --precision --no-score-voting --workers``.
 
     ``--preset`` and ``--batch-size`` are None unless given: :func:`build_detector` then takes the
     command's defaults (recorded here as ``default_preset`` / ``default_batch``) for the torch backend
@@ -20,12 +20,13 @@ def add_model_options(parser: argparse.ArgumentParser, default_preset: str = "mm
     """
     parser.set_defaults(default_preset=default_preset, default_batch=default_batch)
     g = parser.add_argument_group("model")
-    g.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="runtime (default: torch)")
+    g.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                   help="runtime (default: torch; openvino needs `pip install \"paadet[openvino]\"`)")
     g.add_argument("--checkpoint", default=None,
                    help="mmdetection checkpoint (.pth) for the torch backend; default: the official file, "
                         "downloaded to the cache folder if missing")
-    g.add_argument("--model", default=None, help="ONNX graph from `paadet export` (onnxruntime backend)")
+    g.add_argument("--model", default=None,
+                   help="ONNX graph from `paadet export` (onnxruntime and openvino backends; openvino also reads an IR .xml)")
     g.add_argument("--providers", default=None,
                    help="comma-separated ONNX Runtime execution providers (default: the best installed)")
     g.add_argument("--preset", choices=tuple(PRESETS), default=None,
@@ -37,7 +38,10 @@ def add_model_options(parser: argparse.ArgumentParser, default_preset: str = "mm
                    help=f"images per network call (default: {default_batch}; with --backend onnxruntime, the graph's static batch)")
     g.add_argument("--fp16", action="store_true", help="half precision (CUDA for the torch backend)")
     g.add_argument("--bf16", action="store_true",
-                   help="torch backend: bfloat16 autocast (AMX on a Xeon CPU, or CUDA); detections change slightly")
+                   help="torch backend: bfloat16 autocast (CPUs with AVX512-BF16 or AMX, or CUDA); detections change slightly")
+    g.add_argument("--precision", choices=("f32", "bf16"), default=None,
+                   help="openvino backend: inference precision (default: f32; bf16 uses AMX / AVX512_BF16 and "
+                        "changes detections slightly)")
     g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting (torch backend)")
     g.add_argument("--workers", type=nonnegative_int, default=2, help="threads decoding images ahead of the network (default: 2)")
     g.add_argument("--optimize", action="store_true",
@@ -60,18 +64,23 @@ def build_detector(
     bf16: bool = False,
     default_batch: int = 1,
     optimize: bool = False,
+    precision: str | None = None,
 ) -> Detector:
     """The detector the command-line options describe.
 
     ``preset`` / ``batch_size`` None mean the checkpoint's preset (``meta.preset``, when it records one)
     or ``default_preset`` / ``default_batch`` for the torch backend, and the graph's preset / static
-    batch for ONNX Runtime. For ONNX Runtime, ``fp16`` and
+    batch for ONNX Runtime and OpenVINO. For those, ``fp16`` and
     ``score_voting=False`` must agree with how the graph was exported (they are baked into it).
+    ``precision`` (``f32`` / ``bf16``, default f32) is OpenVINO's inference precision, for ``openvino`` only.
     """
     from ..detector import Detector
 
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if precision is not None and backend != "openvino":
+        raise ValueError(f"--precision is for --backend openvino; with --backend {backend} use "
+                         + ("--fp16 or --bf16" if backend == "torch" else "an export's precision (`paadet export --fp16`)"))
     if backend == "torch":
         if model is not None:
             raise ValueError("--model is for --backend onnxruntime; the torch backend takes --checkpoint")
@@ -81,17 +90,26 @@ def build_detector(
                                         score_voting=score_voting, batch_size=batch_size or default_batch, workers=workers,
                                         optimize=optimize, bf16=bf16)
     if bf16:
-        raise ValueError("--bf16 is for --backend torch; an ONNX graph's precision is set when it is exported")
+        raise ValueError("--bf16 is for --backend torch; " + ("use --precision bf16 with --backend openvino"
+                         if backend == "openvino" else "an ONNX graph's precision is set when it is exported"))
     if model is None:
-        raise ValueError("--backend onnxruntime needs --model FILE.onnx (make one with `paadet export`)")
+        raise ValueError(f"--backend {backend} needs --model FILE.onnx (make one with `paadet export`)")
     if checkpoint is not None:
         raise ValueError("--checkpoint is for --backend torch; ONNX Runtime runs the weights inside --model")
     if optimize:
         raise ValueError("--optimize is for --backend torch; an exported graph is optimised by ONNX Runtime")
-    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend, parse_providers
+    if backend == "openvino":
+        if providers is not None:
+            raise ValueError("--providers is for --backend onnxruntime; OpenVINO runs on the CPU")
+        from ..runtime.openvino_backend import OpenVinoBackend
 
-    ort_backend = OnnxRuntimeBackend.from_file(model, providers=parse_providers(providers),
-                                               preset=get_preset(preset) if preset is not None else None)
+        ort_backend = OpenVinoBackend.from_file(model, preset=get_preset(preset) if preset is not None else None,
+                                                precision=precision or "f32")
+    else:
+        from ..runtime.onnxruntime_backend import OnnxRuntimeBackend, parse_providers
+
+        ort_backend = OnnxRuntimeBackend.from_file(model, providers=parse_providers(providers),
+                                                   preset=get_preset(preset) if preset is not None else None)
     info = ort_backend.info
     if fp16 and info.precision != "fp16":
         raise ValueError(f"--fp16 given but {model} is an {info.precision} graph; re-export it with `paadet export --fp16`")
@@ -112,7 +130,7 @@ def detector_from_args(args: argparse.Namespace) -> Detector:
         preset=args.preset, device=args.device, batch_size=args.batch_size, fp16=args.fp16,
         score_voting=not args.no_score_voting, workers=args.workers,
         default_preset=args.default_preset, default_batch=args.default_batch, optimize=args.optimize,
-        bf16=args.bf16,
+        bf16=args.bf16, precision=getattr(args, "precision", None),
     )
 
 

@@ -33,6 +33,7 @@ class ModelSpec:
     workers: int = 2
     optimize: bool = False
     bf16: bool = False
+    precision: str | None = None
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``build_detector`` (the preset object kept as is)."""
@@ -52,11 +53,12 @@ class ModelSpec:
             "score_voting": self.score_voting,
             "optimize": self.optimize,
             **({"bf16": True} if self.bf16 else {}),  # absent when off: runs from before the flag resume
+            **({"precision": self.precision} if self.precision not in (None, "f32") else {}),  # OpenVINO bf16
         }))
 
     @property
     def weights_file(self) -> str | None:
-        """The file that holds the weights: ``checkpoint`` (torch) or ``model`` (ONNX Runtime)."""
+        """The file that holds the weights: ``checkpoint`` (torch) or ``model`` (ONNX Runtime, OpenVINO)."""
         return self.checkpoint if self.backend == "torch" else self.model
 
     @property

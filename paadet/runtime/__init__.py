@@ -1,4 +1,4 @@
-"""Runtime backends: PyTorch (CPU, CUDA) and ONNX Runtime."""
+"""Runtime backends: PyTorch (CPU, CUDA), ONNX Runtime and OpenVINO (``openvino_backend``, optional extra)."""
 from .base import Backend, StageTimer
 from .torch_backend import TorchBackend
 

@@ -12,7 +12,7 @@ def model_classes(backend: str = "torch", checkpoint: str | os.PathLike | None =
     """The classes of the model a backend would run.
 
     The official checkpoint (``checkpoint`` None) is COCO's 80; a checkpoint file's come from its meta, an
-    ONNX graph's from its metadata. A file that cannot be read gives COCO's 80 here and is left for the
+    ONNX graph's (or an OpenVINO IR's) from its metadata. A file that cannot be read gives COCO's 80 here and is left for the
     backend to report when it loads it.
     """
     from ..checkpoint import load_checkpoint
@@ -23,6 +23,10 @@ def model_classes(backend: str = "torch", checkpoint: str | os.PathLike | None =
             return load_checkpoint(checkpoint).classes
         if backend == "onnxruntime" and model is not None:
             return read_export_info(model).classes
+        if backend == "openvino" and model is not None:
+            from .openvino_backend import read_export_info_any
+
+            return read_export_info_any(model).classes
     except PaadetError:
         pass
     return COCO_CLASSES

@@ -26,7 +26,7 @@ DEPLOYMENT_NAME = "PaadetDetector"
 
 # the model options of `add_model_options`, forwarded to each replica (paths must be readable on every node)
 MODEL_OPTIONS = ("backend", "checkpoint", "model", "providers", "preset", "device", "batch_size", "fp16",
-                 "no_score_voting", "workers", "default_preset", "default_batch", "optimize", "bf16")
+                 "no_score_voting", "workers", "default_preset", "default_batch", "optimize", "bf16", "precision")
 
 
 def model_options(args: argparse.Namespace) -> dict:

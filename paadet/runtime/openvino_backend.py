@@ -1,0 +1,373 @@
+"""The OpenVINO backend: runs a graph made by ``paadet export`` on OpenVINO's CPU plugin.
+
+Needs ``pip install "paadet[openvino]"``. The choices, in short:
+
+* **Which file.** The ``.onnx`` of ``paadet export`` itself, read by OpenVINO's ONNX front end
+  (``Core.read_model``): no conversion step, one file for ONNX Runtime and OpenVINO; the export's
+  metadata (preset, batch, classes...) is read from it as ONNX Runtime's backend reads it. An OpenVINO IR
+  (``.xml`` + ``.bin``) saved from it is accepted too: OpenVINO keeps the ONNX metadata in the model's
+  ``rt_info`` (``framework``) and ``ov.save_model`` writes it into the IR. Save it with
+  ``compress_to_fp16=False``, or the IR's weights are rounded to float16.
+* **Shapes.** A graph's dynamic dimensions (batch, height, width) stay dynamic: the model is compiled once
+  and the CPU plugin handles each new input shape itself (shape inference, kernels cached per shape), so
+  the ``mmdet`` preset's many padded sizes cost no recompilation. ``shape_cache=N`` instead compiles a
+  static copy per input shape (the ``N`` most recent kept): a few seconds per new shape, for workloads
+  whose shapes repeat (the ``800`` preset with a dynamic batch). A static graph is compiled as it is.
+* **Precision.** ``precision="f32"`` (the default) or ``"bf16"``, set as ``INFERENCE_PRECISION_HINT``.
+  OpenVINO's own CPU default is bf16 wherever the CPU has bfloat16 (AMX, AVX512_BF16), which changes
+  detections; paadet runs f32 unless bf16 is asked for, and refuses bf16 on a CPU without it.
+* **Threads.** ``INFERENCE_NUM_THREADS`` = ``threads`` or ``torch.get_num_threads()`` (the physical cores,
+  or ``OMP_NUM_THREADS``), one stream, latency hint: one batch at a time, as the other backends run.
+
+Pre- and post-processing are the ONNX Runtime backend's: a full graph gets the padded ``uint8`` batch
+and does the rest (normalisation, network, decoding, NMS, score voting); a raw graph (the network's 15
+maps) is normalised and post-processed in PyTorch.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PaadetError, one_line
+from ..export.metadata import ExportFormatError, ExportInfo, same_preset
+from ..postprocess import Detections, PAAPostprocess, PostprocessConfig
+from ..preprocess import ImageMeta, Preset, get_preset, normalize_pad
+from .base import Backend, StageTimer
+from .onnxruntime_backend import OnnxModelError, _padding
+
+PRECISIONS = ("f32", "bf16")
+INSTALL_HINT = 'pip install "paadet[openvino]"'
+IR_SUFFIXES = (".xml",)
+
+
+class OpenVinoModelError(OnnxModelError):
+    """A graph that OpenVINO cannot run as asked (preset, size, batch, precision, compilation); names the file."""
+
+
+def import_openvino():
+    """The ``openvino`` module, or a one-line :class:`PaadetError` saying how to install it."""
+    try:
+        import openvino
+    except ImportError as exc:
+        raise PaadetError(f"OpenVINO is not installed ({one_line(exc)}); install it with: {INSTALL_HINT}") from None
+    return openvino
+
+
+def normalize_precision(precision: str | None) -> str:
+    """``f32`` (also ``fp32``, None) or ``bf16``; anything else raises ``ValueError``."""
+    value = (precision or "f32").lower()
+    value = {"fp32": "f32", "float32": "f32", "bfloat16": "bf16"}.get(value, value)
+    if value not in PRECISIONS:
+        raise ValueError(f"unknown OpenVINO precision {precision!r}; use {' or '.join(PRECISIONS)}")
+    return value
+
+
+def _rt_metadata(model) -> dict[str, str]:
+    """The ONNX ``metadata_props`` that OpenVINO keeps in ``rt_info['framework']`` (ONNX files and IR alike)."""
+    try:
+        if not model.has_rt_info(["framework"]):
+            return {}
+        framework = model.get_rt_info()["framework"]
+        props = {}
+        for key in framework:
+            value = framework[key]
+            props[str(key)] = value.astype(str) if hasattr(value, "astype") else str(value)
+    except Exception:  # noqa: BLE001 - an rt_info without the ONNX metadata: "not a paadet export" below
+        return {}
+    return props
+
+
+def read_model(path: str | os.PathLike, core=None):
+    """``(openvino model, ExportInfo)`` of a ``paadet export`` graph (``.onnx``, or an IR ``.xml`` saved from one).
+
+    A file that is not an IR ``.xml`` is first read as ONNX with ``onnx`` (its metadata, without the weights):
+    a file that is not a paadet export is refused there, before OpenVINO tries its other front ends on it.
+
+    Raises:
+        PaadetError: OpenVINO is not installed.
+        ExportFormatError: a missing file, one OpenVINO cannot read, or not a paadet export.
+    """
+    ov = import_openvino()
+    path = os.fspath(path)
+    if not Path(path).is_file():
+        raise ExportFormatError(f"{path}: model file not found")
+    is_ir = path.lower().endswith(IR_SUFFIXES)
+    info = None
+    if not is_ir:
+        from ..export.metadata import read_export_info
+
+        info = read_export_info(path)
+    core = core or ov.Core()
+    kind = "an OpenVINO IR" if is_ir else "an ONNX model"
+    try:
+        model = core.read_model(path)
+    except Exception as exc:  # OpenVINO raises RuntimeError / GeneralFailure with multi-line texts
+        raise ExportFormatError(
+            f"{path}: cannot be read as {kind} by OpenVINO ({type(exc).__name__}: {one_line(exc)[:300]})"
+        ) from exc
+    return model, info or ExportInfo.from_metadata(_rt_metadata(model), path)
+
+
+def read_export_info_any(path: str | os.PathLike) -> ExportInfo:
+    """The :class:`ExportInfo` of an ``.onnx`` export (read with ``onnx``) or of an IR ``.xml`` (with OpenVINO)."""
+    from ..export.metadata import read_export_info
+
+    if os.fspath(path).lower().endswith(IR_SUFFIXES):
+        return read_model(path)[1]
+    return read_export_info(path)
+
+
+class OpenVinoBackend(Backend):
+    """Runs a paadet export with OpenVINO on the CPU.
+
+    Args:
+        core: the ``openvino.Core``.
+        model: the ``openvino.Model`` read from ``path``.
+        info: the export's metadata.
+        path: the graph's file (for messages).
+        preset: the preset to pre-process with (must size images as the graph's preset does).
+        precision: ``f32`` or ``bf16`` (OpenVINO's inference precision).
+        threads: CPU threads for inference (default ``torch.get_num_threads()``).
+        shape_cache: 0 = compile the graph once with its dynamic dimensions; N > 0 = compile a static copy
+            per input shape, keeping the N most recent (a static graph is compiled once either way).
+        device: the OpenVINO device (``CPU``), kept as ``ov_device``.
+    """
+
+    name = "openvino"
+
+    def __init__(self, core, model, info: ExportInfo, path: str, preset: Preset | None = None,
+                 precision: str = "f32", threads: int | None = None, shape_cache: int = 0,
+                 device: str = "CPU") -> None:
+        self.core = core
+        self.model = model
+        self.info = info
+        self.path = path
+        self.preset = preset or info.preset
+        self.fixed_batch = info.batch
+        self.classes = info.classes
+        self.ov_device = device  # OpenVINO's device name (not a torch device: the Detector reads `.device`)
+        self.inference_precision = normalize_precision(precision)
+        self.threads = int(threads) if threads else max(1, torch.get_num_threads())
+        if shape_cache < 0:
+            raise ValueError(f"shape_cache must be >= 0, got {shape_cache}")
+        self.input_names = [i.get_any_name() for i in model.inputs]
+        self.output_names = [o.get_any_name() for o in model.outputs]
+        self.dynamic = any(i.get_partial_shape().is_dynamic for i in model.inputs)
+        self.shape_cache = shape_cache if self.dynamic else 0
+        self._post = PAAPostprocess(PostprocessConfig.from_dict(info.postprocess)) if info.graph == "raw" else None
+        self._lock = threading.Lock()
+        self._compiled: OrderedDict[tuple, object] = OrderedDict()
+        self._check_precision_supported()
+        if not self.shape_cache:  # one compiled model for every shape: compile now, errors surface at load
+            self._compiled[()] = self._compile(model)
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        preset: str | Preset | None = None,
+        precision: str = "f32",
+        threads: int | None = None,
+        shape_cache: int = 0,
+        device: str = "CPU",
+    ) -> "OpenVinoBackend":
+        """Open ``path`` (a ``paadet export`` ``.onnx``, or an IR ``.xml`` saved from one) and compile it.
+
+        Raises:
+            PaadetError: OpenVINO is not installed.
+            ExportFormatError: unreadable file or not a paadet export.
+            OpenVinoModelError: a preset that does not fit the graph, bf16 on a CPU without it, or a graph
+                OpenVINO cannot compile.
+        """
+        ov = import_openvino()
+        path = os.fspath(path)
+        core = ov.Core()
+        model, info = read_model(path, core)
+        if preset is not None:
+            preset = get_preset(preset)
+            if not same_preset(preset, info.preset):
+                raise OpenVinoModelError(
+                    f"{path}: exported for preset {info.preset.name} (scale {info.preset.scale}, "
+                    f"{_padding(info.preset)}), not preset {preset.name} (scale {preset.scale}, {_padding(preset)}); "
+                    f"use --preset {info.preset.name} or re-export with --preset {preset.name}"
+                )
+        return cls(core, model, info, path, preset, precision=precision, threads=threads, shape_cache=shape_cache,
+                   device=device)
+
+    # -- compilation -------------------------------------------------------------------------------------------
+
+    def _check_precision_supported(self) -> None:
+        if self.inference_precision != "bf16":
+            return
+        try:
+            caps = list(self.core.get_property(self.ov_device, "OPTIMIZATION_CAPABILITIES"))
+        except Exception:  # noqa: BLE001 - a plugin without the property: let the compile decide
+            return
+        if "BF16" not in caps:
+            raise OpenVinoModelError(
+                f"{self.path}: --precision bf16 asked, but this {self.ov_device} has no bfloat16 support "
+                f"(OpenVINO capabilities: {', '.join(caps)}); use --precision f32"
+            )
+
+    def compile_config(self) -> dict:
+        """The properties every compilation gets."""
+        return {
+            "INFERENCE_PRECISION_HINT": self.inference_precision,
+            "INFERENCE_NUM_THREADS": self.threads,
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+
+    def _compile(self, model):
+        try:
+            compiled = self.core.compile_model(model, self.ov_device, self.compile_config())
+        except Exception as exc:  # OpenVINO's errors are multi-line
+            raise OpenVinoModelError(
+                f"{self.path}: OpenVINO cannot compile it for {self.ov_device} ({type(exc).__name__}: {one_line(exc)[:300]})"
+            ) from exc
+        return compiled, compiled.create_infer_request()
+
+    def _request_for(self, feeds: dict[str, np.ndarray]):
+        """The infer request that runs ``feeds``: the one compiled model, or the static copy for their shapes."""
+        if not self.shape_cache:
+            return self._compiled[()][1]
+        key = tuple((name, feeds[name].shape) for name in self.input_names)
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key][1]
+        static = self.model.clone()
+        static.reshape({name: list(shape) for name, shape in key})
+        self._compiled[key] = self._compile(static)
+        while len(self._compiled) > self.shape_cache:
+            self._compiled.popitem(last=False)
+        return self._compiled[key][1]
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The graph's outputs (copies, in the graph's output order) for ``feeds``."""
+        with self._lock:  # one infer request per compiled model: one call at a time
+            request = self._request_for(feeds)
+            try:
+                request.infer(feeds)
+            except Exception as exc:
+                raise OpenVinoModelError(f"{self.path}: OpenVINO inference failed ({type(exc).__name__}: "
+                                         f"{one_line(exc)[:300]})") from exc
+            return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.output_names))]
+
+    @property
+    def compiled_precision(self) -> str | None:
+        """The inference precision a compiled model reports (``f32``, ``bf16``); None before the first compile."""
+        if not self._compiled:
+            return None
+        compiled = next(reversed(self._compiled.values()))[0]
+        value = compiled.get_property("INFERENCE_PRECISION_HINT")
+        return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+    # -- inference (as the ONNX Runtime backend) ----------------------------------------------------------------
+
+    def input_shape_for(self, metas: list[ImageMeta]) -> tuple[int, int]:
+        """The padded ``(height, width)`` to feed for a batch; raises OpenVinoModelError if an image does not fit."""
+        pad_shapes = {m.pad_shape for m in metas}
+        if len(pad_shapes) != 1:
+            raise ValueError(f"a batch needs images of one padded size, got {sorted(pad_shapes)}")
+        if self.info.input_size is None:
+            return pad_shapes.pop()
+        gh, gw = self.info.input_size
+        for m in metas:
+            h, w = m.img_shape
+            if h > gh or w > gw:
+                raise OpenVinoModelError(
+                    f"{self.path}: image resized to {h}x{w} does not fit the graph's fixed input {gh}x{gw}; "
+                    f"re-export with a larger --input-size or a dynamic size"
+                )
+        return gh, gw
+
+    def _check_batch(self, n: int) -> int:
+        """Rows to feed for ``n`` images (the static batch, or ``n``)."""
+        if self.fixed_batch is None:
+            return n
+        if n > self.fixed_batch:
+            raise OpenVinoModelError(
+                f"{self.path}: {n} images in one call but the graph has a static batch of {self.fixed_batch}; "
+                f"use --batch-size {self.fixed_batch} or less, or re-export with --dynamic-batch"
+            )
+        return self.fixed_batch
+
+    def infer(self, images: list[np.ndarray], metas: list[ImageMeta], timer: StageTimer | None = None) -> Detections:
+        """Detect on resized BGR ``uint8`` images ``[h, w, 3]`` of one padded size; CPU tensors out."""
+        timer = timer or StageTimer()
+        n = len(images)
+        if n == 0:
+            raise ValueError("infer needs at least one image")
+        rows = self._check_batch(n)
+        if self.info.graph == "raw":
+            return self._infer_raw(images, metas, rows, timer)
+        with timer.stage("preprocess"):
+            height, width = self.input_shape_for(metas)
+            batch = np.zeros((rows, height, width, 3), np.uint8)
+            img_shapes = np.ones((rows, 2), np.float32)
+            scale_factors = np.ones((rows, 2), np.float32)
+            for i, (img, m) in enumerate(zip(images, metas)):
+                h, w = img.shape[:2]
+                batch[i, :h, :w] = img
+                img_shapes[i] = m.img_shape
+                scale_factors[i] = m.scale_factor
+            feeds = dict(zip(self.input_names, (batch, img_shapes, scale_factors)))
+        with timer.stage("network"):
+            boxes, scores, labels, num_dets = self._run(feeds)
+        with timer.stage("postprocess"):
+            dets = Detections(
+                torch.from_numpy(np.ascontiguousarray(boxes[:n], np.float32)),
+                torch.from_numpy(np.ascontiguousarray(scores[:n], np.float32)),
+                torch.from_numpy(np.ascontiguousarray(labels[:n], np.int64)),
+                torch.from_numpy(np.ascontiguousarray(num_dets[:n], np.int64)),
+            )
+        return dets
+
+    def _infer_raw(self, images: list[np.ndarray], metas: list[ImageMeta], rows: int, timer: StageTimer) -> Detections:
+        """Raw graph: normalise and pad in PyTorch, run the network, post-process in PyTorch."""
+        n = len(images)
+        with timer.stage("preprocess"):
+            height, width = self.input_shape_for(metas)
+            batch = torch.zeros(rows, 3, height, width)
+            for i, (img, m) in enumerate(zip(images, metas)):
+                batch[i] = normalize_pad(torch.from_numpy(np.ascontiguousarray(img)), (height, width))
+            feeds = {self.input_names[0]: batch.numpy()}
+        with timer.stage("network"):
+            maps = [torch.from_numpy(m[:n]) for m in self._run(feeds)]
+        with timer.stage("postprocess"):
+            img_shapes = torch.tensor([m.img_shape for m in metas], dtype=torch.float32)
+            scale_factors = torch.tensor([m.scale_factor for m in metas], dtype=torch.float32)
+            dets = self._post(maps[0:5], maps[5:10], maps[10:15], img_shapes, scale_factors)
+        return dets
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info.update(
+            model=self.path,
+            device="cpu" if self.ov_device == "CPU" else self.ov_device,
+            precision="bf16" if self.inference_precision == "bf16" else self.info.precision,
+            inference_precision=self.compiled_precision or self.inference_precision,
+            threads=self.threads,
+            graph=("full: normalisation, network, decoding, NMS and score voting all run inside the graph "
+                   "(the postprocess stage only converts outputs)") if self.info.graph == "full"
+            else "raw: network only; normalisation and post-processing in PyTorch on the CPU",
+            score_voting=self.info.score_voting,
+            batch=self.fixed_batch or "dynamic",
+            input_size="x".join(map(str, self.info.input_size)) if self.info.input_size else "dynamic",
+            shapes=("static" if not self.dynamic else
+                    f"compiled per input shape, {self.shape_cache} kept" if self.shape_cache else
+                    "dynamic, compiled once"),
+            openvino=_openvino_version(),
+        )
+        return info
+
+
+def _openvino_version() -> str:
+    import openvino
+
+    return str(getattr(openvino, "__version__", "?")).split("-")[0]
