@@ -76,7 +76,7 @@ def _detector(mode: str, standin: Path, work: Path, device: str):
 
     fp16 = mode == "ort-fp16"
     graph = work / f"standin_{'fp16' if fp16 else 'fp32'}.onnx"
-    if not graph.is_file():
+    if not graph.is_file() or graph.stat().st_mtime < weights.stat().st_mtime:  # (re-)export for these weights
         export_onnx(str(weights), graph, preset=None, fp16=fp16, dynamic_batch=True)
     return build_detector(backend="onnxruntime", model=str(graph), batch_size=1, fp16=fp16)
 

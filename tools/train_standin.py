@@ -65,7 +65,7 @@ def _run(cmd: list[str], log: Path) -> float:
             sink.write(line)
         code = proc.wait()
     if code != 0:
-        raise SystemExit(f"train_standin: {cmd[2] if len(cmd) > 2 else cmd[0]} failed with exit code {code}; see {log}")
+        raise SystemExit(f"train_standin: {' '.join(cmd[2:4])} failed with exit code {code}; see {log}")
     return time.perf_counter() - start
 
 

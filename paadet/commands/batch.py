@@ -71,9 +71,10 @@ def _checkpoint_preset(checkpoint: str | None):
     from ..errors import PaadetError
 
     try:
-        return load_checkpoint(checkpoint).preset
+        loaded = load_checkpoint(checkpoint)
     except PaadetError:
         return None
+    return loaded.preset  # a malformed meta.preset is refused here, in one line, as predict and eval do
 
 
 def spec_from_args(args: argparse.Namespace) -> "ModelSpec":

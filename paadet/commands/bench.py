@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench import BACKENDS, DECODE_MODES, format_report, run_benchmark
+from ..bench import BACKENDS, DECODE_MODES, run_benchmark
+from ..bench_report import format_report
 from ..fileio import atomic_write_json, check_output_file
 from ..preprocess import PRESETS
 from ..runtime.torch_backend import COMPILE_MODES

@@ -95,9 +95,9 @@ def build_detector(
     if model is None:
         raise ValueError(f"--backend {backend} needs --model FILE.onnx (make one with `paadet export`)")
     if checkpoint is not None:
-        raise ValueError("--checkpoint is for --backend torch; ONNX Runtime runs the weights inside --model")
+        raise ValueError(f"--checkpoint is for --backend torch; --backend {backend} runs the weights inside --model")
     if optimize:
-        raise ValueError("--optimize is for --backend torch; an exported graph is optimised by ONNX Runtime")
+        raise ValueError(f"--optimize is for --backend torch; --backend {backend} optimises the exported graph itself")
     if backend == "openvino":
         if providers is not None:
             raise ValueError("--providers is for --backend onnxruntime; OpenVINO runs on the CPU")

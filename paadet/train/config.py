@@ -12,10 +12,11 @@ from ..errors import PaadetError
 __all__ = ["AMP_MODES", "INIT_MODES", "RESUME_KEYS", "TrainConfig", "TrainingError"]
 
 INIT_MODES = ("checkpoint", "backbone", "scratch")
+"""Where the weights come from: a PAA checkpoint, torchvision's ImageNet ResNet-50, or nothing."""
+
 AMP_MODES = ("bf16", "fp16")
 """Mixed precision: the network's forward pass under autocast in bfloat16 (CPU and CUDA) or float16 (CUDA,
 with a gradient scaler); the targets, the assignment and the losses always run in float32."""
-"""Where the weights come from: a PAA checkpoint, torchvision's ImageNet ResNet-50, or nothing."""
 
 RESUME_KEYS = (
     "ann_file", "image_dir", "scale", "flip_prob", "batch_size", "shuffle", "seed", "lr", "momentum",

@@ -233,7 +233,7 @@ def start_distributed(device: str, timeout_s: float, environ: Mapping[str, str] 
         backend = "nccl"
     else:
         backend = "gloo"
-    if "MASTER_ADDR" not in os.environ:
+    if "MASTER_ADDR" not in (environ if environ is not None else os.environ):
         raise TrainingError(f"WORLD_SIZE={env.world_size} but no MASTER_ADDR: start the processes with torchrun")
     kwargs: dict[str, Any] = {"device_id": dev} if backend == "nccl" else {}
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
@@ -302,6 +302,7 @@ def launch_local(config: Any, nproc: int) -> str:
     import dataclasses
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -311,7 +312,11 @@ def launch_local(config: Any, nproc: int) -> str:
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")
     try:
         results = elastic_launch(launch, _shortcut_worker)(config)
+    except SignalException:  # Ctrl-C / SIGTERM reached the launcher: the workers stopped (rank 0 saved first)
+        raise KeyboardInterrupt from None
     except ChildFailedError as exc:
         failed = ", ".join(f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(exc.failures.items()))
-        raise TrainingError(f"the training processes failed: {failed}; continue with --resume") from None
+        saved = (Path(config.output_dir) / "latest.pth").is_file()
+        hint = "continue with --resume" if saved else "nothing was saved; see the processes' errors above"
+        raise TrainingError(f"the training processes failed: {failed}; {hint}") from None
     return str(results[0])

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["FocalLossSum", "focal_loss_sum"]
 
@@ -62,6 +63,7 @@ class FocalLossSum(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable  # the saved p and softplus are outside the graph: no double backward
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         prob, soft, weights, pos, cls, x = ctx.saved_tensors
         alpha, gamma = ctx.alpha, ctx.gamma

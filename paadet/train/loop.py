@@ -245,6 +245,7 @@ class _Trainer:
                 reached_max = self._run_epoch(stop)
                 if stop.requested:
                     path = self.save_latest()
+                    self.dist.barrier()  # no rank exits (making torchrun stop rank 0) before the save is done
                     self.log(f"interrupted: saved {path} at iteration {state.iteration} (epoch {state.epoch + 1}, "
                              f"batch {state.batch_in_epoch}); continue with --resume (same --output-dir)")
                     raise KeyboardInterrupt
