@@ -34,11 +34,9 @@ import numpy as np
 import torch
 
 from ..errors import PaadetError, one_line
-from ..export.metadata import ExportFormatError, ExportInfo, same_preset
-from ..postprocess import Detections, PAAPostprocess, PostprocessConfig
-from ..preprocess import ImageMeta, Preset, get_preset, normalize_pad
-from .base import Backend, StageTimer
-from .onnxruntime_backend import OnnxModelError, _padding
+from ..export.metadata import ExportFormatError, ExportInfo
+from ..preprocess import Preset
+from .exported_graph import ExportedGraphBackend, OnnxModelError, check_graph_preset
 
 PRECISIONS = ("f32", "bf16")
 INSTALL_HINT = 'pip install "paadet[openvino]"'
@@ -122,7 +120,7 @@ def read_export_info_any(path: str | os.PathLike) -> ExportInfo:
     return read_export_info(path)
 
 
-class OpenVinoBackend(Backend):
+class OpenVinoBackend(ExportedGraphBackend):
     """Runs a paadet export with OpenVINO on the CPU.
 
     Args:
@@ -139,17 +137,14 @@ class OpenVinoBackend(Backend):
     """
 
     name = "openvino"
+    model_error = OpenVinoModelError
 
     def __init__(self, core, model, info: ExportInfo, path: str, preset: Preset | None = None,
                  precision: str = "f32", threads: int | None = None, shape_cache: int = 0,
                  device: str = "CPU") -> None:
+        super().__init__(info, path, preset)
         self.core = core
         self.model = model
-        self.info = info
-        self.path = path
-        self.preset = preset or info.preset
-        self.fixed_batch = info.batch
-        self.classes = info.classes
         self.ov_device = device  # OpenVINO's device name (not a torch device: the Detector reads `.device`)
         self.inference_precision = normalize_precision(precision)
         self.threads = int(threads) if threads else max(1, torch.get_num_threads())
@@ -159,7 +154,6 @@ class OpenVinoBackend(Backend):
         self.output_names = [o.get_any_name() for o in model.outputs]
         self.dynamic = any(i.get_partial_shape().is_dynamic for i in model.inputs)
         self.shape_cache = shape_cache if self.dynamic else 0
-        self._post = PAAPostprocess(PostprocessConfig.from_dict(info.postprocess)) if info.graph == "raw" else None
         self._lock = threading.Lock()
         self._compiled: OrderedDict[tuple, object] = OrderedDict()
         self._check_precision_supported()
@@ -188,14 +182,7 @@ class OpenVinoBackend(Backend):
         path = os.fspath(path)
         core = ov.Core()
         model, info = read_model(path, core)
-        if preset is not None:
-            preset = get_preset(preset)
-            if not same_preset(preset, info.preset):
-                raise OpenVinoModelError(
-                    f"{path}: exported for preset {info.preset.name} (scale {info.preset.scale}, "
-                    f"{_padding(info.preset)}), not preset {preset.name} (scale {preset.scale}, {_padding(preset)}); "
-                    f"use --preset {info.preset.name} or re-export with --preset {preset.name}"
-                )
+        preset = check_graph_preset(path, info, preset, OpenVinoModelError)
         return cls(core, model, info, path, preset, precision=precision, threads=threads, shape_cache=shape_cache,
                    device=device)
 
@@ -267,98 +254,17 @@ class OpenVinoBackend(Backend):
         value = compiled.get_property("INFERENCE_PRECISION_HINT")
         return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
 
-    # -- inference (as the ONNX Runtime backend) ----------------------------------------------------------------
-
-    def input_shape_for(self, metas: list[ImageMeta]) -> tuple[int, int]:
-        """The padded ``(height, width)`` to feed for a batch; raises OpenVinoModelError if an image does not fit."""
-        pad_shapes = {m.pad_shape for m in metas}
-        if len(pad_shapes) != 1:
-            raise ValueError(f"a batch needs images of one padded size, got {sorted(pad_shapes)}")
-        if self.info.input_size is None:
-            return pad_shapes.pop()
-        gh, gw = self.info.input_size
-        for m in metas:
-            h, w = m.img_shape
-            if h > gh or w > gw:
-                raise OpenVinoModelError(
-                    f"{self.path}: image resized to {h}x{w} does not fit the graph's fixed input {gh}x{gw}; "
-                    f"re-export with a larger --input-size or a dynamic size"
-                )
-        return gh, gw
-
-    def _check_batch(self, n: int) -> int:
-        """Rows to feed for ``n`` images (the static batch, or ``n``)."""
-        if self.fixed_batch is None:
-            return n
-        if n > self.fixed_batch:
-            raise OpenVinoModelError(
-                f"{self.path}: {n} images in one call but the graph has a static batch of {self.fixed_batch}; "
-                f"use --batch-size {self.fixed_batch} or less, or re-export with --dynamic-batch"
-            )
-        return self.fixed_batch
-
-    def infer(self, images: list[np.ndarray], metas: list[ImageMeta], timer: StageTimer | None = None) -> Detections:
-        """Detect on resized BGR ``uint8`` images ``[h, w, 3]`` of one padded size; CPU tensors out."""
-        timer = timer or StageTimer()
-        n = len(images)
-        if n == 0:
-            raise ValueError("infer needs at least one image")
-        rows = self._check_batch(n)
-        if self.info.graph == "raw":
-            return self._infer_raw(images, metas, rows, timer)
-        with timer.stage("preprocess"):
-            height, width = self.input_shape_for(metas)
-            batch = np.zeros((rows, height, width, 3), np.uint8)
-            img_shapes = np.ones((rows, 2), np.float32)
-            scale_factors = np.ones((rows, 2), np.float32)
-            for i, (img, m) in enumerate(zip(images, metas)):
-                h, w = img.shape[:2]
-                batch[i, :h, :w] = img
-                img_shapes[i] = m.img_shape
-                scale_factors[i] = m.scale_factor
-            feeds = dict(zip(self.input_names, (batch, img_shapes, scale_factors)))
-        with timer.stage("network"):
-            boxes, scores, labels, num_dets = self._run(feeds)
-        with timer.stage("postprocess"):
-            dets = Detections(
-                torch.from_numpy(np.ascontiguousarray(boxes[:n], np.float32)),
-                torch.from_numpy(np.ascontiguousarray(scores[:n], np.float32)),
-                torch.from_numpy(np.ascontiguousarray(labels[:n], np.int64)),
-                torch.from_numpy(np.ascontiguousarray(num_dets[:n], np.int64)),
-            )
-        return dets
-
-    def _infer_raw(self, images: list[np.ndarray], metas: list[ImageMeta], rows: int, timer: StageTimer) -> Detections:
-        """Raw graph: normalise and pad in PyTorch, run the network, post-process in PyTorch."""
-        n = len(images)
-        with timer.stage("preprocess"):
-            height, width = self.input_shape_for(metas)
-            batch = torch.zeros(rows, 3, height, width)
-            for i, (img, m) in enumerate(zip(images, metas)):
-                batch[i] = normalize_pad(torch.from_numpy(np.ascontiguousarray(img)), (height, width))
-            feeds = {self.input_names[0]: batch.numpy()}
-        with timer.stage("network"):
-            maps = [torch.from_numpy(m[:n]) for m in self._run(feeds)]
-        with timer.stage("postprocess"):
-            img_shapes = torch.tensor([m.img_shape for m in metas], dtype=torch.float32)
-            scale_factors = torch.tensor([m.scale_factor for m in metas], dtype=torch.float32)
-            dets = self._post(maps[0:5], maps[5:10], maps[10:15], img_shapes, scale_factors)
-        return dets
+    def _runtime_facts(self) -> dict:
+        return {
+            "device": "cpu" if self.ov_device == "CPU" else self.ov_device,
+            "precision": "bf16" if self.inference_precision == "bf16" else self.info.precision,
+            "inference_precision": self.compiled_precision or self.inference_precision,
+            "threads": self.threads,
+        }
 
     def describe(self) -> dict:
         info = super().describe()
         info.update(
-            model=self.path,
-            device="cpu" if self.ov_device == "CPU" else self.ov_device,
-            precision="bf16" if self.inference_precision == "bf16" else self.info.precision,
-            inference_precision=self.compiled_precision or self.inference_precision,
-            threads=self.threads,
-            graph=("full: normalisation, network, decoding, NMS and score voting all run inside the graph "
-                   "(the postprocess stage only converts outputs)") if self.info.graph == "full"
-            else "raw: network only; normalisation and post-processing in PyTorch on the CPU",
-            score_voting=self.info.score_voting,
-            batch=self.fixed_batch or "dynamic",
-            input_size="x".join(map(str, self.info.input_size)) if self.info.input_size else "dynamic",
             shapes=("static" if not self.dynamic else
                     f"compiled per input shape, {self.shape_cache} kept" if self.shape_cache else
                     "dynamic, compiled once"),
