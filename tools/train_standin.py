@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from paadet.checkpoint import safe_torch_load
 from paadet.data.synthetic import SHAPES, SyntheticSpec, generate_split
 from paadet.fileio import atomic_write_json, check_output_dir
 
@@ -74,8 +75,8 @@ def _dataset(root: Path, recipe: dict, seed: int) -> dict[str, float]:
     times = {}
     for split, count in (("train", recipe["train_images"]), ("val", recipe["val_images"])):
         ann = root / split / "annotations.json"
-        if ann.is_file() and json.loads(ann.read_text()).get("info", {}).get("seed") == seed \
-                and len(json.loads(ann.read_text())["images"]) == count:
+        written = json.loads(ann.read_text()) if ann.is_file() else None
+        if written is not None and written.get("info", {}).get("seed") == seed and len(written["images"]) == count:
             print(f"{ann}: already written, kept")
             continue
         start = time.perf_counter()
@@ -101,7 +102,7 @@ def _train_command(root: Path, recipe: dict, seed: int, resume: bool) -> list[st
 
 def _export_weights(run_dir: Path, out: Path) -> None:
     """``run/latest.pth`` without its optimizer and RNG state: weights and meta (classes, preset, settings)."""
-    ckpt = torch.load(run_dir / "latest.pth", map_location="cpu", weights_only=True)
+    ckpt = safe_torch_load(run_dir / "latest.pth")
     slim = {"meta": ckpt["meta"], "state_dict": ckpt["state_dict"]}
     tmp = out.with_name(out.name + ".tmp")
     torch.save(slim, tmp)

@@ -29,6 +29,8 @@ import torch
 from .. import __version__
 from ..checkpoint import CheckpointError, safe_torch_load
 from ..fileio import atomic_write_bytes
+from ..preprocess import Preset
+from .data import SIZE_DIVISOR
 
 __all__ = [
     "LATEST_NAME",
@@ -164,7 +166,8 @@ def make_checkpoint(
         "train_state": state.to_plain(),
     }
     if "scale" in settings:  # the input scale it was trained at: predict / eval / export default to it
-        meta["preset"] = {"name": "trained", "scale": [int(v) for v in settings["scale"]], "size_divisor": 32}
+        scale = tuple(int(v) for v in settings["scale"])
+        meta["preset"] = Preset("trained", scale, size_divisor=SIZE_DIVISOR).to_meta()  # type: ignore[arg-type]
     out: dict[str, Any] = {"meta": meta, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}
     if optimizer is not None:
         out["optimizer"] = _to_cpu(optimizer)
