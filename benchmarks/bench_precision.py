@@ -10,6 +10,11 @@ behind ``paadet eval``) over the stand-in's val split, in this one process, one 
 * ``torch-bf16``: the torch backend under bfloat16 autocast (``paadet eval --bf16``; AVX512-BF16 or AMX on the CPU);
 * ``ort-fp32`` / ``ort-fp16``: ``paadet export`` graphs (fp32, and ``--fp16``) on ONNX Runtime's CPU
   provider (``paadet eval --backend onnxruntime --model ...``);
+* ``ov-f32`` / ``ov-bf16``: the fp32 graph on OpenVINO's CPU plugin (``--backend openvino --precision f32|bf16``);
+* ``ov-int8`` / ``ort-int8``: the graph quantised by ``paadet quantize`` (NNCF, calibrated on 300 images of
+  the stand-in's *train* split, never on val) on OpenVINO and on ONNX Runtime;
+* ``ov-int8-ortq`` / ``ort-int8-ortq``: the same with ``paadet quantize --method ort`` (ONNX Runtime's
+  static quantiser), to choose the default method;
 * ``torch-fp16``: the torch backend under float16 autocast, only on CUDA (``--device cuda``).
 
 For each: AP (and AP50, AP75), its difference from fp32 in AP points, the fraction of the fp32 detections
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -40,7 +47,9 @@ from paadet.runtime.classes import model_classes
 FP16_RULE = {"iou_thr": 0.95, "score_tol": 1e-2}
 """The export issue's FP16 parity rule (docs/benchmarks.md)."""
 
-CPU_MODES = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-fp16")
+CPU_MODES = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-fp16", "ov-f32", "ov-bf16", "ov-int8", "ort-int8",
+             "ov-int8-ortq", "ort-int8-ortq")
+CALIBRATION_IMAGES = 300
 
 
 def _by_image(detections: list[dict]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -76,9 +85,27 @@ def _detector(mode: str, standin: Path, work: Path, device: str):
 
     fp16 = mode == "ort-fp16"
     graph = work / f"standin_{'fp16' if fp16 else 'fp32'}.onnx"
-    if not graph.is_file() or graph.stat().st_mtime < weights.stat().st_mtime:  # (re-)export for these weights
+    if _stale(graph, weights):  # (re-)export for these weights
         export_onnx(str(weights), graph, preset=None, fp16=fp16, dynamic_batch=True)
+    if "int8" in mode:
+        method = "ort" if mode.endswith("-ortq") else "nncf"
+        int8 = work / f"standin_int8_{method}.onnx"
+        if _stale(int8, weights):
+            from paadet.export.quantize import quantize_export
+
+            logging.getLogger("nncf").setLevel(logging.WARNING)
+            report = quantize_export(graph, standin / "train" / "images", int8, method=method,
+                                     max_images=CALIBRATION_IMAGES, progress=False)
+            print(report, file=sys.stderr)
+        graph = int8
+    if mode.startswith("ov-"):
+        return build_detector(backend="openvino", model=str(graph), batch_size=1,
+                              precision="bf16" if mode == "ov-bf16" else "f32")
     return build_detector(backend="onnxruntime", model=str(graph), batch_size=1, fp16=fp16)
+
+
+def _stale(path: Path, weights: Path) -> bool:
+    return not path.is_file() or path.stat().st_mtime < weights.stat().st_mtime
 
 
 def run(standin: Path, modes: list[str], device: str) -> dict:
@@ -90,6 +117,7 @@ def run(standin: Path, modes: list[str], device: str) -> dict:
     for mode in modes:
         detector = _detector(mode, standin, work, device)
         out = work / mode
+        shutil.rmtree(out, ignore_errors=True)  # this script's own folder: each run evaluates afresh
         start = time.perf_counter()
         report = evaluate_detector(detector, dataset, output_dir=out, progress=False)
         wall = time.perf_counter() - start

@@ -25,7 +25,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -79,16 +79,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def choose_backend(backend: str, device: str | None = None, model: str | None = None, fp16: bool = False) -> str:
-    """Resolve ``auto`` to the best backend available here.
+def choose_backend(backend: str, device: str | None = None, model: str | None = None, fp16: bool = False,
+                   precision: str | None = None) -> str:
+    """Resolve ``auto`` to a first choice (on a CPU, ``run_benchmark`` then probes the other fp32 backends).
 
-    With ``--model``: ONNX Runtime. On CUDA (or with ``--fp16``): the torch backend, whose FP16 fast
-    path is there. On the CPU: ONNX Runtime, the fastest CPU backend measured (1.3-1.7x the torch
-    backend, docs/benchmarks.md), with the weights exported to a temporary graph first; the torch
+    With ``precision`` (OpenVINO's ``--precision``): OpenVINO. With ``--model``: ONNX Runtime. On CUDA
+    (or with ``--fp16``): the torch backend, whose FP16 fast path is there. On the CPU: ONNX Runtime (1.3-1.7x
+    the torch backend, docs/benchmarks.md), with the weights exported to a temporary graph first; the torch
     backend if onnxruntime is not installed.
     """
     if backend != "auto":
         return backend
+    if precision is not None:
+        return "openvino"
     if model is not None:
         return "onnxruntime"
     if fp16 or torch.device(device or default_device()).type == "cuda":
@@ -119,7 +122,7 @@ def resolve_settings(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
-    backend = choose_backend(backend, device, model, fp16)
+    backend = choose_backend(backend, device, model, fp16, precision)
     if backend == "torch" and model is not None:
         raise ValueError("--model is for --backend onnxruntime; the torch backend takes --checkpoint")
     if precision is not None and backend != "openvino":
@@ -528,10 +531,22 @@ def run_benchmark(
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"--images {images}: no such folder")
     be, weights, timing_only = build_backend(settings, checkpoint, model, providers, score_voting, torch_options)
+    others, auto = _auto_candidates(backend, settings, model), None
     needed = settings.batch_size * (settings.warmup + settings.iters)
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="paadet-bench-"))
         paths, source = image_files(images, needed, tmp)
+        if others:  # --backend auto on a CPU: the fastest fp32 backend on this machine, measured now
+            from .bench_auto import choose_fastest
+
+            backends = {settings.backend: be}
+            for name in others:
+                alt = replace(settings, backend=name, precision="f32" if name == "openvino" else None)
+                backends[name] = build_backend(alt, checkpoint, model, providers, score_voting, torch_options)[0]
+            chosen, auto = choose_fastest(backends, paths, settings.preset)
+            settings, be = replace(settings, backend=chosen, precision="f32" if chosen == "openvino" else None), backends[chosen]
+            print(f"--backend auto: {chosen}, the fastest fp32 backend here (probe: "
+                  + ", ".join(f"{k} {v:.0f} ms" for k, v in auto["candidates_ms"].items()) + ")", file=sys.stderr, flush=True)
         gpu_decode = _use_gpu_decode(settings, be, paths)
         engine = None if skip_engine else time_engine(be, paths, settings)
         e2e = time_e2e(be, paths, settings, gpu_decode)
@@ -548,6 +563,7 @@ def run_benchmark(
         "input_size": _input_size(settings.preset),
         "weights": weights,
         "timing_only": timing_only,
+        "auto": auto,
         "images": {"source": source, "timed_files": len(paths)},
         "warmup": settings.warmup,
         "iters": settings.iters,
@@ -557,6 +573,15 @@ def run_benchmark(
         "engine": engine,
         "e2e": e2e,
     }
+
+
+def _auto_candidates(asked: str, settings: BenchSettings, model: str | None) -> list[str]:
+    """The other fp32 CPU backends to probe when ``--backend auto`` was given with no precision asked."""
+    if asked != "auto" or torch.device(settings.device).type != "cpu" or settings.fp16 or settings.precision is not None:
+        return []
+    from .bench_auto import available_cpu_candidates
+
+    return [name for name in available_cpu_candidates(model) if name != settings.backend]
 
 
 def _input_size(preset: Preset) -> str:

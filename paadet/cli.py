@@ -1,4 +1,4 @@
-"""The ``paadet`` command: ``predict``, ``eval``, ``export``, ``bench``, ``batch``, ``train``.
+"""The ``paadet`` command: ``predict``, ``eval``, ``export``, ``quantize``, ``bench``, ``batch``, ``train``.
 
 Only the module of the command being run is imported (the others are listed by name and one line
 of help), so ``paadet --help`` and ``paadet --version`` return at once, without importing torch.
@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "predict": "detect objects in images",
     "eval": "COCO box metrics of the model (or of a results file) on an annotated dataset",
     "export": "export PAA to ONNX (one graph: uint8 pixels in, detections out)",
+    "quantize": "INT8 post-training quantisation of an exported graph (runs on openvino or onnxruntime)",
     "bench": "measure throughput and latency (engine and end to end)",
     "batch": "detect on many images with a pool of Ray workers (resumable)",
     "train": "train or fine-tune PAA on a COCO-format dataset",

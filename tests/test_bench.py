@@ -161,16 +161,28 @@ def test_onnxruntime_backend(tmp_path):
     assert report["e2e"]["stages_ms_per_image"]["network"] > 0
 
 
-def test_auto_backend_on_cpu_is_onnxruntime_exported_on_the_fly(tmp_path, capsys):
-    """``paadet bench`` with no backend on a CPU times ONNX Runtime (the faster CPU backend) on an exported graph."""
+def test_auto_backend_on_cpu_probes_the_fp32_backends_and_says_which(tmp_path, capsys):
+    """``paadet bench`` with no backend on a CPU times every installed fp32 exported-graph backend on the first
+    image, runs the fastest, and names it (in the report and on stderr); never a reduced precision."""
+    from paadet.bench_auto import available_cpu_candidates
+
     out = tmp_path / "auto.json"
     assert main(["bench", "--preset", "tiny", "--iters", "1", "--warmup", "0", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["backend"] == "onnxruntime" and report["device"] == "cpu"
+    candidates = available_cpu_candidates()
+    assert report["device"] == "cpu" and report["backend"] in candidates
     assert report["timing_only"] is True and "timing only" in report["weights"]
     assert report["e2e"]["images_per_s"] > 0
-    assert "temporary ONNX graph" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "temporary ONNX graph" in err
+    if len(candidates) > 1:
+        auto = report["auto"]
+        assert sorted(auto["candidates_ms"]) == sorted(candidates) and auto["chosen"] == report["backend"]
+        assert auto["candidates_ms"][auto["chosen"]] == min(auto["candidates_ms"].values())
+        assert f"--backend auto: {report['backend']}" in err
+    assert report["precision"] in ("fp32", "f32")
     assert bench.choose_backend("auto", device="cpu", model="x.onnx") == "onnxruntime"
+    assert bench.choose_backend("auto", device="cpu", precision="bf16") == "openvino"
     assert bench.choose_backend("auto", device="cpu", fp16=True) == "torch"
     assert bench.choose_backend("torch", device="cpu") == "torch"
 
@@ -246,3 +258,26 @@ def test_gpu_report_tables_and_targets(tmp_path):
     assert "Not read: variants_b32.json (FileNotFoundError), bench_b1.json" in out
     bad = subprocess.run([sys.executable, str(tool), str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and "no such folder" in bad.stderr
+
+
+def test_choose_fastest_takes_the_lower_median(tmp_path):
+    """The auto probe picks the backend whose timed calls are faster, and reports every candidate."""
+    import time
+
+    from paadet.bench_auto import choose_fastest
+
+    class Sleeper:
+        def __init__(self, seconds):
+            self.seconds, self.calls = seconds, 0
+
+        def infer(self, images, metas, timer=None):
+            self.calls += 1
+            time.sleep(self.seconds)
+
+    path = tmp_path / "a.jpg"
+    cv2.imwrite(str(path), synthetic_image(40, 50, seed=0))
+    slow, fast = Sleeper(0.03), Sleeper(0.001)
+    chosen, report = choose_fastest({"slow": slow, "fast": fast}, [path], TINY, rounds=3)
+    assert chosen == "fast" and report["chosen"] == "fast"
+    assert report["candidates_ms"]["slow"] >= 30 > report["candidates_ms"]["fast"]
+    assert slow.calls == fast.calls == 4  # one warm-up and three timed calls each

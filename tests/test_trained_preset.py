@@ -93,6 +93,8 @@ def test_bf16_inference_is_close_to_fp32_and_says_so(trained):
     fp32 = TorchBackend(net, preset=Preset.from_meta(TRAINED))
     bf16 = TorchBackend(load_network(trained), preset=Preset.from_meta(TRAINED), bf16=True)
     assert bf16.describe()["precision"] == "bf16" and fp32.describe()["precision"] == "fp32"
+    assert bf16.channels_last and not fp32.channels_last  # NHWC where it pays: bfloat16 on the CPU
+    assert bf16.net.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 128, 160)
     a, b = fp32.network(x), bf16.network(x)
     for level_a, level_b in zip(a[0], b[0]):

@@ -24,8 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("model")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="runtime (default: auto = torch on CUDA; on a CPU ONNX Runtime, the faster there, with the "
-                        "weights exported to a temporary graph when no --model is given)")
+                   help="runtime (default: auto = torch on CUDA; on a CPU the fastest fp32 one installed, ONNX Runtime "
+                        "or OpenVINO f32, timed on the first image and named in the report; --precision picks OpenVINO; "
+                        "the weights are exported to a temporary graph when no --model is given)")
     g.add_argument("--model", default=None,
                    help="ONNX graph from `paadet export` (onnxruntime / openvino backends; default: export the weights on the fly)")
     g.add_argument("--providers", default=None, help="comma-separated ONNX Runtime execution providers")

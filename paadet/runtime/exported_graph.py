@@ -101,6 +101,22 @@ class ExportedGraphBackend(Backend):
             )
         return self.fixed_batch
 
+    def feeds(self, images: list[np.ndarray], metas: list[ImageMeta], rows: int | None = None) -> dict[str, np.ndarray]:
+        """A full graph's inputs for resized BGR ``uint8`` images: the zero-padded NHWC ``uint8`` batch
+        ``[rows, H, W, 3]``, ``img_shapes`` and ``scale_factors`` ``[rows, 2]`` (``rows``: the static batch or
+        ``len(images)``). Also what ``paadet quantize`` calibrates on."""
+        rows = rows if rows is not None else self._check_batch(len(images))
+        height, width = self.input_shape_for(metas)
+        batch = np.zeros((rows, height, width, 3), np.uint8)
+        img_shapes = np.ones((rows, 2), np.float32)
+        scale_factors = np.ones((rows, 2), np.float32)
+        for i, (img, m) in enumerate(zip(images, metas)):
+            h, w = img.shape[:2]
+            batch[i, :h, :w] = img
+            img_shapes[i] = m.img_shape
+            scale_factors[i] = m.scale_factor
+        return dict(zip(self.input_names, (batch, img_shapes, scale_factors)))
+
     def infer(self, images: list[np.ndarray], metas: list[ImageMeta], timer: StageTimer | None = None) -> Detections:
         """Detect on resized BGR ``uint8`` images ``[h, w, 3]`` of one padded size; CPU tensors out."""
         timer = timer or StageTimer()
@@ -111,16 +127,7 @@ class ExportedGraphBackend(Backend):
         if self.info.graph == "raw":
             return self._infer_raw(images, metas, rows, timer)
         with timer.stage("preprocess"):
-            height, width = self.input_shape_for(metas)
-            batch = np.zeros((rows, height, width, 3), np.uint8)
-            img_shapes = np.ones((rows, 2), np.float32)
-            scale_factors = np.ones((rows, 2), np.float32)
-            for i, (img, m) in enumerate(zip(images, metas)):
-                h, w = img.shape[:2]
-                batch[i, :h, :w] = img
-                img_shapes[i] = m.img_shape
-                scale_factors[i] = m.scale_factor
-            feeds = dict(zip(self.input_names, (batch, img_shapes, scale_factors)))
+            feeds = self.feeds(images, metas, rows)
         with timer.stage("network"):
             boxes, scores, labels, num_dets = self._run(feeds)
         with timer.stage("postprocess"):

@@ -171,7 +171,8 @@ class TorchBackend(Backend):
             the pre- and post-processing stay in float32). CPU or CUDA. Detections change slightly:
             judge them by AP (docs/benchmarks.md).
         postprocess: post-processing settings.
-        channels_last: run the network in channels-last memory format. CUDA only.
+        channels_last: run the network in channels-last memory format. CUDA, or the CPU with ``bf16``, where it
+            is always on (oneDNN's bfloat16 convolutions are about 8 % faster in NHWC on this project's CPU).
         compile_mode: ``torch.compile`` the network with this mode (one of :data:`COMPILE_MODES`);
             None (default) runs it eagerly. CUDA only.
         cuda_graphs: capture the network in a CUDA graph per input shape and replay it. CUDA only.
@@ -221,7 +222,10 @@ class TorchBackend(Backend):
             raise ValueError("optimize (trace + freeze) is for the CPU; on CUDA use fp16, channels_last, cuda_graphs or compile_mode")
         if fp16 and self.device.type != "cuda":
             raise ValueError("--fp16 needs a CUDA device; on CPU run in fp32")
-        cuda_only = {"channels_last": channels_last, "compile_mode": compile_mode, "cuda_graphs": cuda_graphs,
+        if bf16 and self.device.type == "cpu":
+            channels_last = True  # oneDNN's bfloat16 convolutions prefer NHWC: 0.79 vs 0.85 s at 800x800 here
+        cuda_only = {"channels_last": channels_last and not (bf16 and self.device.type == "cpu"),
+                     "compile_mode": compile_mode, "cuda_graphs": cuda_graphs,
                      "tf32": tf32, "cudnn_benchmark": cudnn_benchmark, "fold_bn": fold_bn, "fp16_weights": fp16_weights}
         if self.device.type != "cuda":
             asked = [name for name, value in cuda_only.items() if value]

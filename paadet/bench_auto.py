@@ -1,0 +1,59 @@
+"""``paadet bench --backend auto`` on a CPU: time each fp32 backend on the benchmark's first image, keep the fastest.
+
+Only backends whose detections are FP32's take part (ONNX Runtime fp32 and OpenVINO ``f32``, each running the
+same exported graph); reduced precision (OpenVINO ``bf16``, an int8 graph) is never chosen silently: the user
+asks for it with ``--precision`` or ``--model``. The probe is one untimed warm-up call and ``rounds`` timed
+calls of the backend's ``infer`` on the same resized image; the median decides. Its figures go into the
+report (``auto``), and the command prints which backend it chose and why.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .data.images import read_image
+from .preprocess import Preset, resize
+from .runtime.base import Backend
+
+CPU_FP32_CANDIDATES = ("onnxruntime", "openvino")
+
+
+def available_cpu_candidates(model: str | None = None) -> list[str]:
+    """The installed fp32 CPU backends that can run ``model`` (an OpenVINO IR ``.xml`` only on OpenVINO)."""
+    found = []
+    for name in CPU_FP32_CANDIDATES:
+        if model is not None and model.lower().endswith(".xml") and name != "openvino":
+            continue
+        try:
+            __import__(name)
+        except ImportError:
+            continue
+        found.append(name)
+    return found
+
+
+def probe(backends: dict[str, Backend], path: Path, preset: Preset, rounds: int = 2) -> dict[str, float]:
+    """Median milliseconds of ``infer`` on ``path`` (resized by ``preset``) for each backend, after a warm-up."""
+    image, meta = resize(read_image(path), preset)
+    out = {}
+    for name, backend in backends.items():
+        backend.infer([image], [meta])
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            backend.infer([image], [meta])
+            times.append(1000.0 * (time.perf_counter() - start))
+        out[name] = statistics.median(times)
+    return out
+
+
+def choose_fastest(backends: dict[str, Backend], paths: Sequence[Path], preset: Preset,
+                   rounds: int = 2) -> tuple[str, dict[str, Any]]:
+    """The fastest backend's name and the probe's report (``candidates_ms``, ``chosen``, ``rule``)."""
+    timings = probe(backends, paths[0], preset, rounds)
+    chosen = min(timings, key=timings.get)
+    return chosen, {"candidates_ms": {k: round(v, 1) for k, v in timings.items()}, "chosen": chosen,
+                    "rule": f"fastest fp32 backend: median of {rounds} calls on {Path(paths[0]).name} after a warm-up; "
+                            "reduced precision only when asked"}
