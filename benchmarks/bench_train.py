@@ -70,9 +70,9 @@ NUM_CLASSES = 80
 LOSS_NAMES = ("loss_cls", "loss_bbox", "loss_iou")
 SGD_SETTINGS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
 # paadet's documented bound on the host syncs of one PAALoss call, whatever the number of images and
-# boxes: 2 (nonzero of the pre-assigned and of the final positives) + the GMM's iteration checks
-# + 1 in gmm_positives (+ 1 spare for exact score ties).
-SYNC_BOUND = 2 + (math.ceil(100 / gmm.SYNC_EVERY) + 1) + 1 + 1
+# boxes: 3 (the sparse assigner's pair count, nonzero of the pre-assigned and of the final positives)
+# + the GMM's iteration checks + 1 in gmm_positives (+ 1 spare for exact score ties).
+SYNC_BOUND = 3 + (math.ceil(100 / gmm.SYNC_EVERY) + 1) + 1 + 1
 
 HeadOutputs = tuple[list[Tensor], list[Tensor], list[Tensor]]
 

@@ -1,6 +1,9 @@
 """IoU, GIoU, valid flags and the batched MaxIoUAssigner: hand-computed cases (ties, the low-quality
 overwrite, images without GT, invalid anchors) and agreement with a plain per-image, per-GT transcription
-of mmdetection 3.3's ``MaxIoUAssigner.assign_wrt_overlaps`` on random batches."""
+of mmdetection 3.3's ``MaxIoUAssigner.assign_wrt_overlaps`` on random batches. The sparse IoUs
+(:mod:`paadet.train.sparse_iou`): the windows hold exactly the overlapping pairs, and the assignment is
+bit for bit the dense one on random batches of every kind of box, every setting, ties, GTs touching no
+valid anchor, odd coordinates (dense fallback), with one host sync."""
 from __future__ import annotations
 
 import math
@@ -10,8 +13,11 @@ import torch
 
 from paadet.errors import PaadetError
 from paadet.model.anchors import AnchorGenerator, feature_sizes
-from paadet.train.assign import (MaxIoUAssigner, aligned_giou, aligned_iou, pad_targets, pairwise_iou,
+from paadet.postprocess import bbox_overlaps
+from paadet.profiling import count_device_work
+from paadet.train.assign import (MaxIoUAssigner, PaddedTargets, aligned_giou, aligned_iou, pad_targets, pairwise_iou,
                                  valid_flags)
+from paadet.train.sparse_iou import AnchorGrid, anchor_max, candidate_pairs, gt_max, pair_iou
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -291,3 +297,320 @@ def test_duplicate_gts_the_later_wins_the_low_quality_match():
     ref = mmdet_assign(anchors, boxes)
     assert torch.equal(out.gt_inds[0], ref)
     assert set(ref[ref > 0].tolist()) == {1, 3}
+
+
+# ---------------------------------------------------------------- the sparse IoUs (paadet.train.sparse_iou)
+
+SMALL = (128, 160)  # 428 anchors over P3..P7: the sparse tests stay fast
+
+
+def small_grid(height: int = SMALL[0], width: int = SMALL[1], strides: tuple[int, ...] = STRIDES,
+               octave_base_scale: float = 8.0) -> tuple[torch.Tensor, list[tuple[int, int]], AnchorGrid]:
+    sizes = feature_sizes(height, width, len(strides))
+    anchors = torch.cat(AnchorGenerator(strides, octave_base_scale)(sizes))
+    return anchors, sizes, AnchorGrid.from_anchors(anchors, sizes)
+
+
+def assert_bit_identical(sparse, dense) -> None:
+    """Same gt_inds and labels, and max_overlaps equal bit for bit (NaN and the sign of zero included)."""
+    assert torch.equal(sparse.gt_inds, dense.gt_inds)
+    assert torch.equal(sparse.labels, dense.labels)
+    assert sparse.max_overlaps.dtype == dense.max_overlaps.dtype == torch.float32
+    assert torch.equal(sparse.max_overlaps.view(torch.int32), dense.max_overlaps.view(torch.int32))
+
+
+def assert_sparse_matches_dense(assigner: MaxIoUAssigner, anchors, grid, targets, valid, expect_pairs: bool = True):
+    if expect_pairs:  # the sparse path must really be taken, not its dense fallback
+        pairs = candidate_pairs(grid, anchors, targets.boxes, targets.mask, valid, assigner.iou_eps,
+                                assigner.max_pair_density)
+        assert (pairs is not None) or targets.mask.shape[1] == 0
+    dense = assigner(anchors, targets, valid)
+    sparse = assigner(anchors, targets, valid, grid)
+    assert_bit_identical(sparse, dense)
+    return sparse, dense
+
+
+def mixed_boxes(gen: torch.Generator, num: int, height: int, width: int) -> torch.Tensor:
+    """Boxes of every kind: tiny to larger than the image (log-uniform sides), some partly or wholly
+    outside, on an 8-px or 4-px lattice (exact ties with anchors and between GTs), zero-width or
+    zero-height, inverted, duplicated, with -0.0 left and top edges."""
+    kind = torch.randint(0, 8, (num,), generator=gen)
+    span = torch.tensor([float(width), float(height)])
+    centre = torch.rand(num, 2, generator=gen) * 1.4 * span - 0.2 * span
+    sides = torch.exp(torch.rand(num, 2, generator=gen) * math.log(2.0 * max(height, width) / 0.25)) * 0.25
+    boxes = torch.cat([centre - sides / 2, centre + sides / 2], dim=1)
+    lattice = torch.where((kind == 1)[:, None], 8.0, 4.0)
+    boxes = torch.where((kind <= 2)[:, None], (boxes / lattice).round() * lattice, boxes) + 0.0  # no -0.0 from round
+    boxes[kind == 3, 2] = boxes[kind == 3, 0]  # zero width
+    boxes[kind == 4, 3] = boxes[kind == 4, 1]  # zero height
+    boxes[kind == 5] = boxes[kind == 5][:, [2, 3, 0, 1]]  # inverted
+    boxes[kind == 6, :2] = -0.0  # -0.0 left and top edges (on the anchors' +0.0 edges) stay sparse
+    if num >= 2 and bool(kind[0] < 4):
+        boxes[1] = boxes[0]  # duplicate GTs: exact ties between GTs
+    return boxes
+
+
+def random_valid(gen: torch.Generator, sizes, batch: int, height: int, width: int) -> torch.Tensor:
+    """Per image: pad-shape valid flags (random pad shapes), random holes, or none valid at all."""
+    rows = []
+    for _ in range(batch):
+        choice = int(torch.randint(0, 6, (1,), generator=gen))
+        pad = (int(torch.randint(1, height // 32 + 1, (1,), generator=gen)) * 32,
+               int(torch.randint(1, width // 32 + 1, (1,), generator=gen)) * 32)
+        flags = valid_flags(sizes, STRIDES[:len(sizes)], [pad])[0]
+        if choice == 0:
+            flags = torch.ones_like(flags)
+        elif choice == 1:
+            flags = flags & (torch.rand(flags.shape, generator=gen) < 0.8)
+        elif choice == 2:
+            flags = torch.zeros_like(flags)
+        rows.append(flags)
+    return torch.stack(rows)
+
+
+def random_targets(gen: torch.Generator, batch: int, height: int, width: int, prefix_mask: bool):
+    """Padded targets with 0..14 GTs per image; with ``prefix_mask`` False the real GTs are scattered among
+    padding rows that hold junk (NaN, inf, -0.0, huge boxes), which only the mask must exclude."""
+    counts = torch.randint(0, 15, (batch,), generator=gen).tolist()
+    if int(torch.randint(0, 4, (1,), generator=gen)) == 0:
+        counts[0] = 0  # an image without GT
+    boxes = [mixed_boxes(gen, n, height, width) for n in counts]
+    labels = [torch.randint(0, 80, (n,), generator=gen) for n in counts]
+    targets = pad_targets(boxes, labels)
+    if prefix_mask or targets.mask.shape[1] == 0:
+        return targets
+    num = targets.mask.shape[1] + 3
+    order = torch.argsort(torch.rand(batch, num, generator=gen), dim=1)
+    junk = torch.tensor([[float("nan"), 0.0, 5.0, 5.0], [-0.0, -0.0, 1e30, float("inf")]])
+    out_boxes = junk[torch.randint(0, 2, (batch, num), generator=gen)]
+    out_labels = torch.full((batch, num), -1)
+    mask = torch.zeros(batch, num, dtype=torch.bool)
+    for b in range(batch):
+        slots = order[b, :counts[b]]
+        out_boxes[b, slots] = boxes[b]
+        out_labels[b, slots] = labels[b]
+        mask[b, slots] = True
+    return PaddedTargets(out_boxes, out_labels, mask)
+
+
+ASSIGNER_VARIANTS = [
+    {},
+    {"gt_max_assign_all": False},
+    {"match_low_quality": False},
+    {"min_pos_iou": 0.3},
+    {"min_pos_iou": -1.0},
+    {"min_pos_iou": -2.0, "gt_max_assign_all": False},
+    {"pos_iou_thr": 0.0, "neg_iou_thr": 0.0},
+    {"pos_iou_thr": 0.5, "neg_iou_thr": 0.4},
+]
+
+
+def test_pair_iou_is_bbox_overlaps_bit_for_bit():
+    gen = torch.Generator().manual_seed(5)
+    a = mixed_boxes(gen, 4000, 300, 300)
+    b = mixed_boxes(gen, 4000, 300, 300)
+    b[::7] = a[::7]  # identical pairs
+    b[1::7, :2] = a[1::7, 2:]  # touching corners
+    a[:4] = torch.tensor([[-5.0, 0.0, -0.0, 10.0], [float("nan"), 0, 1, 1], [0, 0, float("inf"), 1], [-3e38, 0, 3e38, 1]])
+    b[:4] = torch.tensor([[0.0, 0.0, 10.0, 10.0]])  # a -0.0 IoU, NaN, 0 / inf, an overflowing area
+    sparse = pair_iou(a.T.contiguous(), b.T.contiguous(), 1e-6)
+    for dense in (bbox_overlaps(a[:, None], b[:, None])[:, 0, 0], pairwise_iou(a, b).diagonal().contiguous()):
+        nan = torch.isnan(dense)  # NaN payloads depend on the kernel (NaN inputs take the dense path anyway)
+        assert torch.equal(torch.isnan(sparse), nan) and nan.sum() == 1
+        assert torch.equal(sparse.view(torch.int32)[~nan], dense.view(torch.int32)[~nan])
+    assert torch.signbit(sparse[0]) and sparse[0] == 0
+
+
+def test_anchor_grid_describes_the_levels():
+    anchors, sizes, grid = small_grid()
+    assert sizes == [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)] and grid.num_anchors == anchors.shape[0] == 428
+    assert grid.exact
+    assert grid.level_start.tolist() == [0, 320, 400, 420, 426] and grid.level_width.tolist() == [20, 10, 5, 3, 2]
+    level1 = anchors[320:400].reshape(8, 10, 4)
+    assert torch.equal(grid.col_x0[1, :10], level1[0, :, 0]) and torch.equal(grid.row_y1[1, :8], level1[:, 0, 3])
+    assert bool(torch.isinf(grid.col_x0[1, 10:]).all()) and bool(torch.isinf(grid.row_y0[4, 1:]).all())
+    with pytest.raises(PaadetError):
+        AnchorGrid.from_anchors(anchors[torch.randperm(428, generator=torch.Generator().manual_seed(0))], sizes)
+    with pytest.raises(PaadetError):
+        AnchorGrid.from_anchors(anchors, sizes[:4])
+    odd = anchors.clone()
+    assert bool((odd[4:320:20, 0] == 0).all())
+    odd[4:320:20, 0] = -0.0  # column 4 of level 0, every row: a -0.0 left edge does not matter
+    assert AnchorGrid.from_anchors(odd, sizes).exact
+    shifted = anchors - torch.tensor([40.0, 0.0, 40.0, 0.0])  # column 1 of level 0 ends at x = 0
+    zero = shifted[:, 2] == 0
+    assert bool(zero.any()) and AnchorGrid.from_anchors(shifted, sizes).exact
+    shifted[zero, 2] = -0.0  # a -0.0 right edge does
+    assert not AnchorGrid.from_anchors(shifted, sizes).exact
+
+
+def test_windows_hold_every_overlapping_pair_and_every_other_iou_is_plus_zero():
+    gen = torch.Generator().manual_seed(11)
+    # fractional anchor edges (octave_base_scale 3.3) and GT edges exactly on, or one ulp off, anchor edges
+    for scale in (8.0, 3.3):
+        anchors, sizes, grid = small_grid(octave_base_scale=scale)
+        edges = anchors.reshape(-1)[torch.randint(0, anchors.numel(), (600,), generator=gen)]
+        nudge = torch.randint(-1, 2, (600,), generator=gen).float()
+        edges = torch.where(nudge > 0, torch.nextafter(edges, edges + 1), edges)
+        edges = torch.where(nudge < 0, torch.nextafter(edges, edges - 1), edges).reshape(150, 4)
+        boxes = torch.cat([mixed_boxes(gen, 150, *SMALL), edges]).reshape(3, 100, 4)
+        mask = torch.ones(3, 100, dtype=torch.bool)
+        pairs = candidate_pairs(grid, anchors, boxes, mask, torch.ones(3, 428, dtype=torch.bool), 1e-6)
+        assert pairs is not None
+        dense = bbox_overlaps(boxes, anchors[None])  # [3, 100, 428]
+        flat_gt = pairs.gt
+        image = flat_gt // 100
+        key = flat_gt * 428 + (pairs.anchor - image * 428)
+        assert key.unique().numel() == key.numel()  # no pair twice
+        listed = torch.zeros(3 * 100 * 428, dtype=torch.bool)
+        listed[key] = True
+        listed = listed.reshape(3, 100, 428)
+        box, anchor = boxes[:, :, None], anchors[None, None]
+        window = ((anchor[..., 2:] > box[..., :2]) & (anchor[..., :2] < box[..., 2:])).all(-1)
+        assert torch.equal(listed, window)
+        lt = torch.maximum(box[..., :2], anchor[..., :2])
+        rb = torch.minimum(box[..., 2:], anchor[..., 2:])
+        strict = ((rb - lt) > 0).all(-1)  # the same for boxes of positive width and height
+        proper = ((boxes[..., 2:] > boxes[..., :2]).all(-1))[:, :, None]
+        assert torch.equal(strict, window & proper) and bool(proper.any()) and not bool(proper.all())
+        assert torch.equal(pairs.iou.view(torch.int32), dense.reshape(-1)[key].view(torch.int32))
+        assert bool((dense[~listed].view(torch.int32) == 0).all())  # +0 exactly off the windows
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_sparse_assignment_is_bit_identical_to_dense(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    height, width = [(128, 160), (96, 128), (160, 96)][seed % 3]
+    anchors, sizes, grid = small_grid(height, width)
+    batch = 1 + seed % 3
+    for trial in range(3):
+        targets = random_targets(gen, batch, height, width, prefix_mask=(seed + trial) % 2 == 0)
+        valid = random_valid(gen, sizes, batch, height, width)
+        for variant in ASSIGNER_VARIANTS:
+            assigner = MaxIoUAssigner(**variant, max_pair_density=1.0)
+            assert_sparse_matches_dense(assigner, anchors, grid, targets, valid)
+        assert_reductions_match_dense(anchors, grid, targets, valid)
+
+
+def assert_reductions_match_dense(anchors, grid, targets, valid) -> None:
+    """:func:`anchor_max` and :func:`gt_max` against ``max`` of the dense ``[B, M, A]`` IoUs (padded GTs and
+    invalid anchors at -1), values bit for bit and first-index ties."""
+    if targets.mask.shape[1] == 0:
+        return
+    pairs = candidate_pairs(grid, anchors, targets.boxes, targets.mask, valid, 1e-6)
+    real = targets.mask[:, :, None] & valid[:, None, :]
+    overlaps = torch.where(real, pairwise_iou(targets.boxes, anchors[None]), -1.0)
+    best, best_anchor = gt_max(pairs, valid)
+    dense_best, dense_anchor = overlaps.max(dim=2)
+    assert torch.equal(best.view(torch.int32)[targets.mask], dense_best.view(torch.int32)[targets.mask])
+    assert torch.equal(best_anchor[targets.mask], dense_anchor[targets.mask])
+    first_gt = targets.mask.to(torch.uint8).argmax(dim=1)
+    top, top_gt = anchor_max(pairs, first_gt)
+    dense_top, dense_gt = overlaps.max(dim=1)
+    counted = valid & targets.mask.any(dim=1, keepdim=True)
+    assert torch.equal(top.view(torch.int32)[counted], dense_top.view(torch.int32)[counted])
+    assert torch.equal(top_gt[counted], dense_gt[counted])
+
+
+def test_sparse_on_the_per_image_transcription_batches():
+    anchors, sizes, grid = small_grid(256, 192)
+    pads = [(256, 192), (224, 160), (256, 128)]
+    valid = valid_flags(sizes, STRIDES, pads)
+    for seed, counts in enumerate([[1, 8, 0], [50, 3, 17], [2, 0, 33], [12, 12, 12]]):
+        gen = torch.Generator().manual_seed(seed)
+        boxes = [random_gt_boxes(gen, n, h, w, integer=seed % 2 == 1) for n, (h, w) in zip(counts, pads)]
+        labels = [torch.randint(0, 80, (n,), generator=gen) for n in counts]
+        assigner = MaxIoUAssigner(max_pair_density=1.0)  # small images: many boxes cover much of the grid
+        sparse, _ = assert_sparse_matches_dense(assigner, anchors, grid, pad_targets(boxes, labels), valid)
+        assert torch.equal(sparse.gt_inds, reference_gt_inds(anchors, boxes, valid))
+
+
+def test_sparse_ties_and_gts_touching_no_valid_anchor():
+    anchors, sizes, grid = small_grid()
+    level0 = anchors[:320]
+    boxes = torch.stack([
+        level0[45], level0[45],  # a GT equal to an anchor, twice: IoU 1, a tie between GTs
+        torch.tensor([28.0, 28.0, 36.0, 36.0]),  # centred between anchors: equal IoUs with several
+        torch.tensor([5000.0, 5000.0, 5020.0, 5030.0]),  # far outside: touches no anchor, best IoU 0
+        torch.tensor([10.0, 10.0, 10.0, 40.0]),  # zero width: IoU 0 everywhere
+        torch.tensor([130.0, 100.0, 150.0, 120.0]),  # in image 2 over invalid anchors only
+    ])
+    valid = valid_flags(sizes, STRIDES, [(128, 160), (96, 160)])
+    valid[1] &= pairwise_iou(boxes[5:], anchors)[0] == 0
+    valid[1, :3] = False  # without gt_max_assign_all a best-IoU-0 GT takes the first valid anchor, not 0
+    targets = pad_targets([boxes, boxes[2:]], [torch.arange(6), torch.arange(4)])
+    for variant in ASSIGNER_VARIANTS:
+        assigner = MaxIoUAssigner(**variant, max_pair_density=1.0)
+        sparse, _ = assert_sparse_matches_dense(assigner, anchors, grid, targets, valid)
+        if variant == {}:
+            # image 1: GT 4 (zero width, best IoU 0) takes every valid anchor, GT 5 then its best ones
+            assert set(sparse.gt_inds[0][valid[0]].tolist()) == {5, 6}
+            # image 2: its GT 3 touches no valid anchor (best IoU 0), is the last, and takes them all
+            assert bool((sparse.gt_inds[1][valid[1]] == 4).all()) and bool((~valid[1]).any())
+
+
+def test_sparse_without_any_gt_or_valid_anchor():
+    anchors, sizes, grid = small_grid()
+    assigner = MaxIoUAssigner(max_pair_density=1.0)
+    empty = pad_targets([torch.zeros(0, 4), torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)] * 2)
+    valid = torch.ones(2, 428, dtype=torch.bool)
+    assert_bit_identical(assigner(anchors, empty, valid, grid), assigner(anchors, empty, valid))
+    padding_only = PaddedTargets(torch.full((2, 3, 4), float("nan")), torch.full((2, 3), -1),
+                                 torch.zeros(2, 3, dtype=torch.bool))
+    assert_sparse_matches_dense(assigner, anchors, grid, padding_only, valid)
+    boxes = pad_targets([torch.tensor([[0.0, 0.0, 50.0, 50.0]])], [torch.tensor([3])])
+    assert_sparse_matches_dense(assigner, anchors, grid, boxes, torch.zeros(1, 428, dtype=torch.bool))
+
+
+def test_a_negative_zero_right_edge_makes_a_negative_zero_iou():
+    """Why a GT with a -0.0 right or bottom edge goes dense: IoU -0.0 with an anchor it only touches."""
+    gt = torch.tensor([[-5.0, 0.0, -0.0, 10.0]])
+    anchor = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    assert torch.signbit(pairwise_iou(gt, anchor)).item()
+    assert not torch.signbit(pairwise_iou(gt.abs() * torch.tensor([-1.0, 1, 1, 1]), anchor)).item()
+
+
+@pytest.mark.parametrize("odd", [float("nan"), float("inf"), -float("inf"), "x1", "y1", 3e38])
+def test_odd_gt_coordinates_fall_back_to_dense(odd):
+    anchors, sizes, grid = small_grid()
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 70.0], [-0.5, 0.0, 30.0, 30.0]])
+    if isinstance(odd, str):  # a -0.0 right or bottom edge, touching the anchors' +0.0 edges
+        boxes[1] = torch.tensor([-20.0, -20.0, 0.0, 0.0])
+        boxes[1, 2 if odd == "x1" else 3] = -0.0
+    elif odd == 3e38:  # finite coordinates, but 6e38 * 30 overflows: a non-finite area
+        boxes[1] = torch.tensor([-3e38, 0.0, 3e38, 30.0])
+    else:
+        boxes[1, 0] = odd
+    targets = pad_targets([boxes], [torch.tensor([1, 2])])
+    valid = torch.ones(1, 428, dtype=torch.bool)
+    assert candidate_pairs(grid, anchors, targets.boxes, targets.mask, valid, 1e-6) is None
+    assert_sparse_matches_dense(MaxIoUAssigner(), anchors, grid, targets, valid, expect_pairs=False)
+
+
+def test_dense_pairs_fall_back_by_density():
+    anchors, sizes, grid = small_grid()
+    whole = torch.tensor([[-1000.0, -1000.0, 1000.0, 1000.0]] * 3)  # every anchor overlaps each
+    targets = pad_targets([whole], [torch.arange(3)])
+    valid = torch.ones(1, 428, dtype=torch.bool)
+    pairs = candidate_pairs(grid, anchors, targets.boxes, targets.mask, valid, 1e-6, max_density=1.0)
+    assert pairs is not None and pairs.iou.numel() == 3 * 428
+    assert candidate_pairs(grid, anchors, targets.boxes, targets.mask, valid, 1e-6, max_density=0.99) is None
+    assert_sparse_matches_dense(MaxIoUAssigner(), anchors, grid, targets, valid, expect_pairs=False)
+    with pytest.raises(PaadetError):
+        MaxIoUAssigner()(anchors[:400], targets, valid[:, :400], grid)
+    with pytest.raises(PaadetError):
+        MaxIoUAssigner(max_pair_density=-1.0)
+
+
+def test_sparse_assignment_takes_one_host_sync_whatever_the_boxes():
+    anchors, sizes, grid = small_grid(256, 192)
+    valid = valid_flags(sizes, STRIDES, [(256, 192), (224, 160)])
+    gen = torch.Generator().manual_seed(3)
+    assigner = MaxIoUAssigner()
+    syncs = {}
+    for num in (1, 8, 40):
+        targets = pad_targets([random_gt_boxes(gen, num, 256, 192), random_gt_boxes(gen, num, 224, 160)],
+                              [torch.zeros(num, dtype=torch.long)] * 2)
+        syncs[num] = count_device_work(lambda: assigner(anchors, targets, valid, grid)).syncs
+        assert count_device_work(lambda: assigner(anchors, targets, valid)).syncs == 0
+    assert syncs == {1: 1, 8: 1, 40: 1}

@@ -25,8 +25,8 @@ Deliberate difference: where scikit-learn would reject a GT's GMM ("ill-defined 
 covariance", which crashes mmdetection's training step, mmdetection#4152) the GMM's centred-variance
 result is used and the GT is counted in :attr:`LossOutput.num_ill_defined`.
 
-Host synchronisations per call: two (the pre-assigned and the final positives are gathered with
-``nonzero``) plus the GMM's (bounded independently of the number of boxes), whatever the number of
+Host synchronisations per call: three (the sparse assigner's count of (GT, anchor) pairs; the pre-assigned
+and the final positives gathered with ``nonzero``) plus the GMM's (bounded independently of the number of boxes), whatever the number of
 images, boxes or anchors.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ from ..model.box_coder import DeltaXYWHBoxCoder
 from .assign import MaxIoUAssigner, aligned_giou, aligned_iou, pad_targets, valid_flags
 from .focal import focal_loss_sum
 from .reassign import paa_anchor_scores, paa_reassign
+from .sparse_iou import AnchorGrid
 
 EPS32 = float(torch.finfo(torch.float32).eps)  # mmdetection's avg_factor epsilon
 IOU_WEIGHT_EPS = 1e-12  # PAAHead's EPS: clamp of the IoU used as GIoU weight
@@ -170,7 +171,7 @@ class PAALoss:
         self.box_coder = DeltaXYWHBoxCoder(cfg.target_means, cfg.target_stds)
         self.assigner = MaxIoUAssigner(cfg.pos_iou_thr, cfg.neg_iou_thr, cfg.min_pos_iou, cfg.gt_max_assign_all,
                                        cfg.match_low_quality, cfg.iou_eps)
-        self._anchor_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._anchor_cache: dict[tuple, tuple[Tensor, Tensor, AnchorGrid]] = {}
 
     def settings(self) -> dict:
         """The settings as plain values (for a checkpoint's metadata)."""
@@ -178,12 +179,18 @@ class PAALoss:
 
     def anchors(self, feat_sizes: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor]:
         """All levels' anchors ``[A, 4]`` and each anchor's level ``[A]`` int64, cached per size and device."""
+        return self._anchors_and_grid(feat_sizes, device)[:2]
+
+    def _anchors_and_grid(self, feat_sizes: list[tuple[int, int]],
+                          device: torch.device) -> tuple[Tensor, Tensor, AnchorGrid]:
+        """:meth:`anchors` and their :class:`AnchorGrid` (for the assigner's sparse IoUs), cached together."""
         key = (tuple(feat_sizes), str(device))
         if key not in self._anchor_cache:
             levels = self.anchor_generator(feat_sizes, torch.float32, device)
             level_ids = torch.cat([torch.full((a.shape[0],), i, dtype=torch.long, device=device)
                                    for i, a in enumerate(levels)])
-            self._anchor_cache[key] = (torch.cat(levels), level_ids)
+            anchors = torch.cat(levels)
+            self._anchor_cache[key] = (anchors, level_ids, AnchorGrid.from_anchors(anchors, feat_sizes))
         return self._anchor_cache[key]
 
     def _check(self, cls_logits: list[Tensor], box_deltas: list[Tensor], iou_logits: list[Tensor],
@@ -225,13 +232,13 @@ class PAALoss:
         cfg = self.config
         device = cls_flat.device
         batch, _, num_classes = cls_flat.shape
-        anchors, anchor_levels = self.anchors(feat_sizes, device)
+        anchors, anchor_levels, grid = self._anchors_and_grid(feat_sizes, device)
         num_anchors = anchors.shape[0]
 
         gts = pad_targets(gt_boxes, gt_labels, device)
         num_gts = gts.mask.shape[1]
         valid = valid_flags(feat_sizes, cfg.strides, pad_shapes, device)
-        assigned = self.assigner(anchors, gts, valid)
+        assigned = self.assigner(anchors, gts, valid, grid)
 
         # pre-assigned positives, image-major and in ascending anchor order (sync 1)
         pre_pos = (assigned.gt_inds > 0).reshape(-1).nonzero().squeeze(1)
