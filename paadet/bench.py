@@ -531,7 +531,11 @@ def run_benchmark(
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"--images {images}: no such folder")
     be, weights, timing_only = build_backend(settings, checkpoint, model, providers, score_voting, torch_options)
-    others, auto = _auto_candidates(backend, settings, model), None
+    others, auto = [], None
+    if backend == "auto" and torch.device(settings.device).type == "cpu" and not settings.fp16 and settings.precision is None:
+        from .bench_auto import available_cpu_candidates  # the other fp32 CPU backends, probed below
+
+        others = [name for name in available_cpu_candidates(model) if name != settings.backend]
     needed = settings.batch_size * (settings.warmup + settings.iters)
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="paadet-bench-"))
@@ -573,15 +577,6 @@ def run_benchmark(
         "engine": engine,
         "e2e": e2e,
     }
-
-
-def _auto_candidates(asked: str, settings: BenchSettings, model: str | None) -> list[str]:
-    """The other fp32 CPU backends to probe when ``--backend auto`` was given with no precision asked."""
-    if asked != "auto" or torch.device(settings.device).type != "cpu" or settings.fp16 or settings.precision is not None:
-        return []
-    from .bench_auto import available_cpu_candidates
-
-    return [name for name in available_cpu_candidates(model) if name != settings.backend]
 
 
 def _input_size(preset: Preset) -> str:
