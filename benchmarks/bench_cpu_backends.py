@@ -21,9 +21,9 @@ and score voting work hard; ``sparse``: a few dozen), saved once as an mmdetecti
 every contender are matched against mmdetection's (same label, IoU >= 0.99, |score difference| <= 1e-4).
 
 **Peak.** Measured, not taken from a data sheet (this VM reports no clock): the best GFLOP/s of a large
-matrix product in each precision on all cores (fp32 and bf16: ``torch.mm`` on 2048x2048 matrices, oneDNN;
-int8: ONNX Runtime's ``MatMulInteger``, uint8 x int8 -> int32, MLAS's VNNI kernel), counting 2 operations per
-multiply-add. The network's operations are counted by ``torch.utils.flop_counter`` on the padded input of
+kernel in each precision on all cores (fp32 and bf16: ``torch.mm`` on 2048- and 4096-square matrices and a
+3x3 convolution, oneDNN; int8: ONNX Runtime's ``MatMulInteger``, uint8 x int8 -> int32, MLAS's VNNI kernel,
+2048 and 4096), counting 2 operations per multiply-add. The network's operations are counted by ``torch.utils.flop_counter`` on the padded input of
 each image; the fraction of peak is (operations / the ``network`` stage's time) / the precision's peak.
 For the exported graphs the ``network`` stage is the whole graph call (in-graph normalisation, decoding, NMS
 and score voting included), so their fraction is a lower bound.

@@ -90,7 +90,7 @@ def choose_backend(backend: str, device: str | None = None, model: str | None = 
     """
     if backend != "auto":
         return backend
-    if precision is not None:
+    if precision is not None or (model is not None and model.lower().endswith(".xml")):  # an IR: OpenVINO's
         return "openvino"
     if model is not None:
         return "onnxruntime"
@@ -511,7 +511,7 @@ def run_benchmark(
     if model is not None and backend != "torch" and (preset is None or batch_size is None):
         from .export.metadata import read_export_info
 
-        if backend == "openvino":  # an OpenVINO IR .xml too
+        if backend == "openvino" or model.lower().endswith(".xml"):  # an OpenVINO IR .xml too
             from .runtime.openvino_backend import read_export_info_any as read_export_info
         graph = read_export_info(model)
         preset = preset if preset is not None else graph.preset
@@ -532,7 +532,8 @@ def run_benchmark(
         raise ValueError(f"--images {images}: no such folder")
     be, weights, timing_only = build_backend(settings, checkpoint, model, providers, score_voting, torch_options)
     others, auto = [], None
-    if backend == "auto" and torch.device(settings.device).type == "cpu" and not settings.fp16 and settings.precision is None:
+    if (backend == "auto" and torch.device(settings.device).type == "cpu" and not settings.fp16
+            and settings.precision is None and providers is None):  # --providers means ONNX Runtime
         from .bench_auto import available_cpu_candidates  # the other fp32 CPU backends, probed below
 
         others = [name for name in available_cpu_candidates(model) if name != settings.backend]
@@ -549,7 +550,7 @@ def run_benchmark(
                 backends[name] = build_backend(alt, checkpoint, model, providers, score_voting, torch_options)[0]
             chosen, auto = choose_fastest(backends, paths, settings.preset)
             settings, be = replace(settings, backend=chosen, precision="f32" if chosen == "openvino" else None), backends[chosen]
-            print(f"--backend auto: {chosen}, the fastest fp32 backend here (probe: "
+            print(f"--backend auto: {chosen}, the fastest backend here for this graph's precision (probe: "
                   + ", ".join(f"{k} {v:.0f} ms" for k, v in auto["candidates_ms"].items()) + ")", file=sys.stderr, flush=True)
         gpu_decode = _use_gpu_decode(settings, be, paths)
         engine = None if skip_engine else time_engine(be, paths, settings)

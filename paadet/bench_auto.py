@@ -1,8 +1,8 @@
-"""``paadet bench --backend auto`` on a CPU: time each fp32 backend on the benchmark's first image, keep the fastest.
+"""``paadet bench --backend auto`` on a CPU: time each backend on the benchmark's first image, keep the fastest.
 
-Only backends whose detections are FP32's take part (ONNX Runtime fp32 and OpenVINO ``f32``, each running the
-same exported graph); reduced precision (OpenVINO ``bf16``, an int8 graph) is never chosen silently: the user
-asks for it with ``--precision`` or ``--model``. The probe is one untimed warm-up call and ``rounds`` timed
+The candidates run the same graph at its own precision (ONNX Runtime, OpenVINO ``f32``): the fp32 export of
+the weights, or the user's ``--model``. Reduced precision (OpenVINO ``bf16``, an int8 graph) is never chosen
+silently: the user asks for it with ``--precision`` or ``--model``. The probe is one untimed warm-up call and ``rounds`` timed
 calls of the backend's ``infer`` on the same resized image; the median decides. Its figures go into the
 report (``auto``), and the command prints which backend it chose and why.
 """
@@ -55,5 +55,5 @@ def choose_fastest(backends: dict[str, Backend], paths: Sequence[Path], preset: 
     timings = probe(backends, paths[0], preset, rounds)
     chosen = min(timings, key=timings.get)
     return chosen, {"candidates_ms": {k: round(v, 1) for k, v in timings.items()}, "chosen": chosen,
-                    "rule": f"fastest fp32 backend: median of {rounds} calls on {Path(paths[0]).name} after a warm-up; "
+                    "rule": f"fastest backend at the graph's own precision: median of {rounds} calls on {Path(paths[0]).name} after a warm-up; "
                             "reduced precision only when asked"}

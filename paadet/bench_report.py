@@ -14,7 +14,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"paadet bench: {report['backend']} on {report['device']} ({where}), {report['precision']}, "
         f"batch {report['batch_size']}, preset {report['preset']} ({report['input_size']})",
         f"weights: {report['weights']}",
-        *([f"--backend auto chose {report['auto']['chosen']}, the fastest fp32 backend here (probe ms: "
+        *([f"--backend auto chose {report['auto']['chosen']}, the fastest backend here for this graph's precision (probe ms: "
            + ", ".join(f"{k} {v:.0f}" for k, v in report["auto"]["candidates_ms"].items()) + ")"] if report.get("auto") else []),
         f"images: {report['images']['source']}; {report['warmup']} warm-up + {report['iters']} timed batches",
         "",

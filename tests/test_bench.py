@@ -183,6 +183,9 @@ def test_auto_backend_on_cpu_probes_the_fp32_backends_and_says_which(tmp_path, c
     assert report["precision"] in ("fp32", "f32")
     assert bench.choose_backend("auto", device="cpu", model="x.onnx") == "onnxruntime"
     assert bench.choose_backend("auto", device="cpu", precision="bf16") == "openvino"
+    assert bench.choose_backend("auto", device="cpu", model="m.xml") == "openvino"
+    with_providers = _tiny_report(backend="auto", batch_size=1, iters=1, warmup=0, providers="CPUExecutionProvider")
+    assert with_providers["backend"] == "onnxruntime" and with_providers["auto"] is None  # --providers: ORT, no probe
     assert bench.choose_backend("auto", device="cpu", fp16=True) == "torch"
     assert bench.choose_backend("torch", device="cpu") == "torch"
 

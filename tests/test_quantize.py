@@ -89,6 +89,63 @@ def test_only_the_network_is_quantised(quantized, method):
     assert path.stat().st_size == report.size_bytes
 
 
+@pytest.mark.parametrize("method", ["nncf", "ort"])
+def test_the_head_hands_float_outputs_to_the_postprocessing(quantized, method):
+    """No Q/DQ pair between the head's last convolutions (logits, deltas and their scales, IoU logits) and
+    the decoding: ONNX Runtime's quantiser puts one on every convolution output, and paadet removes those."""
+    model = onnx.load(quantized[method][0])
+    uses = consumers(model)
+    heads = [n for n in model.graph.node if n.op_type == "Conv" and "/atss_" in n.name]
+    assert len(heads) == 15
+    for conv in heads:
+        frontier, seen = [conv.output[0]], set()
+        while frontier:  # everything downstream of the convolution inside the network
+            name = frontier.pop()
+            for node in uses.get(name, []):
+                assert node.op_type != "QuantizeLinear", f"{conv.name} output rounded by {node.name}"
+                if node.name.startswith(NETWORK_PREFIX) and node.name not in seen:
+                    seen.add(node.name)
+                    frontier.extend(node.output)
+    used = {i for n in model.graph.node for i in n.input}
+    assert all(t.name in used for t in model.graph.initializer)  # no scale or zero point left behind
+
+
+def test_ort_method_writes_nothing_beside_the_input(graph, calib, tmp_path):
+    before = sorted(p.name for p in graph.parent.iterdir())
+    quantize_export(graph, calib, tmp_path / "o.onnx", method="ort", max_images=2, progress=False)
+    assert sorted(p.name for p in graph.parent.iterdir()) == before
+
+
+def test_static_batch_calibrates_on_full_batches(net, calib, tmp_path):
+    """A graph with a static batch of 2 is calibrated on batches of real images, never blank rows."""
+    from paadet.export.quantize import _read_calibration, calibration_files
+
+    path = tmp_path / "b2.onnx"
+    export_onnx(net, path, FIXED, batch_size=2, simplify=False, verify=False)
+    feeds, used, skipped = _read_calibration(OnnxRuntimeBackend.from_file(path), calibration_files(calib, 10), False)
+    assert used == 6 and len(skipped) == 1 and len(feeds) == 3
+    for feed in feeds:
+        images = feed["images"]
+        assert images.shape[0] == 2 and all(images[i].any() for i in range(2))
+
+
+def test_dynamic_simplified_graph_quantises_and_runs(net, calib, tmp_path):
+    """The README's recipe: a simplified graph with dynamic batch and size (a /32 preset), on OpenVINO."""
+    div32 = Preset("div32", (96, 80), size_divisor=32)
+    path, out = tmp_path / "dyn.onnx", tmp_path / "dyn_int8.onnx"
+    export_onnx(net, path, div32, dynamic_batch=True, verify=False)
+    report = quantize_export(path, calib, out, progress=False)
+    assert report.quantized_convolutions >= 100 and read_export_info(out).input_size is None
+    images = [synthetic_image(64, 80, seed=1), synthetic_image(80, 64, seed=2)]
+    ref = _detections(OpenVinoBackend.from_file(path, preset=div32), images)
+    ours = _detections(OpenVinoBackend.from_file(out, preset=div32), images)
+    total = MatchReport()
+    for r, o in zip(ref, ours):
+        total += match_detections(r.boxes[:10], r.scores[:10], r.labels[:10], o.boxes, o.scores, o.labels,
+                                  iou_thr=0.7, score_tol=0.03)
+    assert total.reference >= 8 and total.matched_fraction >= 0.8, total
+
+
 def test_int8_weights_are_a_quarter_of_fp32(quantized, graph):
     path, _ = quantized["nncf"]
     assert path.stat().st_size < 0.4 * graph.stat().st_size
@@ -146,16 +203,18 @@ def test_refuses_bad_inputs_before_work(graph, calib, tmp_path, net):
         quantize_export(graph, calib, tmp_path / "o.onnx", method="tensorrt")
     fp16 = tmp_path / "fp16.onnx"
     export_onnx(net, fp16, FIXED, batch_size=1, fp16=True, simplify=False, verify=False)
-    with pytest.raises(QuantizeError, match="fp16 graph"):
+    with pytest.raises(QuantizeError, match="graph is fp16"):
         quantize_export(fp16, calib, tmp_path / "o.onnx")
     raw = tmp_path / "raw.onnx"
     export_onnx(net, raw, FIXED, batch_size=1, raw=True, simplify=False, verify=False)
     with pytest.raises(QuantizeError, match="raw graph"):
         quantize_export(raw, calib, tmp_path / "o.onnx")
+    with pytest.raises(QuantizeError, match="OpenVINO IR"):
+        quantize_export(tmp_path / "m.xml", calib, tmp_path / "o.onnx")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.jpg").write_bytes(b"nope")
-    with pytest.raises(QuantizeError, match="none of the 1 calibration images"):
+    with pytest.raises(QuantizeError, match="none of the 1 calibration images could be used"):
         quantize_export(graph, broken, tmp_path / "o.onnx", progress=False)
     assert not (tmp_path / "o.onnx").exists()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..export.quantize import DEFAULT_MAX_IMAGES, METHODS
 from .common import positive_int
 
 
@@ -18,11 +19,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--calib", required=True, metavar="DIR",
                    help="folder of calibration images (searched recursively), like the images the model will see")
     p.add_argument("--output", required=True, help="the INT8 .onnx to write")
-    p.add_argument("--method", choices=("nncf", "ort"), default="nncf",
+    p.add_argument("--method", choices=METHODS, default="nncf",
                    help="nncf: NNCF post-training quantisation (default; needs paadet[quantize]); "
                         "ort: ONNX Runtime's static quantiser")
-    p.add_argument("--max-images", type=positive_int, default=300,
-                   help="calibrate on at most this many images, evenly spread over the folder (default: 300)")
+    p.add_argument("--max-images", type=positive_int, default=DEFAULT_MAX_IMAGES,
+                   help=f"calibrate on at most this many images, evenly spread over the folder (default: {DEFAULT_MAX_IMAGES})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p

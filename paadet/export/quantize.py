@@ -10,9 +10,11 @@ What stays in float32, and why:
 * **everything outside the network** (the ``/net/`` nodes of the export): the in-graph normalisation,
   anchors, decoding, top-k, NMS and score voting. They are cheap next to the convolutions, and box
   coordinates and IoU thresholds in int8 would move detections for nothing;
-* **GroupNorm, the head's scales and the activations between the quantised convolutions' outputs**:
-  the quantisers only wrap convolution inputs and weights (the weights per output channel, symmetric
-  int8; activations per tensor), so each convolution computes in int8 and hands float32 on.
+* **the network's outputs**: the head's last convolutions (class logits, box deltas and their scales, IoU
+  logits) hand float32 to the post-processing. NNCF wraps only convolution inputs and weights (weights per
+  output channel, symmetric int8; activations per tensor); ONNX Runtime's quantiser also wraps convolution
+  outputs, so between two convolutions GroupNorm and ReLU see int8-rounded values, and a post-pass removes
+  the pairs on every convolution output that reaches no other convolution.
 
 Two quantisers (``method``):
 
@@ -119,26 +121,39 @@ def calibration_files(calib: str | os.PathLike, max_images: int) -> list:
     return sources
 
 
-def _read_calibration(backend, sources: list, progress: bool) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Each readable image as the graph's feeds (batch of one, padded as inference pads it); skipped files."""
+def _read_calibration(backend, sources: list, progress: bool) -> tuple[list[dict], int, list[tuple[str, str]]]:
+    """The graph's feeds for the usable images (padded as inference pads them), how many images, skipped files.
+
+    A dynamic-batch graph gets one image per feed. A static batch ``B`` gets full batches of images of one
+    padded size (a last partial batch repeats its own images), never blank rows, which would skew the ranges.
+    """
     from tqdm import tqdm
 
     from ..data.images import ImageReadError, read_image
     from ..preprocess import resize
 
-    feeds, skipped = [], []
+    by_shape: dict[tuple[int, int], list] = {}
+    used, skipped = 0, []
     for source in tqdm(sources, desc="calibration images", unit="img", disable=not progress, file=sys.stderr,
                        dynamic_ncols=True):
         try:
             if source.error is not None:
                 raise ImageReadError(f"{source.file_name}: {source.error}")
             image, meta = resize(read_image(source.path), backend.preset)
-            feeds.append(backend.feeds([image], [meta]))
-        except (ImageReadError, OSError) as exc:
+            backend.input_shape_for([meta])  # refuses an image that does not fit a fixed-size graph
+        except (PaadetError, OSError) as exc:
             skipped.append((source.file_name, one_line(exc)))
-        except PaadetError as exc:  # e.g. an image that does not fit a fixed-size graph
-            skipped.append((source.file_name, one_line(exc)))
-    return feeds, skipped
+            continue
+        by_shape.setdefault(tuple(meta.pad_shape), []).append((image, meta))
+        used += 1
+    rows = backend.fixed_batch or 1
+    feeds = []
+    for group in by_shape.values():
+        for start in range(0, len(group), rows):
+            chunk = group[start:start + rows]
+            chunk += [chunk[i % len(chunk)] for i in range(rows - len(chunk))]
+            feeds.append(backend.feeds([c[0] for c in chunk], [c[1] for c in chunk]))
+    return feeds, used, skipped
 
 
 def _nncf_quantize(model, feeds: list[dict], float_nodes: list[str]):
@@ -150,10 +165,13 @@ def _nncf_quantize(model, feeds: list[dict], float_nodes: list[str]):
     )
 
 
-def _ort_quantize(source: str, feeds: list[dict], float_nodes: list[str], workdir: str):
+def _ort_quantize(model, feeds: list[dict], float_nodes: list[str], workdir: str):
+    """ONNX Runtime's quantiser on a copy of ``model`` in ``workdir`` (it writes files beside its input)."""
     import onnx
 
     q = _import("ort")
+    source = os.path.join(workdir, "fp32.onnx")
+    onnx.save(model, source)
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
@@ -202,6 +220,8 @@ def quantize_export(
     if max_images < 1:
         raise QuantizeError(f"--max-images must be >= 1, got {max_images}")
     model_path, output = os.fspath(model_path), Path(output)
+    if model_path.lower().endswith(".xml"):
+        raise QuantizeError(f"{model_path}: an OpenVINO IR; quantize takes the .onnx written by `paadet export`")
     if output.suffix.lower() != ".onnx":
         raise QuantizeError(f"{output}: --output must be an .onnx file")
     check_output_file(output, "--output", inputs=[model_path])
@@ -209,7 +229,8 @@ def quantize_export(
     if info.graph != "full":
         raise QuantizeError(f"{model_path}: a {info.graph} graph; quantize takes a full graph (`paadet export` without --raw)")
     if info.precision != "fp32":
-        raise QuantizeError(f"{model_path}: a {info.precision} graph; quantize takes an fp32 export (`paadet export` without --fp16)")
+        raise QuantizeError(f"{model_path}: the graph is {info.precision}; quantize takes an fp32 export "
+                            "(`paadet export` without --fp16)")
     _import(method)
     sources = calibration_files(calib, max_images)
     model = onnx.load(model_path)
@@ -217,59 +238,79 @@ def quantize_export(
     if not network:
         raise ExportFormatError(f"{model_path}: no '{NETWORK_PREFIX}' nodes; re-export it with this paadet")
     backend = OnnxRuntimeBackend.from_file(model_path)  # feeds exactly as inference builds them
-    feeds, skipped = _read_calibration(backend, sources, progress)
+    feeds, used, skipped = _read_calibration(backend, sources, progress)
     del backend
     if not feeds:
-        raise QuantizeError(f"{calib}: none of the {len(sources)} calibration images could be read")
+        raise QuantizeError(f"{calib}: none of the {len(sources)} calibration images could be used")
     with tempfile.TemporaryDirectory(prefix="paadet-quantize-") as tmp:
         if method == "nncf":
             quantized = _nncf_quantize(model, feeds, float_nodes)
         else:
-            quantized = _ort_quantize(model_path, feeds, float_nodes, tmp)
+            quantized = _ort_quantize(model, feeds, float_nodes, tmp)
     _float_into_postprocessing(quantized)
-    _write_metadata(quantized, model, method, len(feeds))
+    _write_metadata(quantized, model, method, used)
     data = quantized.SerializeToString()
     atomic_write_bytes(output, data)
     convs = [n for n in quantized.graph.node if n.op_type == "Conv"]
     dequantized = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     n_int8 = sum(1 for n in convs if n.input[0] in dequantized and n.input[1] in dequantized)
-    return QuantizeReport(output=os.fspath(output), source=model_path, method=method, calibration_images=len(feeds),
+    return QuantizeReport(output=os.fspath(output), source=model_path, method=method, calibration_images=used,
                           skipped=skipped, quantized_convolutions=n_int8, convolutions=len(convs),
                           float_nodes=len(float_nodes), seconds=time.perf_counter() - start, size_bytes=len(data))
 
 
-def _float_into_postprocessing(model) -> int:
-    """Feed the post-processing the network's float outputs where a quantiser put a Q/DQ pair on them.
+def _float_into_postprocessing(model) -> None:
+    """Hand the post-processing the network's float outputs where a quantiser rounded them.
 
-    ONNX Runtime's quantiser also quantises convolution outputs; on the head's last convolutions that would
-    round the class logits and box deltas to 8 bits before decoding and NMS. Their consumers outside the
-    network are rewired to the float tensor before the ``QuantizeLinear``; pairs left without consumers are
-    removed. Returns how many tensors were rewired.
+    ONNX Runtime's quantiser puts a Q/DQ pair on every convolution output; on the head's last convolutions
+    that rounds the class logits, the box deltas (before their ``Scale``) and the IoU logits to 8 bits. Every
+    Q/DQ pair on a convolution output that reaches no other convolution, and every one read directly by a
+    node outside the network, is bypassed: its readers get the float tensor before the ``QuantizeLinear``.
+    The pairs, scales and zero points left unread are then removed.
     """
     nodes = list(model.graph.node)
     producer = {o: n for n in nodes for o in n.output}
-    rewired = 0
-    for node in nodes:
-        if node.name.startswith(NETWORK_PREFIX) or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+    readers: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    reaches_conv: set[str] = set()  # tensors from which a convolution's data input can be reached
+    stack = [n.input[0] for n in nodes if n.op_type == "Conv"]
+    while stack:
+        name = stack.pop()
+        if name in reaches_conv:
             continue
-        for i, name in enumerate(node.input):
-            dq = producer.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
+        reaches_conv.add(name)
+        if name in producer:
+            stack.extend(producer[name].input)
+    for q in nodes:
+        if q.op_type != "QuantizeLinear":
+            continue
+        source = producer.get(q.input[0])
+        for dq in readers.get(q.output[0], []):
+            if dq.op_type != "DequantizeLinear":
                 continue
-            q = producer.get(dq.input[0])
-            if q is None or q.op_type != "QuantizeLinear":
-                continue
-            node.input[i] = q.input[0]
-            rewired += 1
+            head_output = source is not None and source.op_type == "Conv" and dq.output[0] not in reaches_conv
+            for reader in readers.get(dq.output[0], []):
+                if head_output or not reader.name.startswith(NETWORK_PREFIX):
+                    for i, name in enumerate(reader.input):
+                        if name == dq.output[0]:
+                            reader.input[i] = q.input[0]
     graph_outputs = {o.name for o in model.graph.output}
     while True:  # drop Q/DQ nodes nobody reads any more
         used = {i for n in model.graph.node for i in n.input} | graph_outputs
         dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
                 and not any(o in used for o in n.output)]
         if not dead:
-            return rewired
+            break
         for n in dead:
             model.graph.node.remove(n)
+    used = {i for n in model.graph.node for i in n.input}
+    for init in [t for t in model.graph.initializer if t.name not in used]:
+        model.graph.initializer.remove(init)
+    produced = {o for n in model.graph.node for o in n.output}
+    for info in [v for v in model.graph.value_info if v.name not in produced]:
+        model.graph.value_info.remove(info)
 
 
 def _write_metadata(quantized, source, method: str, images: int) -> None:
@@ -283,6 +324,8 @@ def _write_metadata(quantized, source, method: str, images: int) -> None:
     props["paadet_precision"] = "int8"
     props[QUANTIZATION_KEY] = json.dumps({"method": method, "calibration_images": images, "paadet_version": __version__,
                                           "float32": "everything outside the network (/net/ nodes)"})
+    quantized.doc_string = (f"paadet int8 graph ({method} post-training quantisation of the network, "
+                            f"{images} calibration images; post-processing in float32)")
     del quantized.metadata_props[:]
     for key, value in props.items():
         entry = quantized.metadata_props.add()

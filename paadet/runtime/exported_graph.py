@@ -105,6 +105,8 @@ class ExportedGraphBackend(Backend):
         """A full graph's inputs for resized BGR ``uint8`` images: the zero-padded NHWC ``uint8`` batch
         ``[rows, H, W, 3]``, ``img_shapes`` and ``scale_factors`` ``[rows, 2]`` (``rows``: the static batch or
         ``len(images)``). Also what ``paadet quantize`` calibrates on."""
+        if self.info.graph != "full":
+            raise ValueError(f"{self.path}: feeds() builds a full graph's inputs; this is a {self.info.graph} graph")
         rows = rows if rows is not None else self._check_batch(len(images))
         height, width = self.input_shape_for(metas)
         batch = np.zeros((rows, height, width, 3), np.uint8)
