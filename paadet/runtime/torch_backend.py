@@ -230,7 +230,7 @@ class TorchBackend(Backend):
         if self.device.type != "cuda":
             asked = [name for name, value in cuda_only.items() if value]
             if asked:
-                raise ValueError(f"{', '.join(asked)} need a CUDA device; the CPU path runs plain float32")
+                raise ValueError(f"{', '.join(asked)} need a CUDA device; the CPU path runs float32 (or bfloat16 with --bf16)")
         if fp16_weights and not fp16:
             raise ValueError("fp16_weights needs fp16 (half precision)")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
