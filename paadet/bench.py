@@ -323,7 +323,7 @@ def resolve_weights(checkpoint: str | None) -> tuple[PAANet, str, bool]:
     """
     from .hub import resolve_checkpoint
     from .model.loading import load_network
-    from .testing import seeded_state_dict
+    from .testing import seeded_net
 
     try:
         path = resolve_checkpoint(checkpoint, download_if_missing=False, progress=False)
@@ -333,9 +333,7 @@ def resolve_weights(checkpoint: str | None) -> tuple[PAANet, str, bool]:
         path = None
     if path is not None:
         return load_network(path), str(path), False
-    net = PAANet()
-    net.load_state_dict(seeded_state_dict(0))
-    return net, "random: seeded_state_dict(0), no checkpoint found (timing only)", True
+    return seeded_net(0), "random: seeded_state_dict(0), no checkpoint found (timing only)", True
 
 
 def exported_backend(net: PAANet, settings: BenchSettings, providers: str | None, score_voting: bool,

@@ -68,6 +68,13 @@ def seeded_state_dict(seed: int = 0, cls_bias: float = -8.0, cls_std: float = 0.
     return out
 
 
+def seeded_net(seed: int = 0, cls_bias: float = -8.0) -> PAANet:
+    """A :class:`PAANet` in eval mode holding :func:`seeded_state_dict` ``(seed, cls_bias)``."""
+    net = PAANet()
+    net.load_state_dict(seeded_state_dict(seed, cls_bias=cls_bias))
+    return net.eval()
+
+
 def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A reproducible BGR ``uint8`` image ``[height, width, 3]`` with smooth shapes and some noise."""
     rng = np.random.default_rng(seed)

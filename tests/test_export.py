@@ -18,7 +18,7 @@ from paadet.postprocess import PostprocessConfig
 from paadet.preprocess import Preset, normalize_pad, resize
 from paadet.runtime.onnxruntime_backend import OnnxModelError, OnnxRuntimeBackend
 from paadet.runtime.torch_backend import TorchBackend
-from paadet.testing import seeded_state_dict, synthetic_image
+from paadet.testing import seeded_net, seeded_state_dict, synthetic_image
 
 FIXED = Preset("fixed256", (256, 256), size_divisor=None, fixed_size=(256, 256))
 DIV32 = Preset("div32", (320, 256), size_divisor=32)
@@ -28,9 +28,7 @@ SIZES = [(180, 240), (300, 200), (256, 256), (120, 330)]
 @pytest.fixture(scope="module")
 def net() -> PAANet:
     torch.set_num_threads(2)
-    model = PAANet()
-    model.load_state_dict(seeded_state_dict(0))
-    return model.eval()
+    return seeded_net(0)
 
 
 @pytest.fixture(scope="module")

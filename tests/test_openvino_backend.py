@@ -26,7 +26,7 @@ from paadet.preprocess import Preset, resize  # noqa: E402
 from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from paadet.runtime.openvino_backend import OpenVinoBackend, OpenVinoModelError, import_openvino  # noqa: E402
 from paadet.runtime.torch_backend import TorchBackend  # noqa: E402
-from paadet.testing import seeded_state_dict, synthetic_image  # noqa: E402
+from paadet.testing import seeded_net, synthetic_image  # noqa: E402
 
 DIV32 = Preset("div32", (128, 96), size_divisor=32)
 FIXED = Preset("fixed64", (64, 64), size_divisor=None, fixed_size=(64, 64))
@@ -37,9 +37,7 @@ SIZES = [(90, 120), (80, 120), (128, 96), (64, 100)]
 @pytest.fixture(scope="module")
 def net() -> PAANet:
     torch.set_num_threads(2)
-    model = PAANet()
-    model.load_state_dict(seeded_state_dict(0))
-    return model.eval()
+    return seeded_net(0)
 
 
 @pytest.fixture(scope="module")

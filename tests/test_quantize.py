@@ -28,7 +28,7 @@ from paadet.model import PAANet  # noqa: E402
 from paadet.preprocess import Preset  # noqa: E402
 from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from paadet.runtime.openvino_backend import OpenVinoBackend  # noqa: E402
-from paadet.testing import seeded_state_dict, synthetic_image  # noqa: E402
+from paadet.testing import seeded_net, synthetic_image  # noqa: E402
 
 FIXED = Preset("fixed64", (64, 64), size_divisor=None, fixed_size=(64, 64))
 
@@ -36,9 +36,7 @@ FIXED = Preset("fixed64", (64, 64), size_divisor=None, fixed_size=(64, 64))
 @pytest.fixture(scope="module")
 def net() -> PAANet:
     torch.set_num_threads(2)
-    model = PAANet()
-    model.load_state_dict(seeded_state_dict(2))  # "sparse" seeded weights: a few dozen confident candidates
-    return model.eval()
+    return seeded_net(2)  # "sparse" seeded weights: a few dozen confident candidates
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +116,14 @@ def test_ort_method_writes_nothing_beside_the_input(graph, calib, tmp_path):
 
 def test_static_batch_calibrates_on_full_batches(net, calib, tmp_path):
     """A graph with a static batch of 2 is calibrated on batches of real images, never blank rows."""
-    from paadet.export.quantize import _read_calibration, calibration_files
+    from paadet.export.metadata import load_export
+    from paadet.export.quantize import _read_calibration, calibration_files, calibration_layout
 
     path = tmp_path / "b2.onnx"
     export_onnx(net, path, FIXED, batch_size=2, simplify=False, verify=False)
-    feeds, used, skipped = _read_calibration(OnnxRuntimeBackend.from_file(path), calibration_files(calib, 10), False)
+    layout = calibration_layout(*load_export(path), str(path))
+    assert layout.input_names == [i.name for i in OnnxRuntimeBackend.from_file(path).session.get_inputs()]
+    feeds, used, skipped = _read_calibration(layout, calibration_files(calib, 10), False)
     assert used == 6 and len(skipped) == 1 and len(feeds) == 3
     for feed in feeds:
         images = feed["images"]

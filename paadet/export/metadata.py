@@ -117,8 +117,8 @@ def same_preset(a: Preset, b: Preset) -> bool:
         tuple(b.scale), b.size_divisor, b.fixed_size and tuple(b.fixed_size))
 
 
-def read_export_info(path: str | os.PathLike) -> ExportInfo:
-    """The :class:`ExportInfo` of a ``paadet export`` graph file, read without running it.
+def load_export(path: str | os.PathLike, load_external_data: bool = True):
+    """``(onnx.ModelProto, ExportInfo)`` of a ``paadet export`` graph file, read once, without running it.
 
     Raises:
         ExportFormatError: a missing file, one that is not an ONNX model, or not a paadet export.
@@ -128,7 +128,16 @@ def read_export_info(path: str | os.PathLike) -> ExportInfo:
     if not Path(path).is_file():
         raise ExportFormatError(f"{path}: ONNX model file not found")
     try:
-        proto = onnx.load(os.fspath(path), load_external_data=False)
+        proto = onnx.load(os.fspath(path), load_external_data=load_external_data)
     except Exception as exc:  # onnx raises DecodeError and others for a file that is not a model
         raise ExportFormatError(f"{path}: cannot be read as an ONNX model ({type(exc).__name__})") from exc
-    return ExportInfo.from_metadata({p.key: p.value for p in proto.metadata_props}, os.fspath(path))
+    return proto, ExportInfo.from_metadata({p.key: p.value for p in proto.metadata_props}, os.fspath(path))
+
+
+def read_export_info(path: str | os.PathLike) -> ExportInfo:
+    """The :class:`ExportInfo` of a ``paadet export`` graph file, read without running it.
+
+    Raises:
+        ExportFormatError: a missing file, one that is not an ONNX model, or not a paadet export.
+    """
+    return load_export(path, load_external_data=False)[1]

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from ..errors import PaadetError, one_line
 from ..fileio import atomic_write_bytes, check_output_file
-from .metadata import METADATA_KEY, ExportFormatError, read_export_info
+from .metadata import METADATA_KEY, ExportFormatError, load_export
 
 METHODS = ("nncf", "ort")
 DEFAULT_MAX_IMAGES = 300
@@ -121,6 +121,17 @@ def calibration_files(calib: str | os.PathLike, max_images: int) -> list:
     return sources
 
 
+def calibration_layout(model, info, path: str):
+    """The graph's input layout (preset, batch, fixed size, input names) without a runtime session: an
+    :class:`~paadet.runtime.exported_graph.ExportedGraphBackend` whose ``feeds`` are the ones inference builds."""
+    from ..runtime.exported_graph import ExportedGraphBackend
+
+    layout = ExportedGraphBackend(info, path)
+    weights = {t.name for t in model.graph.initializer}
+    layout.input_names = [i.name for i in model.graph.input if i.name not in weights]
+    return layout
+
+
 def _read_calibration(backend, sources: list, progress: bool) -> tuple[list[dict], int, list[tuple[str, str]]]:
     """The graph's feeds for the usable images (padded as inference pads them), how many images, skipped files.
 
@@ -165,13 +176,11 @@ def _nncf_quantize(model, feeds: list[dict], float_nodes: list[str]):
     )
 
 
-def _ort_quantize(model, feeds: list[dict], float_nodes: list[str], workdir: str):
-    """ONNX Runtime's quantiser on a copy of ``model`` in ``workdir`` (it writes files beside its input)."""
+def _ort_quantize(model, feeds: list[dict], float_nodes: list[str]):
+    """ONNX Runtime's quantiser on a copy of ``model`` in a temporary folder (it writes files beside its input)."""
     import onnx
 
     q = _import("ort")
-    source = os.path.join(workdir, "fp32.onnx")
-    onnx.save(model, source)
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
@@ -180,12 +189,14 @@ def _ort_quantize(model, feeds: list[dict], float_nodes: list[str], workdir: str
         def get_next(self):
             return next(self.items, None)
 
-    out = os.path.join(workdir, "ort_int8.onnx")
-    q.quantize_static(source, out, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
-                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                      calibrate_method=q.CalibrationMethod.MinMax, nodes_to_exclude=float_nodes,
-                      op_types_to_quantize=["Conv"])
-    return onnx.load(out)
+    with tempfile.TemporaryDirectory(prefix="paadet-quantize-") as workdir:
+        source, out = os.path.join(workdir, "fp32.onnx"), os.path.join(workdir, "ort_int8.onnx")
+        onnx.save(model, source)
+        q.quantize_static(source, out, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                          calibrate_method=q.CalibrationMethod.MinMax, nodes_to_exclude=float_nodes,
+                          op_types_to_quantize=["Conv"])
+        return onnx.load(out)
 
 
 def quantize_export(
@@ -210,10 +221,6 @@ def quantize_export(
     Raises:
         QuantizeError / ExportFormatError / OutputPathError: bad input, each in one line, before any long work.
     """
-    import onnx
-
-    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-
     start = time.perf_counter()
     if method not in METHODS:
         raise QuantizeError(f"unknown --method {method!r}; use {' or '.join(METHODS)}")
@@ -225,7 +232,7 @@ def quantize_export(
     if output.suffix.lower() != ".onnx":
         raise QuantizeError(f"{output}: --output must be an .onnx file")
     check_output_file(output, "--output", inputs=[model_path])
-    info = read_export_info(model_path)
+    model, info = load_export(model_path)
     if info.graph != "full":
         raise QuantizeError(f"{model_path}: a {info.graph} graph; quantize takes a full graph (`paadet export` without --raw)")
     if info.precision != "fp32":
@@ -233,20 +240,13 @@ def quantize_export(
                             "(`paadet export` without --fp16)")
     _import(method)
     sources = calibration_files(calib, max_images)
-    model = onnx.load(model_path)
     network, float_nodes = split_nodes(model)
     if not network:
         raise ExportFormatError(f"{model_path}: no '{NETWORK_PREFIX}' nodes; re-export it with this paadet")
-    backend = OnnxRuntimeBackend.from_file(model_path)  # feeds exactly as inference builds them
-    feeds, used, skipped = _read_calibration(backend, sources, progress)
-    del backend
+    feeds, used, skipped = _read_calibration(calibration_layout(model, info, model_path), sources, progress)
     if not feeds:
         raise QuantizeError(f"{calib}: none of the {len(sources)} calibration images could be used")
-    with tempfile.TemporaryDirectory(prefix="paadet-quantize-") as tmp:
-        if method == "nncf":
-            quantized = _nncf_quantize(model, feeds, float_nodes)
-        else:
-            quantized = _ort_quantize(model, feeds, float_nodes, tmp)
+    quantized = (_nncf_quantize if method == "nncf" else _ort_quantize)(model, feeds, float_nodes)
     _float_into_postprocessing(quantized)
     _write_metadata(quantized, model, method, used)
     data = quantized.SerializeToString()
