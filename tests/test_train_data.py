@@ -22,6 +22,7 @@ from paadet.train.data import (
     epoch_indices,
     flip_decision,
     group_batches,
+    normalize_numpy,
 )
 
 CATS = [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}, {"id": 42, "name": "forty-two"}]
@@ -334,3 +335,14 @@ def test_process_workers_give_the_same_batches(tmp_path):
         torch.testing.assert_close(x.images, y.images, rtol=0, atol=0)
         for bx, by in zip(x.gt_boxes, y.gt_boxes):
             torch.testing.assert_close(bx, by, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(160, 160), (37, 91), (1, 5)])
+def test_loader_normalisation_equals_inference_normalisation(shape):
+    """The loader's numpy normalisation (no torch kernel in its threads) is bit-identical to inference's."""
+
+    image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ours = normalize_numpy(image)
+    assert ours.dtype == torch.float32 and ours.is_contiguous() and ours.shape == (3, *shape)
+    assert torch.equal(ours, normalize_pad(image, shape))
+    assert not torch.equal(ours, normalize_pad(image[:, :, ::-1].copy(), shape))  # channel order matters

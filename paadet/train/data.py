@@ -84,7 +84,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..data.coco import LOADERS, DatasetError, is_number, read_json, validate_annotations
 from ..data.images import ImageReadError, read_image
-from ..preprocess import Preset, normalize_pad, resize
+from ..preprocess import MEAN_RGB, STD_RGB, Preset, resize
 
 SIZE_DIVISOR = 32
 """DetDataPreprocessor's ``pad_size_divisor`` in the PAA config."""
@@ -372,10 +372,26 @@ class CocoTrainDataset(torch.utils.data.Dataset):
             resized = cv2.flip(resized, 1)
             boxes = torch.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0], boxes[:, 3]], dim=1)
         return TrainSample(
-            image=normalize_pad(resized, (new_h, new_w)), boxes=boxes, labels=torch.from_numpy(entry.labels.copy()),
+            image=normalize_numpy(resized), boxes=boxes, labels=torch.from_numpy(entry.labels.copy()),
             file_name=entry.file_name, img_shape=(new_h, new_w), ori_shape=meta.ori_shape,
             scale_factor=meta.scale_factor, flipped=flipped, error=None, index=index,
         )
+
+
+_MEAN = np.array(MEAN_RGB, dtype=np.float32).reshape(3, 1, 1)
+_STD = np.array(STD_RGB, dtype=np.float32).reshape(3, 1, 1)
+
+
+def normalize_numpy(resized: np.ndarray) -> Tensor:
+    """BGR ``uint8`` ``[h, w, 3]`` -> normalised RGB float32 ``[3, h, w]``, bit-identical to
+    :func:`paadet.preprocess.normalize_pad` with no padding, but computed by numpy.
+
+    The loader threads call this: a torch kernel run from a new thread starts that thread's own OpenMP
+    team, whose spinning threads then compete with the training step for the cores (on 2 cores, 2 loader
+    threads made a 160x160 iteration 25 % slower: 0.73 against 0.59 s with no loader thread).
+    """
+    rgb = resized[:, :, ::-1].transpose(2, 0, 1).astype(np.float32, order="C")
+    return torch.from_numpy((rgb - _MEAN) / _STD)
 
 
 def _failed(entry: TrainImage, index: int, reason: str) -> TrainSample:
