@@ -7,7 +7,6 @@ Every error is a :class:`CheckpointError` whose message is one line and names th
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import warnings
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from .coco import ClassList
 from .errors import PaadetError, one_line
+from .fileio import sha256_file  # re-exported: it lives with the other file helpers (no torch)
 
 __all__ = [
     "Checkpoint",
@@ -41,7 +41,6 @@ __all__ = [
 CLASS_WEIGHT_KEY = "bbox_head.atss_cls.weight"
 """The state-dict entry whose first dimension is the number of classes."""
 HASH_SUFFIX_RE = re.compile(r"-([0-9a-f]{8,})\.pth$")
-_CHUNK_BYTES = 1 << 20
 _MAX_LISTED = 3
 
 
@@ -57,15 +56,6 @@ def expected_sha256_prefix(path: str | os.PathLike[str]) -> str | None:
     """
     match = HASH_SUFFIX_RE.search(Path(path).name)
     return match.group(1) if match else None
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = _CHUNK_BYTES) -> str:
-    """The sha256 hex digest of a file, read in chunks of ``chunk_bytes``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _hash_mismatch_message(path: str | os.PathLike[str], expected: str, actual: str) -> str:

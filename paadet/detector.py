@@ -20,7 +20,7 @@ import numpy as np
 
 from .coco import CATEGORY_IDS, ClassList
 from .data.images import ImageReadError, ImageSource, read_image
-from .postprocess import Detections, PostprocessConfig
+from .detections import Detections, PostprocessConfig
 from .preprocess import ImageMeta, Preset, get_preset, resize
 from .runtime.base import Backend, StageTimer
 
@@ -139,7 +139,7 @@ def iter_loaded(items: Sequence, preset: Preset, workers: int = 2, prefetch: int
 def split_detections(dets: Detections, metas: list[ImageMeta], names: list[str | None]) -> list[ImageResult]:
     """Fixed-shape batch detections -> one :class:`ImageResult` per image."""
     out = []
-    boxes, scores, labels, num = (t.numpy() for t in dets)
+    boxes, scores, labels, num = (np.asarray(t) for t in dets)  # torch tensors on the host, or numpy arrays
     for i, meta in enumerate(metas):
         n = int(num[i])
         out.append(ImageResult(

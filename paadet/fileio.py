@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -120,3 +121,12 @@ def check_output_dir(path: str | os.PathLike, flag: str = "the output folder", i
     else:
         _writable_parent(path, flag)
     return path
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file, read in chunks of ``chunk_bytes``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

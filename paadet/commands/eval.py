@@ -111,9 +111,8 @@ def run_model(
     """Load the dataset, build the detector, evaluate; print warnings, the table and the summary."""
     if output_dir is not None:
         check_output_dir(output_dir, "--output-dir", inputs=[ann_file])
-    from ..checkpoint import sha256_file
     from ..evaluate import METRICS_NAME, evaluate_detector
-    from ..hub import resolve_checkpoint
+    from ..fileio import sha256_file
     from ..runtime.classes import model_classes
 
     dataset = CocoDataset.load(ann_file, image_dir, limit=limit, classes=model_classes(backend, checkpoint, model))
@@ -121,6 +120,8 @@ def run_model(
     for warning in dataset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if backend == "torch":
+        from ..hub import resolve_checkpoint  # it reads checkpoints with torch: not imported for exported graphs
+
         checkpoint = str(resolve_checkpoint(checkpoint))
         weights = f"sha256:{sha256_file(checkpoint)}"
     else:

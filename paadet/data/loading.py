@@ -2,14 +2,12 @@
 
 :func:`iter_images` runs its workers as threads (the default, fastest here: OpenCV releases the GIL
 while decoding and resizing, and nothing is pickled) or as the worker processes of a
-``torch.utils.data.DataLoader``.
+``torch.utils.data.DataLoader`` (torch is imported only then: evaluating an exported graph needs none).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from typing import Literal
-
-import torch.utils.data
 
 from ..detector import LoadedImage, iter_loaded, load_one
 from ..preprocess import Preset
@@ -17,8 +15,9 @@ from .coco import LOADERS
 from .images import ImageSource
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Decode + resize as a map-style dataset, for a ``DataLoader`` with worker processes."""
+class ImageDataset:
+    """Decode + resize as a map-style dataset (``__len__`` and ``__getitem__``, all a ``DataLoader`` needs),
+    for a ``DataLoader`` with worker processes."""
 
     def __init__(self, sources: Sequence[ImageSource], preset: Preset) -> None:
         self.sources = list(sources)
@@ -57,6 +56,8 @@ def iter_images(
     if loader == "threads" or workers <= 0:
         yield from iter_loaded(sources, preset, workers=workers, prefetch=prefetch)
         return
+    import torch.utils.data
+
     data_loader = torch.utils.data.DataLoader(
         ImageDataset(sources, preset), batch_size=None, shuffle=False, num_workers=workers,
         collate_fn=_identity, prefetch_factor=max(1, prefetch // workers), persistent_workers=False,

@@ -1,5 +1,18 @@
-"""ONNX export of PAA: one graph from uint8 pixels to final detections (score voting included), or the raw network."""
-from .exporter import DEFAULT_OPSET, ExportError, ExportReport, export_onnx
+"""ONNX export of PAA: one graph from uint8 pixels to final detections (score voting included), or the raw network.
+
+The exporter (torch) is imported on first use: reading an export's metadata, as the ONNX Runtime and
+OpenVINO backends do, needs no torch.
+"""
 from .metadata import ExportFormatError, ExportInfo
 
 __all__ = ["DEFAULT_OPSET", "ExportError", "ExportFormatError", "ExportInfo", "ExportReport", "export_onnx"]
+
+_EXPORTER_NAMES = ("DEFAULT_OPSET", "ExportError", "ExportReport", "export_onnx")
+
+
+def __getattr__(name: str):
+    if name in _EXPORTER_NAMES:
+        from . import exporter
+
+        return getattr(exporter, name)
+    raise AttributeError(f"module 'paadet.export' has no attribute {name!r}")

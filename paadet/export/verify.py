@@ -55,8 +55,8 @@ def verify_export(
     n_ref, n_ours = int(ref.num_dets[0]), int(ours.num_dets[0])
     tol = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
     report = match_detections(
-        ref.boxes[0, :n_ref].numpy(), ref.scores[0, :n_ref].numpy(), ref.labels[0, :n_ref].numpy(),
-        ours.boxes[0, :n_ours].numpy(), ours.scores[0, :n_ours].numpy(), ours.labels[0, :n_ours].numpy(),
+        ref.boxes[0, :n_ref], ref.scores[0, :n_ref], ref.labels[0, :n_ref],
+        ours.boxes[0, :n_ours], ours.scores[0, :n_ours], ours.labels[0, :n_ours],
         iou_thr=tol["iou_thr"], score_tol=tol["score_tol"],
     )
     extra = report.extra / max(report.reference, 1)

@@ -5,14 +5,16 @@ import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
 from ..coco import COCO_CLASSES, ClassList
-from ..postprocess import Detections
+from ..detections import Detections
 from ..preprocess import ImageMeta, Preset
+
+if TYPE_CHECKING:
+    import torch
 
 STAGES = ("decode", "preprocess", "network", "postprocess")
 
@@ -24,12 +26,15 @@ class StageTimer:
     kernels are charged to the stage that launched them.
     """
 
-    def __init__(self, device: torch.device | str | None = None) -> None:
+    def __init__(self, device: "torch.device | str | None" = None) -> None:
         self.totals: dict[str, float] = defaultdict(float)
-        self.device = torch.device(device) if device is not None else None
+        self.device = device
+        self._cuda = device is not None and str(device).split(":")[0] == "cuda"  # no torch import otherwise
 
     def _sync(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
+        if self._cuda:
+            import torch
+
             torch.cuda.synchronize(self.device)
 
     @contextmanager
@@ -79,8 +84,8 @@ class Backend(ABC):
     def infer(self, images: list[np.ndarray], metas: list[ImageMeta], timer: StageTimer | None = None) -> Detections:
         """Detect on resized BGR ``uint8`` images ``[h, w, 3]`` that share ``metas[i].pad_shape``.
 
-        Normalisation and padding happen here (on the backend's device). Returns CPU tensors,
-        boxes in original-image pixels. Adds ``preprocess``, ``network`` and ``postprocess`` times to
+        Normalisation and padding happen here (on the backend's device). Returns host arrays (torch
+        tensors or numpy arrays, see :mod:`paadet.detections`), boxes in original-image pixels. Adds ``preprocess``, ``network`` and ``postprocess`` times to
         ``timer`` when given.
         """
 

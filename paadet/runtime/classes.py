@@ -15,11 +15,12 @@ def model_classes(backend: str = "torch", checkpoint: str | os.PathLike | None =
     ONNX graph's (or an OpenVINO IR's) from its metadata. A file that cannot be read gives COCO's 80 here and is left for the
     backend to report when it loads it.
     """
-    from ..checkpoint import load_checkpoint
     from ..export.metadata import read_export_info
 
     try:
         if backend == "torch" and checkpoint is not None:
+            from ..checkpoint import load_checkpoint  # torch: imported for checkpoints only
+
             return load_checkpoint(checkpoint).classes
         if backend == "onnxruntime" and model is not None:
             return read_export_info(model).classes

@@ -4,15 +4,17 @@ A full graph does everything after resizing (normalisation, network, decoding, N
 backend only pads images into the graph's input and converts the outputs. A raw graph (the network's 15
 maps) is supported too: normalisation and post-processing then run in PyTorch on the CPU. The ONNX
 Runtime and OpenVINO backends differ only in how they run the graph (:meth:`ExportedGraphBackend._run`).
+
+A full graph's path imports no torch: its detections are numpy arrays (:mod:`paadet.detections`), which
+saves a command about a second of start-up. Only a raw graph imports torch, when the backend is built.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from ..detections import Detections, PostprocessConfig
 from ..errors import PaadetError
 from ..export.metadata import ExportInfo, same_preset
-from ..postprocess import Detections, PAAPostprocess, PostprocessConfig
 from ..preprocess import ImageMeta, Preset, get_preset, normalize_pad
 from .base import Backend, StageTimer
 
@@ -67,7 +69,11 @@ class ExportedGraphBackend(Backend):
         self.preset = preset or info.preset
         self.fixed_batch = info.batch
         self.classes = info.classes
-        self._post = PAAPostprocess(PostprocessConfig.from_dict(info.postprocess)) if info.graph == "raw" else None
+        self._post = None
+        if info.graph == "raw":  # post-processed in PyTorch: the only part of this path that needs torch
+            from ..postprocess import PAAPostprocess
+
+            self._post = PAAPostprocess(PostprocessConfig.from_dict(info.postprocess))
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The graph's outputs, in its output order, for ``feeds``."""
@@ -120,7 +126,8 @@ class ExportedGraphBackend(Backend):
         return dict(zip(self.input_names, (batch, img_shapes, scale_factors)))
 
     def infer(self, images: list[np.ndarray], metas: list[ImageMeta], timer: StageTimer | None = None) -> Detections:
-        """Detect on resized BGR ``uint8`` images ``[h, w, 3]`` of one padded size; CPU tensors out."""
+        """Detect on resized BGR ``uint8`` images ``[h, w, 3]`` of one padded size; numpy arrays out from a
+        full graph, CPU tensors from a raw one."""
         timer = timer or StageTimer()
         n = len(images)
         if n == 0:
@@ -134,15 +141,17 @@ class ExportedGraphBackend(Backend):
             boxes, scores, labels, num_dets = self._run(feeds)
         with timer.stage("postprocess"):
             dets = Detections(
-                torch.from_numpy(np.ascontiguousarray(boxes[:n], np.float32)),
-                torch.from_numpy(np.ascontiguousarray(scores[:n], np.float32)),
-                torch.from_numpy(np.ascontiguousarray(labels[:n], np.int64)),
-                torch.from_numpy(np.ascontiguousarray(num_dets[:n], np.int64)),
+                np.ascontiguousarray(boxes[:n], np.float32),
+                np.ascontiguousarray(scores[:n], np.float32),
+                np.ascontiguousarray(labels[:n], np.int64),
+                np.ascontiguousarray(num_dets[:n], np.int64),
             )
         return dets
 
     def _infer_raw(self, images: list[np.ndarray], metas: list[ImageMeta], rows: int, timer: StageTimer) -> Detections:
         """Raw graph: normalise and pad in PyTorch, run the network, post-process in PyTorch."""
+        import torch
+
         n = len(images)
         with timer.stage("preprocess"):
             height, width = self.input_shape_for(metas)

@@ -16,8 +16,10 @@ Needs ``pip install "paadet[openvino]"``. The choices, in short:
 * **Precision.** ``precision="f32"`` (the default) or ``"bf16"``, set as ``INFERENCE_PRECISION_HINT``.
   OpenVINO's own CPU default is bf16 wherever the CPU has bfloat16 (AMX, AVX512_BF16), which changes
   detections; paadet runs f32 unless bf16 is asked for, and refuses bf16 on a CPU without it.
-* **Threads.** ``INFERENCE_NUM_THREADS`` = ``threads`` or ``torch.get_num_threads()`` (the physical cores,
-  or ``OMP_NUM_THREADS``), one stream, latency hint: one batch at a time, as the other backends run.
+* **Threads.** ``INFERENCE_NUM_THREADS`` = ``threads``, else ``OMP_NUM_THREADS``, else OpenVINO's own
+  choice (its physical cores: torch's default too); one stream, latency hint: one batch at a time, as
+  the other backends run. ``describe()`` reports the compiled model's count. (torch is not imported:
+  a full graph runs without it.)
 
 Pre- and post-processing are the ONNX Runtime backend's: a full graph gets the padded ``uint8`` batch
 and does the rest (normalisation, network, decoding, NMS, score voting); a raw graph (the network's 15
@@ -31,7 +33,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import PaadetError, one_line
 from ..export.metadata import ExportFormatError, ExportInfo
@@ -41,6 +42,12 @@ from .exported_graph import ExportedGraphBackend, OnnxModelError, check_graph_pr
 PRECISIONS = ("f32", "bf16")
 INSTALL_HINT = 'pip install "paadet[openvino]"'
 IR_SUFFIXES = (".xml",)
+
+
+def _omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` as a thread count (torch's rule too), or None when unset or not a positive int."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 class OpenVinoModelError(OnnxModelError):
@@ -130,7 +137,8 @@ class OpenVinoBackend(ExportedGraphBackend):
         path: the graph's file (for messages).
         preset: the preset to pre-process with (must size images as the graph's preset does).
         precision: ``f32`` or ``bf16`` (OpenVINO's inference precision).
-        threads: CPU threads for inference (default ``torch.get_num_threads()``).
+        threads: CPU threads for inference (default: ``OMP_NUM_THREADS``, else OpenVINO's choice, its
+            physical cores).
         shape_cache: 0 = compile the graph once with its dynamic dimensions; N > 0 = compile a static copy
             per input shape, keeping the N most recent (a static graph is compiled once either way).
         device: the OpenVINO device (``CPU``), kept as ``ov_device``.
@@ -147,7 +155,7 @@ class OpenVinoBackend(ExportedGraphBackend):
         self.model = model
         self.ov_device = device  # OpenVINO's device name (not a torch device: the Detector reads `.device`)
         self.inference_precision = normalize_precision(precision)
-        self.threads = int(threads) if threads else max(1, torch.get_num_threads())
+        self.threads = int(threads) if threads else _omp_threads()  # None: OpenVINO's choice, read after compiling
         if shape_cache < 0:
             raise ValueError(f"shape_cache must be >= 0, got {shape_cache}")
         self.input_names = [i.get_any_name() for i in model.inputs]
@@ -203,12 +211,14 @@ class OpenVinoBackend(ExportedGraphBackend):
 
     def compile_config(self) -> dict:
         """The properties every compilation gets."""
-        return {
+        config = {
             "INFERENCE_PRECISION_HINT": self.inference_precision,
-            "INFERENCE_NUM_THREADS": self.threads,
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
         }
+        if self.threads is not None:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        return config
 
     def _compile(self, model):
         try:
@@ -217,6 +227,8 @@ class OpenVinoBackend(ExportedGraphBackend):
             raise OpenVinoModelError(
                 f"{self.path}: OpenVINO cannot compile it for {self.ov_device} ({type(exc).__name__}: {one_line(exc)[:300]})"
             ) from exc
+        if self.threads is None:
+            self.threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
         return compiled, compiled.create_infer_request()
 
     def _request_for(self, feeds: dict[str, np.ndarray]):
