@@ -27,17 +27,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import CheckpointError
+from .bench_backends import RUNTIME_NAMES, TorchOptions, build_backend, export_for_bench, resolve_weights
 from .data.images import list_images, read_image
 from .detector import split_detections
-from .model import PAANet
 from .preprocess import ImageMeta, Preset, get_preset, resize
 from .runtime.base import Backend, StageTimer
 
@@ -250,111 +249,6 @@ def image_files(images: str | os.PathLike | None, needed: int, tmp: str) -> tupl
     return [unique[i % len(unique)] for i in range(needed)], source
 
 
-@dataclass(frozen=True)
-class TorchOptions:
-    """The torch backend's CUDA options as ``paadet bench`` takes them (see :class:`~paadet.runtime.torch_backend.TorchBackend`);
-    ``channels_last`` and ``cudnn_benchmark`` None mean on for CUDA, off on the CPU."""
-
-    channels_last: bool | None = None
-    compile_mode: str | None = None
-    cuda_graphs: bool = False
-    tf32: bool = False
-    cudnn_benchmark: bool | None = None
-    fold_bn: bool = False
-    fp16_weights: bool = False
-
-    FLAGS: ClassVar[dict[str, str]] = {"channels_last": "--channels-last", "compile_mode": "--compile", "cuda_graphs": "--cuda-graphs",
-             "tf32": "--tf32", "cudnn_benchmark": "--cudnn-benchmark", "fold_bn": "--fold-bn",
-             "fp16_weights": "--fp16-weights"}
-
-    def asked(self) -> list[str]:
-        """The command-line flags of the options that are set."""
-        return [flag for name, flag in self.FLAGS.items() if getattr(self, name)]
-
-    def backend_kwargs(self, on_gpu: bool) -> dict[str, Any]:
-        """Keyword arguments for :class:`~paadet.runtime.torch_backend.TorchBackend`, the None defaults resolved."""
-        kwargs = {name: getattr(self, name) for name in self.FLAGS}
-        for name in ("channels_last", "cudnn_benchmark"):
-            if kwargs[name] is None:
-                kwargs[name] = on_gpu
-        return kwargs
-
-
-def build_backend(
-    settings: BenchSettings,
-    checkpoint: str | None = None,
-    model: str | None = None,
-    providers: str | None = None,
-    score_voting: bool = True,
-    torch_options: TorchOptions = TorchOptions(),
-) -> tuple[Backend, str, bool]:
-    """The backend to time, a description of its weights, and whether the timing is "timing only".
-
-    ONNX Runtime runs ``model``, or, without one, the weights of :func:`resolve_weights` exported to a
-    temporary graph. The torch backend runs those weights with ``torch_options``.
-    """
-    from .postprocess import PostprocessConfig
-
-    if settings.backend in ("onnxruntime", "openvino") and model is not None:
-        from .commands.common import build_detector
-
-        detector = build_detector(backend=settings.backend, model=model, providers=providers,
-                                  preset=settings.preset, batch_size=settings.batch_size, fp16=settings.fp16,
-                                  precision=settings.precision if settings.backend == "openvino" else None)
-        return detector.backend, f"from the ONNX graph {model}", False
-
-    net, weights, timing_only = resolve_weights(checkpoint)
-    if settings.backend in ("onnxruntime", "openvino"):
-        return exported_backend(net, settings, providers, score_voting, weights), weights, timing_only
-
-    from .runtime.torch_backend import TorchBackend
-
-    on_gpu = torch.device(settings.device).type == "cuda"
-    options = dict(preset=settings.preset, device=settings.device, fp16=settings.fp16,
-                   postprocess=PostprocessConfig(score_voting=score_voting), **torch_options.backend_kwargs(on_gpu))
-    return TorchBackend(net, **options), weights, timing_only
-
-
-def resolve_weights(checkpoint: str | None) -> tuple[PAANet, str, bool]:
-    """The network to time, a description of its weights, and whether they are random ("timing only").
-
-    ``checkpoint``, else the official file if it is already in the cache (nothing is downloaded), else
-    random weights ``seeded_state_dict(0)``.
-    """
-    from .hub import resolve_checkpoint
-    from .model.loading import load_network
-    from .testing import seeded_net
-
-    try:
-        path = resolve_checkpoint(checkpoint, download_if_missing=False, progress=False)
-    except CheckpointError:
-        if checkpoint is not None:
-            raise
-        path = None
-    if path is not None:
-        return load_network(path), str(path), False
-    return seeded_net(0), "random: seeded_state_dict(0), no checkpoint found (timing only)", True
-
-
-def exported_backend(net: PAANet, settings: BenchSettings, providers: str | None, score_voting: bool,
-                     weights: str) -> Backend:
-    """Export ``net`` to a temporary full graph (not timed) and open it with ONNX Runtime (or OpenVINO)."""
-    from .export import export_onnx
-    from .runtime.onnxruntime_backend import OnnxRuntimeBackend, parse_providers
-
-    with tempfile.TemporaryDirectory(prefix="paadet-bench-export-") as tmp:
-        graph = Path(tmp) / "paa.onnx"
-        runtime = "OpenVINO" if settings.backend == "openvino" else "ONNX Runtime"
-        print(f"exporting the weights to a temporary ONNX graph for {runtime} (not timed)...", file=sys.stderr, flush=True)
-        export_onnx(net, graph, settings.preset, batch_size=settings.batch_size, fp16=settings.fp16,
-                    score_voting=score_voting, verify=False)
-        if settings.backend == "openvino":  # the model is read into memory: the file may go
-            from .runtime.openvino_backend import OpenVinoBackend
-
-            return OpenVinoBackend.from_file(graph, preset=settings.preset, precision=settings.precision or "f32")
-        return OnnxRuntimeBackend.from_file(graph, providers=parse_providers(providers), preset=settings.preset)
-
-
 def default_decode_threads() -> int:
     """Host threads that decode and resize a batch's images in ``e2e`` (OpenCV releases the GIL): up to 8."""
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -528,7 +422,6 @@ def run_benchmark(
                          "(give --backend torch --device cuda)")
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"--images {images}: no such folder")
-    be, weights, timing_only = build_backend(settings, checkpoint, model, providers, score_voting, torch_options)
     others, auto = [], None
     if (backend == "auto" and torch.device(settings.device).type == "cpu" and not settings.fp16
             and settings.precision is None and providers is None):  # --providers means ONNX Runtime
@@ -538,6 +431,15 @@ def run_benchmark(
     needed = settings.batch_size * (settings.warmup + settings.iters)
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="paadet-bench-"))
+        graph = model
+        if others and model is None:  # the weights exported once, then opened by every candidate
+            net, weights, timing_only = resolve_weights(checkpoint)
+            graph = str(export_for_bench(net, settings, score_voting, Path(tmp) / "paa.onnx",
+                                         " and ".join(RUNTIME_NAMES[b] for b in (settings.backend, *others))))
+            del net
+        be, described, is_timing_only = build_backend(settings, checkpoint, graph, providers, score_voting, torch_options)
+        if graph is model:
+            weights, timing_only = described, is_timing_only
         paths, source = image_files(images, needed, tmp)
         if others:  # --backend auto on a CPU: the fastest fp32 backend on this machine, measured now
             from .bench_auto import choose_fastest
@@ -545,7 +447,7 @@ def run_benchmark(
             backends = {settings.backend: be}
             for name in others:
                 alt = replace(settings, backend=name, precision="f32" if name == "openvino" else None)
-                backends[name] = build_backend(alt, checkpoint, model, providers, score_voting, torch_options)[0]
+                backends[name] = build_backend(alt, checkpoint, graph, providers, score_voting, torch_options)[0]
             chosen, auto = choose_fastest(backends, paths, settings.preset)
             settings, be = replace(settings, backend=chosen, precision="f32" if chosen == "openvino" else None), backends[chosen]
             print(f"--backend auto: {chosen}, the fastest backend here for this graph's precision (probe: "

@@ -174,7 +174,7 @@ def test_auto_backend_on_cpu_probes_the_fp32_backends_and_says_which(tmp_path, c
     assert report["timing_only"] is True and "timing only" in report["weights"]
     assert report["e2e"]["images_per_s"] > 0
     err = capsys.readouterr().err
-    assert "temporary ONNX graph" in err
+    assert err.count("temporary ONNX graph") == 1  # the weights are exported once, for every candidate
     if len(candidates) > 1:
         auto = report["auto"]
         assert sorted(auto["candidates_ms"]) == sorted(candidates) and auto["chosen"] == report["backend"]
