@@ -3,7 +3,7 @@
     python benchmarks/bench_amp.py [--iters 6] [--json FILE]
 
 Two settings: the recipe's (scale 1333x800, batch 2, frozen stem and BatchNorm) and the stand-in's
-(256x256, batch 4, from scratch with BatchNorm trained; docs/standin.md). For each, ``paadet.train.train``
+(160x160, batch 4, from scratch with BatchNorm trained; docs/standin.md; the 256 px synthetic images resized). For each, ``paadet.train.train``
 (the code behind ``paadet train``) runs ``--iters`` iterations in float32, then in bfloat16, then float32
 and bfloat16 again (alternating, so that a change in the machine's load hits both), on synthetic images
 (``paadet.data.synthetic``), from the same seeded initialisation. Each run's first iteration is a warm-up and
@@ -28,7 +28,7 @@ from paadet.train import TrainConfig, train
 
 SETTINGS = {
     "recipe 1333x800 b2": {"scale": (1333, 800), "batch_size": 2, "init": "scratch", "bn_train": False, "frozen_stages": 1},
-    "stand-in 256x256 b4": {"scale": (256, 256), "batch_size": 4, "init": "scratch", "bn_train": True, "frozen_stages": -1},
+    "stand-in 160x160 b4": {"scale": (160, 160), "batch_size": 4, "init": "scratch", "bn_train": True, "frozen_stages": -1},
 }
 
 

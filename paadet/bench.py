@@ -432,7 +432,7 @@ def run_benchmark(
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="paadet-bench-"))
         graph = model
-        if others and model is None:  # the weights exported once, then opened by every candidate
+        if others and model is None and settings.backend in RUNTIME_NAMES:  # the weights exported once, for every candidate
             net, weights, timing_only = resolve_weights(checkpoint)
             graph = str(export_for_bench(net, settings, score_voting, Path(tmp) / "paa.onnx",
                                          " and ".join(RUNTIME_NAMES[b] for b in (settings.backend, *others))))

@@ -30,7 +30,7 @@ class PostprocessConfig:
         voting_iou_thr: voting uses candidates with IoU strictly above this.
         voting_sigma: the Gaussian's ``sigma`` in ``exp(-(1 - iou)^2 / sigma)``.
         nms_tile: candidates of each image that NMS decides per step (speed and memory only;
-            results are exact for any value, see :func:`greedy_nms_first`).
+            results are exact for any value, see :func:`paadet.postprocess.greedy_nms_first`).
         nms_sweeps_per_check: fixed-point sweeps between convergence tests in NMS (speed only: each
             test is a host-device synchronisation on a GPU).
         nms_chunk_elements: upper bound on the elements of one IoU block (memory).

@@ -7,6 +7,8 @@ score voting hard, and they are reproducible from a seed on any machine (CPU gen
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -213,3 +215,15 @@ TRAIN_GOLDEN_WEIGHTS: dict[str, tuple[int, float]] = {"prior": (0, -4.595), "hot
 def train_state_dict(seed: int = 0, cls_bias: float = -4.595, num_classes: int = 3) -> dict[str, Tensor]:
     """:func:`seeded_state_dict` for a ``num_classes`` head, with a bias that spreads the focal losses."""
     return seeded_state_dict(seed, cls_bias=cls_bias, num_classes=num_classes)
+
+
+def run_cli_without_torch(args: list[str], timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """``paadet ARGS`` in a fresh Python process; raises ``AssertionError`` unless it succeeded without ever
+    importing torch (the exported-graph backends' promise: about a second less start-up)."""
+    script = ("import sys; from paadet.cli import main; code = main(sys.argv[1:]); "
+              "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"paadet {' '.join(args)} exited {proc.returncode}: {proc.stderr[-2000:]}"
+    last = proc.stdout.strip().splitlines()[-1:] or [""]
+    assert last[0] == "no torch", f"paadet {' '.join(args)}: {last[0]}"
+    return proc

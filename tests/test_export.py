@@ -18,7 +18,7 @@ from paadet.postprocess import PostprocessConfig
 from paadet.preprocess import Preset, normalize_pad, resize
 from paadet.runtime.onnxruntime_backend import OnnxModelError, OnnxRuntimeBackend
 from paadet.runtime.torch_backend import TorchBackend
-from paadet.testing import seeded_net, seeded_state_dict, synthetic_image
+from paadet.testing import run_cli_without_torch, seeded_net, seeded_state_dict, synthetic_image
 
 FIXED = Preset("fixed256", (256, 256), size_divisor=None, fixed_size=(256, 256))
 DIV32 = Preset("div32", (320, 256), size_divisor=32)
@@ -225,3 +225,37 @@ def test_cli_bad_checkpoint_is_one_line(tmp_path, capsys):
     rc = main(["export", "--checkpoint", str(bad), "--output", str(tmp_path / "x.onnx"), "--no-verify"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and str(bad) in err
+
+
+def test_predict_and_eval_on_onnxruntime_import_no_torch(dynamic_fp32_novote, images, tmp_path):
+    """`paadet predict` and `paadet eval` on a full exported graph run without importing torch (about 1 s of
+    start-up), with the detections this (torch-importing) process gets from the same graph."""
+    import json
+
+    import cv2
+
+    path, _ = dynamic_fp32_novote
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = []
+    for i, image in enumerate(images[:2]):
+        names.append(f"{i}.png")
+        cv2.imwrite(str(folder / names[-1]), image)
+    out = tmp_path / "r.json"
+    run_cli_without_torch(["predict", str(folder), "--backend", "onnxruntime", "--model", str(path),
+                       "--output", str(out), "--no-progress"])
+    expected = Detector(OnnxRuntimeBackend.from_file(path), batch_size=1, workers=0).predict(
+        [str(folder / n) for n in names])
+    assert len(json.loads(out.read_text())) == sum(len(r.scores) for r in expected) > 0
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({
+        "images": [{"id": i + 1, "file_name": n, "height": images[i].shape[0], "width": images[i].shape[1]}
+                   for i, n in enumerate(names)],
+        "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [4, 4, 30, 30], "area": 900,
+                         "iscrowd": 0} for i in range(len(names))],
+        "categories": [{"id": 1, "name": "person"}],
+    }))
+    run_cli_without_torch(["eval", "--backend", "onnxruntime", "--model", str(path), "--ann", str(ann),
+                       "--images", str(folder), "--output-dir", str(tmp_path / "eval"), "--no-progress"])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["images"]["evaluated"] == 2 and -1 <= metrics["AP"] <= 1

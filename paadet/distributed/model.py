@@ -75,7 +75,7 @@ def weights_identity(spec: ModelSpec) -> dict[str, str] | None:
     Raises:
         BatchError: the file does not exist or cannot be read (before any work).
     """
-    from ..checkpoint import sha256_file
+    from ..fileio import sha256_file
 
     file = spec.weights_file
     if file is None:

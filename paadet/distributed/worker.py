@@ -53,20 +53,22 @@ class ShardWorker:
 
     def _load(self) -> None:
         import cv2
-        import torch
 
         from ..commands.common import build_detector
 
         self._check_weights()
-        torch.set_num_threads(self.threads)
-        cv2.setNumThreads(1)
         kwargs = self.spec.kwargs()
+        if kwargs["backend"] == "torch":  # the exported-graph backends take OMP_NUM_THREADS and run without torch
+            import torch
+
+            torch.set_num_threads(self.threads)
+        cv2.setNumThreads(1)
         if kwargs["device"].startswith("cuda") and os.environ.get("CUDA_VISIBLE_DEVICES"):
             kwargs["device"] = "cuda"
         self.detector = build_detector(**kwargs)
 
     def _check_weights(self) -> None:
-        from ..checkpoint import sha256_file
+        from ..fileio import sha256_file
 
         file = self.spec.weights_file
         if self.weights_check is None or file is None:

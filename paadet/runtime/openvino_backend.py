@@ -18,7 +18,7 @@ Needs ``pip install "paadet[openvino]"``. The choices, in short:
   detections; paadet runs f32 unless bf16 is asked for, and refuses bf16 on a CPU without it.
 * **Threads.** ``INFERENCE_NUM_THREADS`` = ``threads``, else ``OMP_NUM_THREADS``, else OpenVINO's own
   choice (its physical cores: torch's default too); one stream, latency hint: one batch at a time, as
-  the other backends run. ``describe()`` reports the compiled model's count. (torch is not imported:
+  the other backends run. ``describe()`` reports the compiled model's count (once one is compiled). (torch is not imported:
   a full graph runs without it.)
 
 Pre- and post-processing are the ONNX Runtime backend's: a full graph gets the padded ``uint8`` batch
@@ -228,7 +228,10 @@ class OpenVinoBackend(ExportedGraphBackend):
                 f"{self.path}: OpenVINO cannot compile it for {self.ov_device} ({type(exc).__name__}: {one_line(exc)[:300]})"
             ) from exc
         if self.threads is None:
-            self.threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
+            try:
+                self.threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
+            except Exception:  # a device without the property: the count stays unknown (None)
+                pass
         return compiled, compiled.create_infer_request()
 
     def _request_for(self, feeds: dict[str, np.ndarray]):
