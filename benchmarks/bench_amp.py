@@ -13,7 +13,6 @@ forward, loss, backward and SGD step). ``--amp fp16`` needs CUDA and is timed wi
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -25,6 +24,7 @@ import torch
 from paadet.data.synthetic import SyntheticSpec, generate_split
 from paadet.fileio import atomic_write_json
 from paadet.train import TrainConfig, train
+from paadet.train.metrics import METRICS_NAME, read_rows
 
 SETTINGS = {
     "recipe 1333x800 b2": {"scale": (1333, 800), "batch_size": 2, "init": "scratch", "bn_train": False, "frozen_stages": 1},
@@ -32,12 +32,17 @@ SETTINGS = {
 }
 
 
+def iteration_times(config: TrainConfig, skip: int = 1) -> list[float]:
+    """Run ``paadet.train.train(config)``; the seconds of each training iteration after the first ``skip``
+    (the rows' ``time`` in its ``metrics.jsonl``)."""
+    train(config, log=lambda message: None)
+    return [r["time"] for r in read_rows(Path(config.output_dir) / METRICS_NAME) if "loss" in r][skip:]
+
+
 def time_run(data: tuple[Path, Path], out: Path, amp: str | None, iters: int, device: str, **settings) -> list[float]:
     config = TrainConfig(ann_file=data[0], image_dir=data[1], output_dir=out, max_iters=iters, amp=amp, device=device,
                          progress=False, workers=1, lr=0.001, warmup_iters=0, seed=0, **settings)
-    train(config, log=lambda message: None)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["time"] for r in rows if "loss" in r][1:]
+    return iteration_times(config)
 
 
 def main(argv: list[str] | None = None) -> int:

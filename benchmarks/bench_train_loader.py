@@ -17,7 +17,6 @@ its own whose spinning threads competed with the step (see docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -28,7 +27,9 @@ import torch
 
 from paadet.data.synthetic import SyntheticSpec, generate_split
 from paadet.fileio import atomic_write_json
-from paadet.train import TrainConfig, train
+from paadet.train import TrainConfig
+
+from bench_amp import iteration_times  # this folder's bench_amp.py (the script's folder is on sys.path)
 
 SETTINGS = {
     "stand-in 160x160 b4 bf16": {"size": 160, "scale": (160, 160), "batch_size": 4, "amp": "bf16"},
@@ -43,9 +44,7 @@ def time_run(data: tuple[Path, Path], out: Path, workers: int, iters: int, devic
     options = {k: v for k, v in settings.items() if k != "size"}
     config = TrainConfig(ann_file=data[0], image_dir=data[1], output_dir=out, max_iters=iters, device=device,
                          progress=False, workers=workers, **COMMON, **options)
-    train(config, log=lambda message: None)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["time"] for r in rows if "loss" in r][SKIPPED:]
+    return iteration_times(config, SKIPPED)
 
 
 def main(argv: list[str] | None = None) -> int:
