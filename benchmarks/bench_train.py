@@ -327,10 +327,19 @@ class SectionTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def paadet_step(case: Case, seed: int = 0, num_classes: int = NUM_CLASSES) -> tuple[Callable[[], dict], list]:
+CHANNELS_LAST_SIDE = "paadet channels-last"
+
+
+def paadet_step(case: Case, seed: int = 0, num_classes: int = NUM_CLASSES,
+                channels_last: bool = False) -> tuple[Callable[[], dict], list]:
     """paadet's training step on ``case``: returns the step (it returns the losses and section times) and a
-    list that collects the losses of every call."""
+    list that collects the losses of every call. ``channels_last``: the network's weights and the input
+    batch in channels-last memory format (``paadet train --channels-last``)."""
     net = seeded_net(num_classes, seed, trainable=True).train()
+    images = case.images
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     loss_fn = PAALoss()
     optimizer = torch.optim.SGD(trainable_parameters(net), **SGD_SETTINGS)
     history: list = []
@@ -338,7 +347,7 @@ def paadet_step(case: Case, seed: int = 0, num_classes: int = NUM_CLASSES) -> tu
     def step() -> dict:
         timer = SectionTimer()
         with timer("forward"):
-            cls, box, iou = net(case.images)
+            cls, box, iou = net(images)
         with timer("loss"):
             out = loss_fn(cls, box, iou, case.gt_boxes, case.gt_labels, case.pad_shapes)
             parts = torch.stack([out.loss.detach(), out.loss_cls.detach(), out.loss_bbox.detach(),
@@ -394,10 +403,13 @@ def top_ops(step: Callable[[], Any], rows: int) -> list[list]:
 
 
 def bench_train(threads: int, warmup: int, iters: int, with_mmdet: bool, boxes: int, profile_rows: int,
-                num_classes: int = NUM_CLASSES) -> dict[str, Any]:
-    """Part (b): whole training iterations of both sides, alternating, on the same batch."""
+                num_classes: int = NUM_CLASSES, channels_last: bool = False) -> dict[str, Any]:
+    """Part (b): whole training iterations of both sides, alternating, on the same batch (``channels_last``:
+    a third side, paadet with its network in channels-last memory format)."""
     case = make_case(boxes, num_classes=num_classes)
     sides = {"paadet": paadet_step(case, num_classes=num_classes)}
+    if channels_last:
+        sides[CHANNELS_LAST_SIDE] = paadet_step(case, num_classes=num_classes, channels_last=True)
     if with_mmdet:
         sides["mmdet"] = mmdet_step(case, num_classes=num_classes)
     sections: dict[str, list[dict]] = {name: [] for name in sides}
@@ -429,6 +441,10 @@ def bench_train(threads: int, warmup: int, iters: int, with_mmdet: bool, boxes: 
         result["ratio"] = result["mmdet"]["s_per_iter"] / result["paadet"]["s_per_iter"]
         result["first_iteration_max_rel_diff"] = max_rel_diff(result["paadet"]["first_losses"],
                                                               result["mmdet"]["first_losses"])
+        if channels_last:
+            result["ratio_channels_last"] = result["mmdet"]["s_per_iter"] / result[CHANNELS_LAST_SIDE]["s_per_iter"]
+            result["channels_last_max_rel_diff"] = max_rel_diff(result[CHANNELS_LAST_SIDE]["first_losses"],
+                                                                result["mmdet"]["first_losses"])
     if profile_rows:
         for name, (step, _) in sides.items():
             result[name]["top_ops"] = top_ops(step, profile_rows)
@@ -466,7 +482,7 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"paadet host syncs within the constant bound {part['sync_bound']}: {part['syncs_bounded']}")
     if "train" in result:
         part = result["train"]
-        names = [n for n in ("paadet", "mmdet") if n in part]
+        names = [n for n in ("paadet", CHANNELS_LAST_SIDE, "mmdet") if n in part]
         print(f"\n(b) training iteration, batch {part['batch']}, padded {part['batch_input_shape'][0]}x"
               f"{part['batch_input_shape'][1]}, {part['boxes_per_image']} boxes/image; median of {part['iters']} "
               f"after {part['warmup']} warm-up")
@@ -479,6 +495,9 @@ def print_report(result: dict[str, Any]) -> None:
         if "ratio" in part:
             print(f"mmdet s/iter / paadet s/iter = {part['ratio']:.2f}; first-iteration losses max rel. diff "
                   f"{part['first_iteration_max_rel_diff']:.1e}")
+        if "ratio_channels_last" in part:
+            print(f"mmdet s/iter / paadet channels-last s/iter = {part['ratio_channels_last']:.2f}; first-iteration "
+                  f"losses max rel. diff {part['channels_last_max_rel_diff']:.1e}")
         for n in names:
             if "top_ops" in part[n]:
                 print(f"\n{n}: operators with the most self CPU time in one iteration")
@@ -497,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-boxes", type=int, default=8, help="boxes per image in part (b)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="part (b): also list the N operators with the most self CPU time of one iteration")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="part (b): also time paadet with its network in channels-last memory format")
     parser.add_argument("--paadet-only", action="store_true", help="time paadet alone (no mmdetection needed)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -527,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             result["loss"] = bench_loss(args.threads, args.warmup, args.iters, with_mmdet)
         if args.part in ("train", "both"):
             result["train"] = bench_train(args.threads, args.train_warmup, args.train_iters, with_mmdet,
-                                          args.train_boxes, args.profile)
+                                          args.train_boxes, args.profile, channels_last=args.channels_last)
     result["loadavg_end"] = list(os.getloadavg())
     print_report(result)
     if args.json:

@@ -21,7 +21,7 @@ with a gradient scaler); the targets, the assignment and the losses always run i
 RESUME_KEYS = (
     "ann_file", "image_dir", "scale", "flip_prob", "batch_size", "shuffle", "seed", "lr", "momentum",
     "weight_decay", "lr_steps", "warmup_iters", "warmup_ratio", "bn_train",
-    "frozen_stages", "amp", "world_size",
+    "frozen_stages", "amp", "channels_last", "world_size",
 )
 """The settings a resumed run must share with the run it continues (they change the weights it ends with).
 ``epochs`` and ``max_iters`` may grow; the device, workers, validation and progress bar may change. The
@@ -63,6 +63,9 @@ class TrainConfig:
             ``layer1``; 0 the stem only; -1 nothing (for from-scratch runs).
         amp: None (float32), ``bf16`` (autocast bfloat16, CPU or CUDA; AVX512-BF16 or AMX CPUs) or ``fp16`` (autocast
             float16 with a gradient scaler, CUDA only). The loss and the assignment stay in float32.
+        channels_last: the network's weights and input batches in channels-last (NHWC) memory format: the
+            same arithmetic with other kernels (oneDNN's NHWC convolutions on a CPU, tensor-core layouts on
+            CUDA); values equal float32 rounding, not bit for bit. Off: PyTorch's default NCHW.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         resume: continue the run in ``output_dir`` from its ``latest.pth``.
         val_ann, val_images: a validation set (COCO format), evaluated every ``val_interval`` epochs
@@ -106,6 +109,7 @@ class TrainConfig:
     bn_train: bool = False
     frozen_stages: int = 1
     amp: str | None = None
+    channels_last: bool = False
     device: str = "cpu"
     resume: bool = False
     val_ann: str | os.PathLike | None = None

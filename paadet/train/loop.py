@@ -321,6 +321,8 @@ class _Trainer:
         set_lr(self.optimizer, lr)
         device = self.device
         images = batch.images.to(device, non_blocking=True)
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         gt_boxes = [b.to(device, non_blocking=True) for b in batch.gt_boxes]
         gt_labels = [lab.to(device, non_blocking=True) for lab in batch.gt_labels]
         with torch.autocast(device.type, dtype=_AMP_DTYPES.get(self.config.amp, torch.float32),
@@ -551,6 +553,8 @@ def _train(config: TrainConfig, dist: Distributed, log: Callable[[str], None]) -
         net, init_info, init_note = _network(config, classes, resume_ckpt, log)
         net.classes = classes
         net.to(device)
+        if config.channels_last:
+            net.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(trainable_parameters(net), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
         if resume_ckpt is not None:
