@@ -328,35 +328,48 @@ def predict_command(mode: str, folder: Path, checkpoint: Path, graphs: dict[str,
     return cmd + ["--backend", "onnxruntime", "--model", str(graph)]
 
 
+def _timed_run(cmd: list[str], env: dict[str, str] | None, what: str) -> float:
+    """Wall seconds of one subprocess ``cmd``; a failure raises with its last stderr line."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return seconds
+
+
 def whole_commands(folder: Path, checkpoint: Path, graphs: dict[str, Any], preset: str, modes: list[str],
-                   mmdet_python: str | None, threads: int | None, tmp: Path) -> dict[str, Any]:
-    """Wall seconds of each whole command (process start, imports, model load or compilation, every image)."""
-    out: dict[str, Any] = {}
+                   mmdet_python: str | None, threads: int | None, tmp: Path, repeats: int = 1) -> dict[str, Any]:
+    """Wall seconds of each whole command (process start, imports, model load or compilation, every image):
+    ``repeats`` rounds, every command once per round in turn (mmdetection's last), the median of each kept."""
+    import statistics
+
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    commands: dict[str, tuple[list[str], dict[str, str] | None, str]] = {}
     for mode in (m for m in WHOLE_MODES if m in modes):
         cmd = predict_command(mode, folder, checkpoint, graphs, preset, tmp / f"whole_{mode}.json")
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
-        out[mode] = {"seconds": seconds, "command": " ".join(cmd[2:])}
+        commands[mode] = (cmd, env, " ".join(cmd[2:]))
     if mmdet_python is not None:
         cmd = mmdet_command(mmdet_python, folder, checkpoint, preset, tmp / "whole_mmdet.json", threads, whole=True)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"mmdetection whole command failed: {proc.stderr.strip().splitlines()[-1:]}")
-        out["mmdet"] = {"seconds": seconds, "command": "python: init_detector + inference_detector per file (no warm-up)"}
+        commands["mmdet"] = (cmd, None, "python: init_detector + inference_detector per file (no warm-up)")
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, (cmd, cmd_env, _text) in commands.items():
+            times[name].append(_timed_run(cmd, cmd_env, name))
+    out: dict[str, Any] = {name: {"seconds": statistics.median(times[name]), "all_seconds": times[name],
+                                  "command": text} for name, (_cmd, _env, text) in commands.items()}
+    if "mmdet" in out:
         for mode, entry in out.items():
             entry["speedup_vs_mmdet"] = out["mmdet"]["seconds"] / entry["seconds"]
+            entry["speedups_vs_mmdet_per_round"] = [m / t for m, t in zip(times["mmdet"], times[mode])]
     return out
 
 
 def compare(num_images: int, preset: str, weights: str, mmdet_python: str | None, modes: list[str],
-            threads: int | None, peaks: dict[str, Any]) -> dict[str, Any]:
-    """Run every contender of one preset on the same files and weights; return that preset's report."""
+            threads: int | None, peaks: dict[str, Any], whole_repeats: int = 1,
+            whole_only: bool = False) -> dict[str, Any]:
+    """Run every contender of one preset on the same files and weights; return that preset's report
+    (``whole_only``: the whole commands alone, ``whole_repeats`` rounds of them)."""
     import torch
 
     from paadet.bench import write_generated_images
@@ -373,11 +386,12 @@ def compare(num_images: int, preset: str, weights: str, mmdet_python: str | None
         torch.save({"meta": {"seed": seed, "cls_bias": cls_bias},
                     "state_dict": seeded_state_dict(seed, cls_bias=cls_bias)}, checkpoint)
         report["images"] = sorted({f"{w}x{h}" for h, w in (_size(p) for p in files)})
-        report["network_gflop_per_image"] = gflop = network_gflop(files, preset)
+        gflop = network_gflop(files, preset)
+        report["network_gflop_per_image"] = gflop
         graphs = make_graphs(checkpoint, folder, preset, modes, tmp_path)
         report["untimed"] = {k: v for k, v in graphs.items() if k.endswith("_seconds")}
         contenders, ours = report["contenders"], {}
-        for mode in modes:
+        for mode in ([] if whole_only else modes):
             detector = build_contender(mode, checkpoint, graphs, preset, threads)
             result = run_paadet(f"paadet {mode}", detector, folder, files, tmp_path / f"{mode}.json")
             network_ms = result["stages_ms_per_image"].get("network")
@@ -389,7 +403,7 @@ def compare(num_images: int, preset: str, weights: str, mmdet_python: str | None
             contenders[mode] = result
             ours[mode] = paadet_detections(tmp_path / f"{mode}.json", folder)
             del detector
-        if mmdet_python is not None:
+        if mmdet_python is not None and not whole_only:
             mm = run_mmdet_subprocess(mmdet_python, folder, checkpoint, preset, tmp_path / "mmdet.json", threads)
             reference = mm.pop("detections")
             mm["network_gflops"] = gflop / (mm["stages_ms_per_image"]["backbone_neck"] + mm["stages_ms_per_image"]["head_forward"]) * 1000.0
@@ -397,7 +411,8 @@ def compare(num_images: int, preset: str, weights: str, mmdet_python: str | None
             contenders["mmdet"] = mm
             for mode, dets in ours.items():
                 contenders[mode]["parity_vs_mmdet"] = parity(reference, dets)
-        report["whole_command"] = whole_commands(folder, checkpoint, graphs, preset, modes, mmdet_python, threads, tmp_path)
+        report["whole_command"] = whole_commands(folder, checkpoint, graphs, preset, modes, mmdet_python, threads,
+                                                 tmp_path, repeats=whole_repeats)
     ratios: dict[str, float] = {}
     if "ort-fp32" in contenders:
         base = contenders["ort-fp32"]["images_per_s"]
@@ -421,6 +436,10 @@ def main() -> int:
     parser.add_argument("--no-mmdet", action="store_true", help="skip the mmdetection baseline")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for every contender (default: each library's own, all cores)")
+    parser.add_argument("--whole-repeats", type=int, default=1,
+                        help="rounds of the whole commands, taken in turn; the median is reported (default 1)")
+    parser.add_argument("--whole-only", action="store_true",
+                        help="time only the whole commands (no in-process contenders, no peaks)")
     parser.add_argument("--json", default=None, help="write the full report here")
     parser.add_argument("--mmdet-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", choices=tuple(MMDET_PRESETS), default="mmdet", help=argparse.SUPPRESS)
@@ -436,8 +455,8 @@ def main() -> int:
     if args.mmdet_worker:
         mmdet_worker(args.images_dir, args.checkpoint, args.preset, args.worker_out, whole=args.whole)
         return 0
-    if args.num_images < 1:
-        parser.error("--num-images must be >= 1")
+    if args.num_images < 1 or args.whole_repeats < 1:
+        parser.error("--num-images and --whole-repeats must be >= 1")
     presets, modes = args.presets.split(","), args.modes.split(",")
     for name in presets:
         if name not in MMDET_PRESETS:
@@ -450,11 +469,12 @@ def main() -> int:
         parser.error(f"--mmdet-python {mmdet_python}: not found (see ../shared/wheels/README.md), or give --no-mmdet")
     from paadet.bench import hardware_info, versions
 
-    peaks = measure_peaks()
+    peaks = {} if args.whole_only else measure_peaks()
     report = {"weights": f"{args.weights}: seeded_state_dict{WEIGHTS[args.weights]}",
               "threads": args.threads if args.threads is not None else "library defaults",
               "hardware": hardware_info("cpu"), "versions": versions(), "peak_gflops": peaks,
-              "presets": {name: compare(args.num_images, name, args.weights, mmdet_python, modes, args.threads, peaks)
+              "presets": {name: compare(args.num_images, name, args.weights, mmdet_python, modes, args.threads, peaks,
+                                       args.whole_repeats, args.whole_only)
                           for name in presets}}
     print_report(report)
     if args.json:
@@ -475,8 +495,9 @@ def _size(path: Path) -> tuple[int, int]:
 def print_report(report: dict[str, Any]) -> None:
     hw, peaks = report["hardware"], report["peak_gflops"]
     print(f"CPU: {hw['cpu']}, {hw['cpu_cores_usable']} cores, threads {report['threads']}; weights {report['weights']}")
-    print("measured peak GFLOP/s (best kernel): " + ", ".join(f"{k} {peaks[k]:.0f}" for k in ("fp32", "bf16", "int8") if peaks.get(k))
-          + "; kernels: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks["kernels"].items()))
+    if peaks:
+        print("measured peak GFLOP/s (best kernel): " + ", ".join(f"{k} {peaks[k]:.0f}" for k in ("fp32", "bf16", "int8") if peaks.get(k))
+              + "; kernels: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks["kernels"].items()))
     for preset, rep in report["presets"].items():
         print(f"\npreset {preset}: {rep['num_images']} generated JPEGs {', '.join(rep['images'])}; network "
               f"{rep['network_gflop_per_image']:.0f} GFLOP/image; load average before {rep['load_average_before']}, "
@@ -494,9 +515,16 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{fraction}  {stages}{match}")
         whole = rep.get("whole_command") or {}
         if whole:
-            print(f"whole command, {rep['num_images']} images (start, imports, model load/compile, every image): "
+            rounds = len(next(iter(whole.values()))["all_seconds"])
+            print(f"whole command, {rep['num_images']} images (start, imports, model load/compile, every image), "
+                  f"median of {rounds} round(s): "
                   + ", ".join(f"{m} {w['seconds']:.1f} s" + (f" ({w['speedup_vs_mmdet']:.2f}x mmdet)" if "speedup_vs_mmdet" in w else "")
                               for m, w in whole.items()))
+            if rounds > 1:
+                for m, w in whole.items():
+                    per_round = ", ".join(f"{t:.1f}" for t in w["all_seconds"])
+                    ratios = ", ".join(f"{r:.2f}x" for r in w.get("speedups_vs_mmdet_per_round", []))
+                    print(f"  {m}: {per_round} s" + (f" ({ratios})" if ratios else ""))
 
 
 if __name__ == "__main__":
