@@ -148,6 +148,24 @@ def normalize_pad(resized: np.ndarray | Tensor, pad_shape: tuple[int, int]) -> T
     return t
 
 
+_MEAN_CHW = np.array(MEAN_RGB, dtype=np.float32).reshape(3, 1, 1)
+_STD_CHW = np.array(STD_RGB, dtype=np.float32).reshape(3, 1, 1)
+
+
+def normalize_numpy(resized: np.ndarray) -> np.ndarray:
+    """BGR ``uint8`` ``[h, w, 3]`` -> normalised RGB float32 ``[3, h, w]`` (C-contiguous), bit-identical to
+    :func:`normalize_pad` with no padding, but computed by numpy.
+
+    ``paadet train``'s loader threads call this: a torch kernel big enough to run in parallel (this one)
+    started from a new thread starts that thread's own OpenMP team, whose spinning threads then compete with
+    the training step for the cores (on 2 cores, 2 loader threads made a 160x160 iteration 25 % slower: 0.73
+    against 0.59 s with no loader thread). Inference keeps :func:`normalize_pad` (torch's threads, on the
+    device of the batch).
+    """
+    rgb = resized[:, :, ::-1].transpose(2, 0, 1).astype(np.float32, order="C")
+    return (rgb - _MEAN_CHW) / _STD_CHW
+
+
 def preprocess(image: np.ndarray, preset: str | Preset = "mmdet") -> tuple[Tensor, ImageMeta]:
     """Resize, normalise and pad one BGR ``uint8`` image: ``[3, pad_h, pad_w]`` float32 and its meta."""
     resized, meta = resize(image, preset)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from paadet.data.coco import DatasetError
-from paadet.preprocess import normalize_pad
+from paadet.preprocess import normalize_numpy, normalize_pad
 from paadet.testing import synthetic_image
 from paadet.train.data import (
     DROP_NO_ANNOTATIONS,
@@ -22,7 +22,6 @@ from paadet.train.data import (
     epoch_indices,
     flip_decision,
     group_batches,
-    normalize_numpy,
 )
 
 CATS = [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}, {"id": 42, "name": "forty-two"}]
@@ -342,7 +341,7 @@ def test_loader_normalisation_equals_inference_normalisation(shape):
     """The loader's numpy normalisation (no torch kernel in its threads) is bit-identical to inference's."""
 
     image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    ours = normalize_numpy(image)
+    ours = torch.from_numpy(normalize_numpy(image))
     assert ours.dtype == torch.float32 and ours.is_contiguous() and ours.shape == (3, *shape)
     assert torch.equal(ours, normalize_pad(image, shape))
     assert not torch.equal(ours, normalize_pad(image[:, :, ::-1].copy(), shape))  # channel order matters
