@@ -334,14 +334,15 @@ def _timed_run(cmd: list[str], env: dict[str, str] | None, what: str) -> float:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"{what} ({' '.join(cmd)}) failed: {proc.stderr.strip().splitlines()[-1:]}")
     return seconds
 
 
 def whole_commands(folder: Path, checkpoint: Path, graphs: dict[str, Any], preset: str, modes: list[str],
                    mmdet_python: str | None, threads: int | None, tmp: Path, repeats: int = 1) -> dict[str, Any]:
     """Wall seconds of each whole command (process start, imports, model load or compilation, every image):
-    ``repeats`` rounds, every command once per round in turn (mmdetection's last), the median of each kept."""
+    ``repeats`` rounds, every command once per round in turn, the order rotated by one each round; the median
+    of each kept."""
     import statistics
 
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
@@ -353,8 +354,11 @@ def whole_commands(folder: Path, checkpoint: Path, graphs: dict[str, Any], prese
         cmd = mmdet_command(mmdet_python, folder, checkpoint, preset, tmp / "whole_mmdet.json", threads, whole=True)
         commands["mmdet"] = (cmd, None, "python: init_detector + inference_detector per file (no warm-up)")
     times: dict[str, list[float]] = {name: [] for name in commands}
-    for _ in range(repeats):
-        for name, (cmd, cmd_env, _text) in commands.items():
+    names = list(commands)
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            cmd, cmd_env, _text = commands[name]
             times[name].append(_timed_run(cmd, cmd_env, name))
     out: dict[str, Any] = {name: {"seconds": statistics.median(times[name]), "all_seconds": times[name],
                                   "command": text} for name, (_cmd, _env, text) in commands.items()}
@@ -386,7 +390,7 @@ def compare(num_images: int, preset: str, weights: str, mmdet_python: str | None
         torch.save({"meta": {"seed": seed, "cls_bias": cls_bias},
                     "state_dict": seeded_state_dict(seed, cls_bias=cls_bias)}, checkpoint)
         report["images"] = sorted({f"{w}x{h}" for h, w in (_size(p) for p in files)})
-        gflop = network_gflop(files, preset)
+        gflop = None if whole_only else network_gflop(files, preset)
         report["network_gflop_per_image"] = gflop
         graphs = make_graphs(checkpoint, folder, preset, modes, tmp_path)
         report["untimed"] = {k: v for k, v in graphs.items() if k.endswith("_seconds")}
@@ -499,10 +503,12 @@ def print_report(report: dict[str, Any]) -> None:
         print("measured peak GFLOP/s (best kernel): " + ", ".join(f"{k} {peaks[k]:.0f}" for k in ("fp32", "bf16", "int8") if peaks.get(k))
               + "; kernels: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks["kernels"].items()))
     for preset, rep in report["presets"].items():
-        print(f"\npreset {preset}: {rep['num_images']} generated JPEGs {', '.join(rep['images'])}; network "
-              f"{rep['network_gflop_per_image']:.0f} GFLOP/image; load average before {rep['load_average_before']}, "
-              f"after {rep['load_average_after']}")
-        print(f"{'':26s} {'img/s':>7s} {'ms/img':>7s} {'x ort':>6s} {'x mmdet':>7s} {'peak':>5s}  stages ms/image")
+        gflop = rep["network_gflop_per_image"]
+        print(f"\npreset {preset}: {rep['num_images']} generated JPEGs {', '.join(rep['images'])}; "
+              + (f"network {gflop:.0f} GFLOP/image; " if gflop else "")
+              + f"load average before {rep['load_average_before']}, after {rep['load_average_after']}")
+        if rep["contenders"]:
+            print(f"{'':26s} {'img/s':>7s} {'ms/img':>7s} {'x ort':>6s} {'x mmdet':>7s} {'peak':>5s}  stages ms/image")
         ort = rep["contenders"].get("ort-fp32", {}).get("images_per_s")
         mm = rep["contenders"].get("mmdet", {}).get("images_per_s")
         for mode, c in rep["contenders"].items():

@@ -72,7 +72,7 @@ def test_help_lists_the_flags_and_the_lr_rule(capsys):
                  "--warmup-iters", "--warmup-ratio", "--max-iters", "--momentum", "--weight-decay", "--bn-train",
                  "--device", "--output-dir", "--resume", "--val-ann", "--val-images", "--val-interval", "--no-progress"):
         assert flag in text, flag
-    assert "0.00125" in text and "16 images per iteration" in text
+    assert "0.000625" in text and "16 images per iteration" in text
 
 
 @pytest.mark.parametrize(("flag", "value", "words"), [

@@ -228,26 +228,35 @@ def test_a_finished_folder_needs_resume_and_the_same_settings(dataset, reference
 
 
 def test_channels_last_follows_the_nchw_run(dataset, reference, tmp_path):
-    """--channels-last: the same run to float32 rounding (other kernels, other summation order), weights and
-    momentum kept in channels-last, and a resume refuses to switch the format."""
+    """--channels-last: the NCHW run's losses and weights to float32 rounding (other kernels, another summation
+    order), the trained weights and their momentum kept channels-last, a bit-identical resume in that format,
+    and a resume that refuses to switch the format."""
     out = tmp_path / "cl"
     train(tiny_config(*dataset, out, channels_last=True))
     rows, ref_rows = read_rows(out / "metrics.jsonl"), read_rows(reference / "metrics.jsonl")
     assert [r["files"] for r in rows] == [r["files"] for r in ref_rows]
-    assert [r["num_pos"] for r in rows] == [r["num_pos"] for r in ref_rows]
     for row, ref in zip(rows, ref_rows):
         for key in ("loss", "loss_cls", "loss_bbox", "loss_iou"):
-            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["iter"], key)
+            assert row[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-6), (row["iter"], key)
     ckpt, ref_ckpt = final_state(out), final_state(reference)
-    conv = ckpt["state_dict"]["backbone.layer1.0.conv2.weight"]
+    conv = ckpt["state_dict"]["backbone.layer2.0.conv2.weight"]  # trained (layer1 and the stem are frozen)
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    # all weights together: PAA's assignment can flip a candidate on a rounding difference, which moves a few
-    # small tensors (zero-initialised biases) by ~1 %, so the drift is taken over the whole network
+    buffers = [b["momentum_buffer"] for b in ckpt["optimizer"]["state"].values() if b["momentum_buffer"].dim() == 4]
+    assert buffers and all(b.is_contiguous(memory_format=torch.channels_last) for b in buffers)
+    assert any(not b.is_contiguous() for b in buffers)
+    # the weights' drift from the NCHW run against how far the 4 steps moved them (measured: 0.15 %; PAA's
+    # assignment can flip a candidate on a rounding difference, so it is more than rounding alone)
+    init = build_train_model(2, "scratch", None, seed=0, frozen_stages=1, norm_eval=True,
+                             class_names=["cat_a", "cat_b"])[0].state_dict()
     floats = [k for k, v in ref_ckpt["state_dict"].items() if v.is_floating_point()]
     drift = math.sqrt(sum(float((ckpt["state_dict"][k] - ref_ckpt["state_dict"][k]).square().sum()) for k in floats))
-    scale = math.sqrt(sum(float(ref_ckpt["state_dict"][k].square().sum()) for k in floats))
-    assert drift / scale < 1e-5
+    update = math.sqrt(sum(float((ref_ckpt["state_dict"][k] - init[k]).square().sum()) for k in floats))
+    assert update > 0 and drift / update < 1e-2
     assert ckpt["meta"]["settings"]["channels_last"] is True
+    resumed = tmp_path / "cl_resumed"
+    train(tiny_config(*dataset, resumed, channels_last=True, max_iters=2))
+    train(tiny_config(*dataset, resumed, channels_last=True, resume=True))
+    assert_same_run(out, resumed)
     with pytest.raises(TrainingError, match=r"channels_last True -> False"):
         train(tiny_config(*dataset, out, resume=True, epochs=3))
 

@@ -23,7 +23,7 @@ re-initialised), from torchvision's ImageNet ResNet-50 (--backbone resnet50-0676
 you), or from scratch (--from-scratch, best with --bn-train).
 
 The lr: 0.01 is for 16 images per iteration (8 GPUs x 2 images). Scale it linearly with the images per
-iteration: --lr 0.00125 x images, e.g. --lr 0.0025 for --batch-size 2 on one GPU.
+iteration: --lr 0.000625 x images, e.g. --lr 0.00125 for --batch-size 2 on one GPU.
 
 The output folder gets metrics.jsonl (a row per iteration), epoch_N.pth, latest.pth, best.pth (with
 --val-ann/--val-images) and metrics.png. --resume continues an interrupted run (Ctrl-C saves first; a
@@ -88,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=nonnegative_float, default=0.01,
                    help="lr after warm-up, for 16 images per iteration (default: 0.01); scale it linearly with the "
-                        "images per iteration (all processes): 0.00125 x images, e.g. 0.0025 for --batch-size 2")
+                        "images per iteration (all processes): 0.000625 x images, e.g. 0.00125 for --batch-size 2")
     o.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD momentum (default: 0.9)")
     o.add_argument("--weight-decay", type=nonnegative_float, default=1e-4, help="SGD weight decay (default: 1e-4)")
     o.add_argument("--epochs", type=positive_int, default=12, help="epochs (default: 12)")

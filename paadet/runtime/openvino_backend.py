@@ -2,11 +2,11 @@
 
 Needs ``pip install "paadet[openvino]"``. The choices, in short:
 
-* **Which file.** The ``.onnx`` of ``paadet export`` itself, read by OpenVINO's ONNX front end
-  (``Core.read_model``): no conversion step, one file for ONNX Runtime and OpenVINO; the export's
-  metadata (preset, batch, classes...) is read from it as ONNX Runtime's backend reads it. An OpenVINO IR
-  (``.xml`` + ``.bin``) saved from it is accepted too: OpenVINO keeps the ONNX metadata in the model's
-  ``rt_info`` (``framework``) and ``ov.save_model`` writes it into the IR. Save it with
+* **Which file.** The ``.onnx`` of ``paadet export`` itself, read once by OpenVINO's ONNX front end
+  alone: no conversion step, one file for ONNX Runtime and OpenVINO. OpenVINO keeps the ONNX metadata
+  (preset, batch, classes...) in the model's ``rt_info`` (``framework``), where paadet reads it. An
+  OpenVINO IR (``.xml`` + ``.bin``) saved from it is accepted too: ``ov.save_model`` writes that
+  ``rt_info`` into the IR. Save it with
   ``compress_to_fp16=False``, or the IR's weights are rounded to float16.
 * **Shapes.** A graph's dynamic dimensions (batch, height, width) stay dynamic: the model is compiled once
   and the CPU plugin handles each new input shape itself (shape inference, kernels cached per shape), so
@@ -93,7 +93,8 @@ def read_model(path: str | os.PathLike, core=None):
     A file that is not an IR ``.xml`` is read by OpenVINO's ONNX front end alone (``Core.read_model`` would
     try its other front ends on a file that is not ONNX, and TensorFlow's prints parse errors), once: the
     export's metadata comes from the model's ``rt_info``, so the file is not parsed a second time by
-    ``onnx`` (a quarter of a second for R50-FPN's 130 MB).
+    ``onnx`` (a quarter of a second for R50-FPN's 130 MB). ``core`` (default: a new ``openvino.Core``) reads
+    IR files; the ONNX front end needs none.
 
     Raises:
         PaadetError: OpenVINO is not installed.
@@ -121,8 +122,8 @@ def read_model(path: str | os.PathLike, core=None):
 
 
 def read_export_info_any(path: str | os.PathLike) -> ExportInfo:
-    """The :class:`ExportInfo` of an ``.onnx`` export (read with ``onnx``, without the weights) or of an IR
-    ``.xml`` (with OpenVINO)."""
+    """The :class:`ExportInfo` of an ``.onnx`` export (parsed by ``onnx``, no graph built) or of an IR ``.xml``
+    (read by OpenVINO)."""
     from ..export.metadata import read_export_info
 
     if os.fspath(path).lower().endswith(IR_SUFFIXES):

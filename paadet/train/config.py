@@ -51,7 +51,7 @@ class TrainConfig:
         seed: seed of the order, the flips and the random initialisation.
         workers: image-loading threads (0: load in the training thread).
         lr: the lr after warm-up, for ``batch_size`` images per iteration. The recipe's 0.01 is for 16
-            images per iteration (8 GPUs x 2); scale it linearly: 0.00125 x images per iteration.
+            images per iteration (8 GPUs x 2); scale it linearly: 0.000625 x images per iteration.
         momentum, weight_decay: SGD's, on every trainable parameter.
         epochs: epochs in all.
         lr_steps: epochs after which the lr is multiplied by 0.1.
