@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# All of paadet's GPU work in one go (about 8-9 minutes on one H100; give it a 600 s limit): parity of CUDA
+# All of paadet's GPU work in one go (about 9-10 minutes on one H100; give it a 600 s limit): parity of CUDA
 # FP32/FP16 with CPU FP32, `paadet bench` (engine + e2e, preset 800, FP16) at batch 1, 8 and 32, the profile
-# of post-processing and network at batch 32, and each CUDA option measured alone.
+# of post-processing and network at batch 32, each CUDA option measured alone, and `paadet train`'s s/iter on
+# CUDA in float32, --amp bf16 and --amp fp16 (its gradient scaler's first run anywhere).
 #
 # Run from the repository root on a machine with CUDA and a Python that has torch (no network needed):
 #     OUT=/some/folder bash scripts/gpu_check.sh
-# Results (at most 8 files, flat): $OUT/env.txt, parity.json, bench_b1.json, bench_b8.json, bench_b32.json,
-# profile_b32.json (post-processing alone, kernels and syncs; the network's kernels by kind), variants_b32.json,
-# log.txt. Exit status: 1 if the parity check failed or a step errored, else 0.
+# Results (at most 8 files, flat): $OUT/log.txt (the environment first, then every step's output), parity.json,
+# bench_b1.json, bench_b8.json, bench_b32.json, profile_b32.json (post-processing alone, kernels and syncs; the
+# network's kernels by kind), variants_b32.json, train_amp.json (benchmarks/bench_amp.py). Exit status: 1 if the
+# parity check failed or a step errored, else 0.
 set -uo pipefail
 
 OUT="${OUT:-$(mktemp -d)}"
@@ -35,7 +37,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, log it, remem
     "$PYTHON" -c "import torchvision; print('torchvision', torchvision.__version__)" || echo "torchvision: not installed (GPU JPEG decoding off)"
     "$PYTHON" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" || true
     lscpu | grep -E "Model name|^CPU\(s\)" || true
-} > "$OUT/env.txt" 2>&1
+} > "$LOG" 2>&1
 
 # paadet from this working tree, without touching its dependencies (the machine has no network). Everything
 # below runs with `python -m` from the repository root, so it also works if this install step fails.
@@ -55,6 +57,8 @@ bench 32 90
 step parity 150 "$PYTHON" -m scripts.gpu_check parity --out "$OUT/parity.json"
 step profile_b32 100 "$PYTHON" -m scripts.gpu_check profile --batch-size 32 --out "$OUT/profile_b32.json"
 step variants_b32 240 "$PYTHON" -m scripts.gpu_check variants --batch-size 32 --iters 10 --out "$OUT/variants_b32.json"
+step train_amp 100 "$PYTHON" benchmarks/bench_amp.py --device cuda --iters 11 --rounds 1 \
+    --settings "recipe 1333x800 b2" --json "$OUT/train_amp.json"
 bench 8 60
 bench 1 60
 

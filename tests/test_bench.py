@@ -250,6 +250,9 @@ def test_gpu_report_tables_and_targets(tmp_path):
            "ours": 601, "matched": 597, "extra": 4, "matched_fraction": 597 / 600, "pass": True}
     (tmp_path / "parity.json").write_text(json.dumps({"ok": True, "rows": [row]}))
     (tmp_path / "profile_b32.json").write_text(json.dumps({"engine": {"error": "RuntimeError: boom"}}))
+    train_rows = [{"setting": "recipe 1333x800 b2", "amp": "fp32", "s_per_iter": 0.5, "speedup": 1.0, "n": 10},
+                  {"setting": "recipe 1333x800 b2", "amp": "fp16", "s_per_iter": 0.2, "speedup": 2.5, "n": 10}]
+    (tmp_path / "train_amp.json").write_text(json.dumps({"device": "cuda", "rows": train_rows}))
     tool = Path(__file__).resolve().parents[1] / "tools" / "gpu_report.py"
     out = subprocess.run([sys.executable, str(tool), str(tmp_path)], capture_output=True, text=True, check=True).stdout
     assert "| Test GPU 80GB | 32 | fp32 | 1,200.0 | 500.0 | 4.00 |" in out
@@ -258,6 +261,7 @@ def test_gpu_report_tables_and_targets(tmp_path):
     assert "| e2e images per s >= 600 | 500.0 | missed by 17% |" in out
     assert "| post-processing < 5 ms | 4.00 (in e2e) | met |" in out
     assert "network profile: RuntimeError: boom" in out
+    assert "| recipe 1333x800 b2 | fp16 | 0.200 | 2.50 | 10 |" in out
     assert "Not read: variants_b32.json (FileNotFoundError), bench_b1.json" in out
     bad = subprocess.run([sys.executable, str(tool), str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and "no such folder" in bad.stderr

@@ -2,8 +2,9 @@
 
     python tools/gpu_report.py /path/to/gpu_check/out > /tmp/gpu_tables.md
 
-Reads ``bench_b{1,8,32}.json`` (``paadet bench``), ``parity.json``, ``profile_b32.json`` and
-``variants_b32.json``; any that is missing or unreadable is named in the output and skipped.
+Reads ``bench_b{1,8,32}.json`` (``paadet bench``), ``parity.json``, ``profile_b32.json``,
+``variants_b32.json`` and ``train_amp.json`` (``benchmarks/bench_amp.py --device cuda``); any that is missing or
+unreadable is named in the output and skipped.
 """
 from __future__ import annotations
 
@@ -136,13 +137,27 @@ def profile_lines(profile: Any) -> list[str]:
     return lines
 
 
+def train_table(train: Any) -> list[str]:
+    """``paadet train`` s/iter on the GPU per mixed-precision mode (``benchmarks/bench_amp.py``'s rows)."""
+    if not train:
+        return []
+    lines = [f"`paadet train` on {train.get('device', '?')} (benchmarks/bench_amp.py; median s/iter, first iteration "
+             "of each run left out):", "",
+             "| setting | precision | s/iter | x float32 | iterations |", "|---|---|---:|---:|---:|"]
+    for row in train.get("rows", []):
+        lines.append(f"| {row['setting']} | {row['amp']} | {row['s_per_iter']:.3f} | {row['speedup']:.2f} | {row['n']} |")
+    return lines
+
+
 def report(folder: Path) -> str:
     missing: list[str] = []
     parity = _load(folder, "parity.json", missing)
     profile = _load(folder, "profile_b32.json", missing)
     variants = _load(folder, "variants_b32.json", missing)
     bench_lines, at32 = bench_table(folder, parity, missing)
-    sections = [bench_lines, target_lines(at32, profile), profile_lines(profile), variants_table(variants), parity_table(parity)]
+    train = _load(folder, "train_amp.json", missing)
+    sections = [bench_lines, target_lines(at32, profile), profile_lines(profile), variants_table(variants),
+                train_table(train), parity_table(parity)]
     out = "\n\n".join("\n".join(s) for s in sections if s)
     if missing:
         out += "\n\nNot read: " + ", ".join(missing)
