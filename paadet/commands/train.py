@@ -108,8 +108,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="mixed precision for the network: bf16 (CPUs with AVX512-BF16 or AMX, or CUDA) or fp16 (CUDA, with a "
                         "gradient scaler); the assignment and the losses stay float32 (default: float32)")
     o.add_argument("--channels-last", action="store_true",
-                   help="the network in channels-last (NHWC) memory format: faster convolutions on many CPUs and GPUs, "
-                        "equal to float32 rounding (default: NCHW)")
+                   help="the network in channels-last (NHWC) memory format: other convolution kernels, often faster "
+                        "(docs/benchmarks.md), equal to float32 rounding (default: NCHW)")
     o.add_argument("--device", default="cpu",
                    help="cpu or cuda[:N] (default: cpu); under torchrun give cuda: each process takes cuda:LOCAL_RANK")
     m = p.add_argument_group("many processes (PyTorch DDP; or start this command with torchrun)")
