@@ -39,6 +39,12 @@ def iteration_times(config: TrainConfig, skip: int = 1) -> list[float]:
     return [r["time"] for r in read_rows(Path(config.output_dir) / METRICS_NAME) if "loss" in r][skip:]
 
 
+def run_facts(device: str) -> dict:
+    """What every training benchmark's JSON starts with: the CPU, torch's thread count and version, the device."""
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": device}
+
+
 def time_run(data: tuple[Path, Path], out: Path, amp: str | None, iters: int, device: str, **settings) -> list[float]:
     config = TrainConfig(ann_file=data[0], image_dir=data[1], output_dir=out, max_iters=iters, amp=amp, device=device,
                          progress=False, workers=1, lr=0.001, warmup_iters=0, seed=0, **settings)
@@ -54,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     modes = [None, "bf16"] + (["fp16"] if args.device.startswith("cuda") else [])
-    result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "device": args.device, "rows": []}
+    result = {**run_facts(args.device), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         data = generate_split(Path(tmp) / "data", 16, seed=0, spec=SyntheticSpec())
         for name in args.settings.split(","):

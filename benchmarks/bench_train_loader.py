@@ -17,19 +17,16 @@ its own whose spinning threads competed with the step (see docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from paadet.data.synthetic import SyntheticSpec, generate_split
 from paadet.fileio import atomic_write_json
 from paadet.train import TrainConfig
 
-from bench_amp import iteration_times  # this folder's bench_amp.py (the script's folder is on sys.path)
+from bench_amp import iteration_times, run_facts  # this folder's bench_amp.py (the script's folder is on sys.path)
 
 SETTINGS = {
     "stand-in 160x160 b4 bf16": {"size": 160, "scale": (160, 160), "batch_size": 4, "amp": "bf16"},
@@ -58,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.iters <= SKIPPED:
         p.error(f"--iters must be more than {SKIPPED}")
-    result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "device": args.device, "workers": args.workers, "rows": []}
+    result = {**run_facts(args.device), "workers": args.workers, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings.split(","):
             setting = SETTINGS[name]
