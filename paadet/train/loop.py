@@ -320,9 +320,8 @@ class _Trainer:
         lr = self.schedule.lr_at(state.iteration, epoch)
         set_lr(self.optimizer, lr)
         device = self.device
-        images = batch.images.to(device, non_blocking=True)
-        if self.config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if self.config.channels_last else torch.preserve_format
+        images = batch.images.to(device, non_blocking=True, memory_format=layout)
         gt_boxes = [b.to(device, non_blocking=True) for b in batch.gt_boxes]
         gt_labels = [lab.to(device, non_blocking=True) for lab in batch.gt_labels]
         with torch.autocast(device.type, dtype=_AMP_DTYPES.get(self.config.amp, torch.float32),
