@@ -63,7 +63,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     different = [k for k, v in ca["state_dict"].items() if not torch.equal(v, cb["state_dict"][k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
     for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+        assert sa.keys() == sb.keys()
+        for key in sa:  # SGD's momentum_buffer; AdamW's step, exp_avg, exp_avg_sq
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
     keys = ("iter", "epoch", "lr", "loss", "loss_cls", "loss_bbox", "loss_iou", "num_pos", "files")
     rows_a = [{k: r[k] for k in keys} for r in read_rows(a / "metrics.jsonl")]
     rows_b = [{k: r[k] for k in keys} for r in read_rows(b / "metrics.jsonl")]
@@ -259,6 +261,23 @@ def test_channels_last_follows_the_nchw_run(dataset, reference, tmp_path):
     assert_same_run(out, resumed)
     with pytest.raises(TrainingError, match=r"channels_last True -> False"):
         train(tiny_config(*dataset, out, resume=True, epochs=3))
+
+
+def test_adamw_runs_resumes_bit_identically_and_is_recorded(dataset, tmp_path):
+    """--optimizer adamw: AdamW's state in the checkpoint, a bit-identical resume, no switch on resume."""
+    out, resumed = tmp_path / "adamw", tmp_path / "adamw_resumed"
+    summary = train(tiny_config(*dataset, out, optimizer="adamw", lr=0.0005, weight_decay=0.05))
+    assert summary.iterations == 4
+    ckpt = final_state(out)
+    assert ckpt["meta"]["settings"]["optimizer"] == "adamw"
+    state = next(iter(ckpt["optimizer"]["state"].values()))
+    assert {"exp_avg", "exp_avg_sq", "step"} <= state.keys() and float(state["step"]) == 4
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
+    train(tiny_config(*dataset, resumed, optimizer="adamw", lr=0.0005, weight_decay=0.05, max_iters=2))
+    train(tiny_config(*dataset, resumed, optimizer="adamw", lr=0.0005, weight_decay=0.05, resume=True))
+    assert_same_run(out, resumed)
+    with pytest.raises(TrainingError, match=r"optimizer 'adamw' -> 'sgd'"):
+        train(tiny_config(*dataset, out, lr=0.0005, weight_decay=0.05, resume=True, epochs=3))
 
 
 def test_resume_needs_a_checkpoint(dataset, tmp_path):

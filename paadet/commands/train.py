@@ -89,8 +89,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--lr", type=nonnegative_float, default=0.01,
                    help="lr after warm-up, for 16 images per iteration (default: 0.01); scale it linearly with the "
                         "images per iteration (all processes): 0.000625 x images, e.g. 0.00125 for --batch-size 2")
+    o.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd (the recipe's momentum SGD) or adamw (torch's AdamW, betas 0.9, 0.999: fewer steps to "
+                        "learn from scratch; give it its own --lr, e.g. 0.0005, and --weight-decay) (default: sgd)")
     o.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD momentum (default: 0.9)")
-    o.add_argument("--weight-decay", type=nonnegative_float, default=1e-4, help="SGD weight decay (default: 1e-4)")
+    o.add_argument("--weight-decay", type=nonnegative_float, default=1e-4,
+                   help="SGD's L2 weight decay, or AdamW's decoupled one (default: 1e-4)")
     o.add_argument("--epochs", type=positive_int, default=12, help="epochs (default: 12)")
     o.add_argument("--lr-steps", metavar="E1,E2", type=epoch_list, default=(8, 11),
                    help="epochs after which the lr is multiplied by 0.1 (default: 8,11)")
@@ -182,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         ann_file=ann_file, image_dir=image_dir, output_dir=args.output_dir, init=init, init_file=init_file,
         scale=args.scale, flip_prob=args.flip_prob, batch_size=args.batch_size, shuffle=not args.no_shuffle,
-        seed=args.seed, workers=args.workers, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        seed=args.seed, workers=args.workers, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay,
         epochs=args.epochs, lr_steps=args.lr_steps, warmup_iters=args.warmup_iters, warmup_ratio=args.warmup_ratio,
         max_iters=args.max_iters, bn_train=args.bn_train, frozen_stages=args.frozen_stages, amp=args.amp,
         channels_last=args.channels_last, device=args.device, resume=args.resume,

@@ -6,7 +6,7 @@ A file holds::
               "paadet_version": str, "mmdet_version": "3.3.0", "settings": {...}, "init": {...},
               "train_state": {...}},
      "state_dict": {mmdetection names -> CPU tensors},
-     "optimizer": SGD state_dict (CPU tensors), "scheduler": {...}, "rng": {...}}
+     "optimizer": the SGD or AdamW state_dict (CPU tensors), "scheduler": {...}, "rng": {...}}
 
 Only tensors and plain Python values (dicts, lists, str, int, float, bool, None) are stored, so
 ``torch.load(weights_only=True)`` reads it, every paadet command loads it

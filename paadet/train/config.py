@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PaadetError
+from .optim import OPTIMIZERS
 
 __all__ = ["AMP_MODES", "INIT_MODES", "RESUME_KEYS", "TrainConfig", "TrainingError"]
 
@@ -19,7 +20,7 @@ AMP_MODES = ("bf16", "fp16")
 with a gradient scaler); the targets, the assignment and the losses always run in float32."""
 
 RESUME_KEYS = (
-    "ann_file", "image_dir", "scale", "flip_prob", "batch_size", "shuffle", "seed", "lr", "momentum",
+    "ann_file", "image_dir", "scale", "flip_prob", "batch_size", "shuffle", "seed", "optimizer", "lr", "momentum",
     "weight_decay", "lr_steps", "warmup_iters", "warmup_ratio", "bn_train",
     "frozen_stages", "amp", "channels_last", "world_size",
 )
@@ -52,7 +53,10 @@ class TrainConfig:
         workers: image-loading threads (0: load in the training thread).
         lr: the lr after warm-up, for ``batch_size`` images per iteration. The recipe's 0.01 is for 16
             images per iteration (8 GPUs x 2); scale it linearly: 0.000625 x images per iteration.
-        momentum, weight_decay: SGD's, on every trainable parameter.
+        optimizer: ``sgd`` (the recipe's momentum SGD) or ``adamw`` (torch's AdamW, betas 0.9 and 0.999; for
+            short from-scratch schedules): see :mod:`paadet.train.optim`.
+        momentum: SGD's momentum (AdamW ignores it).
+        weight_decay: SGD's L2 penalty or AdamW's decoupled decay, on every trainable parameter.
         epochs: epochs in all.
         lr_steps: epochs after which the lr is multiplied by 0.1.
         warmup_iters, warmup_ratio: linear warm-up from ``warmup_ratio * lr`` over that many iterations.
@@ -98,6 +102,7 @@ class TrainConfig:
     shuffle: bool = True
     seed: int = 0
     workers: int = 2
+    optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -146,6 +151,8 @@ class TrainConfig:
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         need(self.lr >= 0 and self.momentum >= 0 and self.weight_decay >= 0,
              f"lr, momentum and weight_decay must be >= 0, got {self.lr}, {self.momentum}, {self.weight_decay}")
+        need(self.optimizer in OPTIMIZERS,
+             f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(all(s >= 1 for s in self.lr_steps) and list(self.lr_steps) == sorted(self.lr_steps),
              f"lr_steps must be increasing epochs >= 1, got {','.join(map(str, self.lr_steps))}")

@@ -1,14 +1,14 @@
 """The trainer: mmdetection's epoch-based loop for PAA (SGD, warm-up and steps, frozen stem), resumable bit for bit.
 
 Per iteration: the batch's forward pass in training mode, :class:`~paadet.train.loss.PAALoss`, a
-finiteness check, backward, one SGD step; a row in ``metrics.jsonl``. Per epoch: ``epoch_N.pth``,
+finiteness check, backward, one optimiser step; a row in ``metrics.jsonl``. Per epoch: ``epoch_N.pth``,
 ``latest.pth`` (the same file, hard-linked) and, with a validation set, paadet's COCO evaluation and
 ``best.pth``. ``latest.pth`` is also written every ``save_interval_iters`` iterations or
 ``save_interval_s`` seconds, when ``max_iters`` stops the run, and on Ctrl-C (the first Ctrl-C stops
 after the current iteration and saves; a second one aborts at once).
 
-A resumed run (``resume=True``) reloads ``latest.pth``: weights, SGD momentum, the position in the
-epoch (the batch order and flips are functions of the seed and the epoch, see
+A resumed run (``resume=True``) reloads ``latest.pth``: weights, the optimiser's state (SGD momentum or AdamW
+moments), the position in the epoch (the batch order and flips are functions of the seed and the epoch, see
 :func:`paadet.train.data.build_train_loader`) and the RNG states, and sets each iteration's lr from
 ``(iteration, epoch)`` alone; on the CPU, with the same thread count, it ends with the same weights as
 an uninterrupted run, bit for bit.
@@ -44,6 +44,7 @@ from .distributed import DistEnv, Distributed, NullMetrics, die_for_test, dump_w
 from .init import build_train_model, trainable_parameters
 from .loss import PAALoss
 from .metrics import METRICS_NAME, MetricsLog
+from .optim import build_optimizer
 from .plots import PLOT_NAME, plot_metrics
 from .schedule import LRSchedule, set_lr
 
@@ -204,7 +205,7 @@ class _Trainer:
             names = [n for (n, _), ok in zip(self.net.named_parameters(), flags.tolist()) if not ok]
             kept = f"the last good checkpoint is {self.saved}" if self.saved is not None else "no checkpoint was written"
             raise TrainingError(
-                f"after iteration {self.state.iteration} (epoch {self.state.epoch + 1}): the SGD step made "
+                f"after iteration {self.state.iteration} (epoch {self.state.epoch + 1}): the optimiser step made "
                 f"{len(names)} weight tensors non-finite ({', '.join(names[:3])}); not saved, {kept}; try a lower --lr")
 
     def checkpoint(self) -> dict[str, Any]:
@@ -312,7 +313,7 @@ class _Trainer:
             self.log(f"warning: skipped unreadable image {name}: {reason}")
 
     def _step(self, batch: TrainBatch, epoch: int, stop: _StopFlag) -> dict[str, Any] | None:
-        """One SGD step on ``batch``; returns its metrics row (timings added by the caller), or None when
+        """One optimiser step on ``batch``; returns its metrics row (timings added by the caller), or None when
         (under DDP) some rank's batch held no readable image and every rank skips the step."""
         state = self.state
         if self.dist.active and not self._agree_batch(batch, epoch, stop):
@@ -554,8 +555,8 @@ def _train(config: TrainConfig, dist: Distributed, log: Callable[[str], None]) -
         net.to(device)
         if config.channels_last:
             net.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(trainable_parameters(net), lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
+        optimizer = build_optimizer(config.optimizer, trainable_parameters(net), lr=config.lr,
+                                    momentum=config.momentum, weight_decay=config.weight_decay)
         if resume_ckpt is not None:
             optimizer.load_state_dict(resume_ckpt["optimizer"])
             restore_rng(resume_ckpt["rng"])

@@ -1,0 +1,41 @@
+"""The optimiser of a training run: mmdetection's SGD (the recipe), or AdamW for short from-scratch schedules.
+
+Both are PyTorch's own (``torch.optim.SGD``, ``torch.optim.AdamW``); the trainer's warm-up and step
+schedule sets their lr at every iteration (:func:`paadet.train.schedule.set_lr`), whichever it is.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["OPTIMIZERS", "build_optimizer"]
+
+OPTIMIZERS = ("sgd", "adamw")
+"""``sgd``: momentum SGD with L2 weight decay (mmdetection's PAA recipe). ``adamw``: Adam with decoupled
+weight decay (betas 0.9, 0.999), which converges in fewer steps from scratch."""
+
+
+def build_optimizer(name: str, params: Iterable[Tensor], *, lr: float, momentum: float = 0.9,
+                    weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """The optimiser ``name`` (one of :data:`OPTIMIZERS`) over ``params``, every one in one group.
+
+    Args:
+        name: ``sgd`` or ``adamw``.
+        params: the trainable parameters, in a fixed order (the order of the optimiser state in checkpoints).
+        lr: the initial lr (the schedule overwrites it before the first step).
+        momentum: SGD's momentum; ignored by AdamW, whose first-moment decay is ``betas[0]``.
+        weight_decay: SGD's L2 penalty (added to the gradient) or AdamW's decoupled decay (``lr * wd`` of
+            each weight per step).
+        betas: AdamW's moment decays.
+
+    Raises:
+        ValueError: an unknown ``name``.
+    """
+    params = list(params)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
