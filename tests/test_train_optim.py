@@ -30,6 +30,27 @@ def test_adamw_step_by_hand():
     assert one_step("adamw", lr=0.1, momentum=0.0, weight_decay=0.01) == pytest.approx(expected, abs=1e-12)
 
 
+def test_adamw_is_fused_on_the_cpu_and_steps_as_the_loop_does():
+    """The fused AdamW (one kernel per tensor) against torch's per-tensor loop: the same update, float32 rounding."""
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32), torch.randn(8, 3, 3, 3)]
+    weights = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = build_optimizer("adamw", params, lr=0.01, weight_decay=0.05) if fused else \
+            torch.optim.AdamW(params, lr=0.01, weight_decay=0.05, foreach=False)
+        assert opt.defaults["fused"] is (True if fused else None)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        weights[fused] = [p.detach() for p in params]
+    for a, b, s in zip(weights[True], weights[False], start):
+        assert not torch.equal(a, s)  # moved
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_unknown_optimizer():
     assert OPTIMIZERS == ("sgd", "adamw")
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):

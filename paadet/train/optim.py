@@ -1,6 +1,6 @@
 """The optimiser of a training run: mmdetection's SGD (the recipe), or AdamW for short from-scratch schedules.
 
-Both are PyTorch's own (``torch.optim.SGD``, ``torch.optim.AdamW``); the trainer's warm-up and step
+Both are PyTorch's own (``torch.optim.SGD``, ``torch.optim.AdamW``, fused on CPUs and CUDA); the trainer's warm-up and step
 schedule sets their lr at every iteration (:func:`paadet.train.schedule.set_lr`), whichever it is.
 """
 from __future__ import annotations
@@ -15,6 +15,9 @@ __all__ = ["OPTIMIZERS", "build_optimizer"]
 OPTIMIZERS = ("sgd", "adamw")
 """``sgd``: momentum SGD with L2 weight decay (mmdetection's PAA recipe). ``adamw``: Adam with decoupled
 weight decay (betas 0.9, 0.999), which converges in fewer steps from scratch."""
+
+FUSED_DEVICES = ("cpu", "cuda")
+"""Devices where AdamW runs torch's fused implementation (the same update, rounded in another order)."""
 
 
 def build_optimizer(name: str, params: Iterable[Tensor], *, lr: float, momentum: float = 0.9,
@@ -37,5 +40,8 @@ def build_optimizer(name: str, params: Iterable[Tensor], *, lr: float, momentum:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        # torch's fused kernel (one pass per tensor) on CPUs and CUDA: 15.6 ms a step for PAA R50-FPN's 32 M
+        # trainable weights on 2 CPU threads, against 97.6 ms for the default per-tensor loop (docs/standin.md)
+        fused = bool(params) and all(p.device.type in FUSED_DEVICES for p in params)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
