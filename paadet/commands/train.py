@@ -91,7 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "images per iteration (all processes): 0.000625 x images, e.g. 0.00125 for --batch-size 2")
     o.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="sgd (the recipe's momentum SGD) or adamw (torch's AdamW, betas 0.9, 0.999: fewer steps to "
-                        "learn from scratch; give it its own --lr, e.g. 0.0005, and --weight-decay) (default: sgd)")
+                        "learn from scratch; give it its own --lr, e.g. 0.0003, and --weight-decay) (default: sgd)")
     o.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD momentum (default: 0.9)")
     o.add_argument("--weight-decay", type=nonnegative_float, default=1e-4,
                    help="SGD's L2 weight decay, or AdamW's decoupled one (default: 1e-4)")

@@ -1,7 +1,8 @@
 """The optimiser of a training run: mmdetection's SGD (the recipe), or AdamW for short from-scratch schedules.
 
-Both are PyTorch's own (``torch.optim.SGD``, ``torch.optim.AdamW``, fused on CPUs and CUDA); the trainer's warm-up and step
-schedule sets their lr at every iteration (:func:`paadet.train.schedule.set_lr`), whichever it is.
+Both are PyTorch's own (``torch.optim.SGD``, ``torch.optim.AdamW``, fused on CPUs and CUDA); the trainer's
+warm-up and step schedule sets their lr at every iteration (:func:`paadet.train.schedule.set_lr`), whichever
+it is.
 """
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["OPTIMIZERS", "build_optimizer"]
+from .config import OPTIMIZERS
 
-OPTIMIZERS = ("sgd", "adamw")
-"""``sgd``: momentum SGD with L2 weight decay (mmdetection's PAA recipe). ``adamw``: Adam with decoupled
-weight decay (betas 0.9, 0.999), which converges in fewer steps from scratch."""
+__all__ = ["OPTIMIZERS", "build_optimizer"]
 
 FUSED_DEVICES = ("cpu", "cuda")
 """Devices where AdamW runs torch's fused implementation (the same update, rounded in another order)."""
