@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -229,32 +229,77 @@ class Detector:
         """Stream detections for already loaded images, batching images of equal padded size.
 
         Yields ``(loaded, result)`` as batches complete (not necessarily in input order); images
-        that failed to load are yielded at once with ``result`` None.
+        that failed to load are yielded at once with ``result`` None. A backend whose ``concurrency`` is
+        N > 1 gets up to N batches at once, from N threads.
         """
         buckets: dict[tuple[int, int], list[LoadedImage]] = {}
         pending = 0
-        for item in loaded:
-            if timer is not None:
-                for stage, seconds in item.timings.items():
-                    timer.add(stage, seconds)
-            if item.error is not None:
-                yield item, None
-                continue
-            bucket = buckets.setdefault(item.meta.pad_shape, [])
-            bucket.append(item)
-            pending += 1
-            if len(bucket) >= self.batch_size:
-                yield from self._flush(buckets.pop(item.meta.pad_shape), timer)
-                pending -= len(bucket)
-            elif pending > 4 * self.batch_size:  # many distinct sizes: run the fullest partial batch
-                shape = max(buckets, key=lambda s: len(buckets[s]))
-                flushed = buckets.pop(shape)
-                pending -= len(flushed)
-                yield from self._flush(flushed, timer)
-        for shape in list(buckets):
-            yield from self._flush(buckets.pop(shape), timer)
+        with _BatchRunner(self.backend, timer) as runner:
+            for item in loaded:
+                if timer is not None:
+                    for stage, seconds in item.timings.items():
+                        timer.add(stage, seconds)
+                if item.error is not None:
+                    yield item, None
+                    continue
+                bucket = buckets.setdefault(item.meta.pad_shape, [])
+                bucket.append(item)
+                pending += 1
+                if len(bucket) >= self.batch_size:
+                    yield from runner.submit(buckets.pop(item.meta.pad_shape))
+                    pending -= len(bucket)
+                elif pending > 4 * self.batch_size:  # many distinct sizes: run the fullest partial batch
+                    shape = max(buckets, key=lambda s: len(buckets[s]))
+                    flushed = buckets.pop(shape)
+                    pending -= len(flushed)
+                    yield from runner.submit(flushed)
+            for shape in list(buckets):
+                yield from runner.submit(buckets.pop(shape))
+            yield from runner.drain()
 
-    def _flush(self, batch: list[LoadedImage], timer: StageTimer | None) -> Iterator[tuple[LoadedImage, ImageResult]]:
-        dets = self.backend.infer([b.resized for b in batch], [b.meta for b in batch], timer)
-        results = split_detections(dets, [b.meta for b in batch], [b.name for b in batch])
-        yield from zip(batch, results)
+
+class _BatchRunner:
+    """Runs batches on a backend: in the caller's thread when its ``concurrency`` is 1, else up to
+    ``concurrency`` at once in a thread pool; results come out oldest batch first."""
+
+    def __init__(self, backend: Backend, timer: StageTimer | None) -> None:
+        self.backend = backend
+        self.timer = timer
+        self.concurrency = max(1, int(getattr(backend, "concurrency", 1)))
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="paadet-infer") if self.concurrency > 1 else None
+        self._in_flight: list[tuple[list[LoadedImage], Future]] = []
+
+    def __enter__(self) -> "_BatchRunner":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._pool is not None:
+            for _, future in self._in_flight:
+                future.cancel()
+            self._pool.shutdown(wait=True)
+
+    def _infer(self, batch: list[LoadedImage]) -> Detections:
+        return self.backend.infer([b.resized for b in batch], [b.meta for b in batch], self.timer)
+
+    @staticmethod
+    def _results(batch: list[LoadedImage], dets: Detections) -> Iterator[tuple[LoadedImage, ImageResult]]:
+        yield from zip(batch, split_detections(dets, [b.meta for b in batch], [b.name for b in batch]))
+
+    def submit(self, batch: list[LoadedImage]) -> Iterator[tuple[LoadedImage, ImageResult]]:
+        """Start ``batch``; yields the results of batches that must finish first to keep at most
+        ``concurrency`` in flight (``batch`` itself when running inline)."""
+        if self._pool is None:
+            yield from self._results(batch, self._infer(batch))
+            return
+        self._in_flight.append((batch, self._pool.submit(self._infer, batch)))
+        while len(self._in_flight) > self.concurrency:
+            yield from self._pop()
+
+    def drain(self) -> Iterator[tuple[LoadedImage, ImageResult]]:
+        """The results of every batch still in flight."""
+        while self._in_flight:
+            yield from self._pop()
+
+    def _pop(self) -> Iterator[tuple[LoadedImage, ImageResult]]:
+        batch, future = self._in_flight.pop(0)
+        yield from self._results(batch, future.result())

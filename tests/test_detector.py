@@ -102,3 +102,63 @@ def test_batch_size_must_be_positive(net: PAANet) -> None:
 def test_fp16_on_cpu_is_refused(net: PAANet) -> None:
     with pytest.raises(ValueError, match="CUDA"):
         TorchBackend(net, preset=SMALL, fp16=True)
+
+
+class _ConcurrentBackend:
+    """A backend that detects one box per image, of the image's size, and records how many of its ``infer``
+    calls overlap; with ``concurrency`` 2 the first two calls must meet at a barrier or the test fails."""
+
+    def __init__(self, concurrency: int, fail_at: int | None = None) -> None:
+        import threading
+
+        self.preset, self.concurrency, self.fixed_batch, self.fail_at = SMALL, concurrency, None, fail_at
+        self._barrier = threading.Barrier(concurrency, timeout=10) if concurrency > 1 else None
+        self._lock = threading.Lock()
+        self.active = self.max_active = self.calls = 0
+
+    def infer(self, images, metas, timer=None):
+        from paadet.detections import Detections
+
+        with self._lock:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise RuntimeError(f"call {self.calls} failed")
+            first = self.calls <= self.concurrency
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        if self._barrier is not None and first:
+            self._barrier.wait()  # BrokenBarrierError after 10 s unless another call runs at the same time
+        with self._lock:
+            self.active -= 1
+        n = len(images)
+        boxes = np.zeros((n, 1, 4), np.float32)
+        for i, m in enumerate(metas):
+            boxes[i, 0, 2:] = m.ori_shape[1], m.ori_shape[0]
+        return Detections(boxes, np.ones((n, 1), np.float32), np.zeros((n, 1), np.int64), np.ones(n, np.int64))
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 3])
+def test_a_concurrent_backend_gets_batches_at_once_and_every_result_its_image(concurrency: int) -> None:
+    backend = _ConcurrentBackend(concurrency)
+    inputs = images()
+    results = Detector(backend, batch_size=1, workers=0).predict(inputs)
+    assert backend.calls == len(inputs) and backend.max_active == concurrency
+    for image, result in zip(inputs, results):
+        np.testing.assert_array_equal(result.boxes, [[0, 0, image.shape[1], image.shape[0]]])
+        assert result.ori_shape == image.shape[:2]
+
+
+def test_a_failing_batch_stops_a_concurrent_run_with_its_error_and_no_thread_left() -> None:
+    import threading
+
+    with pytest.raises(RuntimeError, match="call 4 failed"):
+        Detector(_ConcurrentBackend(2, fail_at=4), batch_size=1, workers=0).predict(images())
+    assert not [t for t in threading.enumerate() if t.name.startswith("paadet-infer")]
+    # a consumer that stops early: the pool is shut down when the generator is closed
+    backend = _ConcurrentBackend(2)
+    detector = Detector(backend, batch_size=2, workers=0)
+    stream = detector.run(iter_loaded(images(), SMALL, workers=0))
+    first = next(stream)
+    stream.close()
+    assert first[1] is not None and backend.calls <= 4
+    assert not [t for t in threading.enumerate() if t.name.startswith("paadet-infer")]

@@ -224,3 +224,61 @@ def test_predict_on_openvino_imports_no_torch(dynamic_graph, images, tmp_path):
                        "--output", str(out), "--no-progress"])
     expected = run(OpenVinoBackend.from_file(dynamic_graph), [str(folder / "0.png"), str(folder / "1.png")])
     assert len(json.loads(out.read_text())) == sum(len(r.scores) for r in expected) > 0
+
+
+def test_streams_run_batches_at_once_with_the_same_detections(ov_f32, dynamic_graph, images, capsys):
+    import threading
+
+    two = OpenVinoBackend.from_file(dynamic_graph, preset=DIV32, streams=2, threads=2)
+    assert two.concurrency == 2 and two.describe()["streams"] == 2 and "streams" not in ov_f32.describe()
+    compiled, requests = two._compiled[()]
+    assert int(compiled.get_property("NUM_STREAMS")) == 2 and requests.qsize() == 2
+    # through the Detector (two batches in flight): one stream's detections
+    assert_parity(match(run(ov_f32, images, batch_size=1), run(two, images, batch_size=1)))
+    resized = [resize(image, DIV32) for image in images[:2]]
+    alone = [two.infer([r], [m]) for r, m in resized]
+    # two threads at once: each request waits at a barrier inside infer, so this fails unless both run together
+    barrier = threading.Barrier(2, timeout=10)
+
+    class Meeting:
+        def __init__(self, request) -> None:
+            self.request = request
+
+        def infer(self, feeds):
+            barrier.wait()
+            return self.request.infer(feeds)
+
+        def get_output_tensor(self, i):
+            return self.request.get_output_tensor(i)
+
+    real = [requests.get(), requests.get()]
+    for request in real:
+        requests.put(Meeting(request))
+    together: list = [None, None]
+
+    def infer(i: int) -> None:
+        together[i] = two.infer([resized[i][0]], [resized[i][1]])
+
+    threads = [threading.Thread(target=infer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not barrier.broken
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a.num_dets, b.num_dets)
+        np.testing.assert_array_equal(a.scores, b.scores)
+    # a shape cache with streams: static copies compiled (and evicted) while requests are in use
+    cached = OpenVinoBackend.from_file(dynamic_graph, preset=DIV32, streams=2, threads=2, shape_cache=1)
+    assert_parity(match(run(ov_f32, images, batch_size=1), run(cached, images, batch_size=1)))
+    from paadet.cli import main
+    from paadet.commands.common import build_detector
+
+    with pytest.raises(ValueError, match="--streams is for --backend openvino"):
+        build_detector(backend="onnxruntime", model=str(dynamic_graph), streams=2)
+    with pytest.raises(ValueError, match="streams"):
+        OpenVinoBackend.from_file(dynamic_graph, streams=0)
+    capsys.readouterr()
+    assert main(["serve", "--backend", "openvino", "--model", str(dynamic_graph), "--streams", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--streams is for predict, eval and batch" in err

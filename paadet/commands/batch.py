@@ -92,7 +92,7 @@ def spec_from_args(args: argparse.Namespace) -> "ModelSpec":
         backend=args.backend, checkpoint=args.checkpoint, model=args.model, providers=args.providers,
         preset=preset, device=args.device, batch_size=args.batch_size, fp16=args.fp16,
         score_voting=not args.no_score_voting, workers=args.workers, optimize=args.optimize, bf16=args.bf16,
-        precision=args.precision,
+        precision=args.precision, streams=args.streams,
     )
 
 

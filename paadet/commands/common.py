@@ -42,6 +42,9 @@ def add_model_options(parser: argparse.ArgumentParser, default_preset: str = "mm
     g.add_argument("--precision", choices=("f32", "bf16"), default=None,
                    help="openvino backend: inference precision (default: f32; bf16 uses AMX / AVX512_BF16 and "
                         "changes detections slightly)")
+    g.add_argument("--streams", type=positive_int, default=None,
+                   help="openvino backend: batches run at once, each on its share of the threads (OpenVINO's "
+                        "NUM_STREAMS; default: 1)")
     g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting (torch backend)")
     g.add_argument("--workers", type=nonnegative_int, default=2, help="threads decoding images ahead of the network (default: 2)")
     g.add_argument("--optimize", action="store_true",
@@ -65,6 +68,7 @@ def build_detector(
     default_batch: int = 1,
     optimize: bool = False,
     precision: str | None = None,
+    streams: int | None = None,
 ) -> Detector:
     """The detector the command-line options describe.
 
@@ -72,7 +76,8 @@ def build_detector(
     or ``default_preset`` / ``default_batch`` for the torch backend, and the graph's preset / static
     batch for ONNX Runtime and OpenVINO. For those, ``fp16`` and
     ``score_voting=False`` must agree with how the graph was exported (they are baked into it).
-    ``precision`` (``f32`` / ``bf16``, default f32) is OpenVINO's inference precision, for ``openvino`` only.
+    ``precision`` (``f32`` / ``bf16``, default f32) is OpenVINO's inference precision and ``streams`` (default
+    1) its number of concurrent streams, for ``openvino`` only.
     """
     from ..detector import Detector
 
@@ -81,6 +86,8 @@ def build_detector(
     if precision is not None and backend != "openvino":
         raise ValueError(f"--precision is for --backend openvino; with --backend {backend} use "
                          + ("--fp16 or --bf16" if backend == "torch" else "an export's precision (`paadet export --fp16`)"))
+    if streams is not None and backend != "openvino":
+        raise ValueError(f"--streams is for --backend openvino; --backend {backend} runs one batch at a time")
     if backend == "torch":
         if model is not None:
             raise ValueError("--model is for --backend onnxruntime; the torch backend takes --checkpoint")
@@ -104,7 +111,7 @@ def build_detector(
         from ..runtime.openvino_backend import OpenVinoBackend
 
         ort_backend = OpenVinoBackend.from_file(model, preset=get_preset(preset) if preset is not None else None,
-                                                precision=precision or "f32")
+                                                precision=precision or "f32", streams=streams or 1)
     else:
         from ..runtime.onnxruntime_backend import OnnxRuntimeBackend, parse_providers
 
@@ -130,7 +137,7 @@ def detector_from_args(args: argparse.Namespace) -> Detector:
         preset=args.preset, device=args.device, batch_size=args.batch_size, fp16=args.fp16,
         score_voting=not args.no_score_voting, workers=args.workers,
         default_preset=args.default_preset, default_batch=args.default_batch, optimize=args.optimize,
-        bf16=args.bf16, precision=getattr(args, "precision", None),
+        bf16=args.bf16, precision=getattr(args, "precision", None), streams=getattr(args, "streams", None),
     )
 
 

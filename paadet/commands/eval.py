@@ -107,6 +107,7 @@ def run_model(
     optimize: bool = False,
     bf16: bool = False,
     precision: str | None = None,
+    streams: int | None = None,
 ) -> EvalReport:
     """Load the dataset, build the detector, evaluate; print warnings, the table and the summary."""
     if output_dir is not None:
@@ -128,7 +129,7 @@ def run_model(
         weights = f"sha256:{sha256_file(model)}" if model is not None and Path(model).is_file() else None
     detector = build_detector(backend=backend, checkpoint=checkpoint, model=model, providers=providers, preset=preset,
                               device=device, batch_size=batch_size, fp16=fp16, score_voting=score_voting, workers=workers,
-                              optimize=optimize, bf16=bf16, precision=precision)
+                              optimize=optimize, bf16=bf16, precision=precision, streams=streams)
     described = ", ".join(f"{k} {v}" for k, v in detector.backend.describe().items())
     print(f"evaluating {dataset.annotation_summary()} from {ann_file} ({described})", file=sys.stderr)
     report = evaluate_detector(detector, dataset, output_dir=output_dir, per_class=per_class, resume=resume,
@@ -157,6 +158,6 @@ def run(args: argparse.Namespace) -> int:
         loader=args.loader, progress=not args.no_progress, backend=args.backend, checkpoint=args.checkpoint,
         model=args.model, providers=args.providers, preset=args.preset, device=args.device,
         batch_size=args.batch_size, fp16=args.fp16, score_voting=not args.no_score_voting, workers=args.workers,
-        optimize=args.optimize, bf16=args.bf16, precision=args.precision,
+        optimize=args.optimize, bf16=args.bf16, precision=args.precision, streams=args.streams,
     )
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -129,12 +130,16 @@ def run(args: argparse.Namespace) -> int:
                                 f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     targets = check_outputs(sources, args.output, args.save_vis)
     detector = detector_from_args(args)
+    start = time.perf_counter()
     done, skipped, drawn, timer = predict_sources(
         sources, args.output, detector, vis_targets=targets, vis_score_thr=args.vis_score_thr,
         progress=not args.no_progress,
     )
+    seconds = time.perf_counter() - start
     total = done + skipped
-    print(f"{done}/{total} images, {skipped} skipped; {timer.summary(done)}; wrote {args.output}")
+    overlap = " (stages summed over the concurrent streams)" if getattr(detector.backend, "concurrency", 1) > 1 else ""
+    print(f"{done}/{total} images, {skipped} skipped in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} img/s); "
+          f"{timer.summary(done)}{overlap}; wrote {args.output}")
     if targets is not None:
         print(f"drew {drawn} boxes (score >= {args.vis_score_thr:g}) on {done} images under {args.save_vis}")
     return 1 if skipped else 0

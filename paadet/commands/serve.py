@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.streams not in (None, 1):  # the batcher runs one batch at a time: more streams would only split the threads
+        raise ValueError("--streams is for predict, eval and batch; paadet serve runs one batch at a time "
+                         "(scale it with --ray --replicas)")
     api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_bytes=args.max_bytes,

@@ -34,6 +34,7 @@ class ModelSpec:
     optimize: bool = False
     bf16: bool = False
     precision: str | None = None
+    streams: int | None = None
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``build_detector`` (the preset object kept as is)."""

@@ -1,6 +1,7 @@
 """What every runtime backend provides, and a stage timer that is honest about GPU work."""
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -23,12 +24,15 @@ class StageTimer:
     """Accumulates wall time per named stage.
 
     With a CUDA ``device`` the timer synchronises the device at both ends of each stage, so queued
-    kernels are charged to the stage that launched them.
+    kernels are charged to the stage that launched them. Several threads may time stages at once (a
+    backend running batches concurrently): each stage's total is then the sum of the threads' times, which
+    can exceed the wall time.
     """
 
     def __init__(self, device: "torch.device | str | None" = None) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self.device = device
+        self._lock = threading.Lock()
         self._cuda = device is not None and str(device).split(":")[0] == "cuda"  # no torch import otherwise
 
     def _sync(self) -> None:
@@ -45,14 +49,15 @@ class StageTimer:
             yield
         finally:
             self._sync()
-            self.totals[name] += time.perf_counter() - start
+            self.add(name, time.perf_counter() - start)
 
     def add(self, name: str, seconds: float) -> None:
-        self.totals[name] += seconds
+        with self._lock:
+            self.totals[name] += seconds
 
     def merge(self, other: "StageTimer") -> None:
-        for name, seconds in other.totals.items():
-            self.totals[name] += seconds
+        for name, seconds in list(other.totals.items()):
+            self.add(name, seconds)
 
     def ms_per_image(self, num_images: int) -> dict[str, float]:
         """Milliseconds per image for each stage seen (in :data:`STAGES` order first)."""
@@ -73,12 +78,16 @@ class Backend(ABC):
         preset: the pre-processing preset the backend was built for.
         fixed_batch: batch size a static graph requires (the backend pads short batches), or None.
         classes: the model's classes (label i is ``classes.names[i]``, COCO id ``classes.category_ids[i]``).
+        concurrency: how many :meth:`infer` calls may usefully run at once from different threads (1: one
+            at a time; OpenVINO with several streams: one per stream). The :class:`~paadet.detector.Detector`
+            keeps that many batches in flight.
     """
 
     name: str = "base"
     preset: Preset
     fixed_batch: int | None = None
     classes: ClassList = COCO_CLASSES
+    concurrency: int = 1
 
     @abstractmethod
     def infer(self, images: list[np.ndarray], metas: list[ImageMeta], timer: StageTimer | None = None) -> Detections:

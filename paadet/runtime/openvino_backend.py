@@ -17,9 +17,13 @@ Needs ``pip install "paadet[openvino]"``. The choices, in short:
   OpenVINO's own CPU default is bf16 wherever the CPU has bfloat16 (AMX, AVX512_BF16), which changes
   detections; paadet runs f32 unless bf16 is asked for, and refuses bf16 on a CPU without it.
 * **Threads.** ``INFERENCE_NUM_THREADS`` = ``threads``, else ``OMP_NUM_THREADS``, else OpenVINO's own
-  choice (its physical cores: torch's default too); one stream, latency hint: one batch at a time, as
-  the other backends run. ``describe()`` reports the compiled model's count (once one is compiled). (torch is not imported:
-  a full graph runs without it.)
+  choice (its physical cores: torch's default too). ``describe()`` reports the compiled model's count (once
+  one is compiled). (torch is not imported: a full graph runs without it.)
+* **Streams.** ``streams=1``: one batch at a time on all the threads (latency hint), as the other backends
+  run. ``streams=N``: OpenVINO's ``NUM_STREAMS`` = N (throughput hint), the threads split between them,
+  N infer requests, and ``concurrency`` = N, so the :class:`~paadet.detector.Detector` keeps N batches in
+  flight from N threads. Each request's detections are the same computation either way; only how many
+  threads each convolution gets differs.
 
 Pre- and post-processing are the ONNX Runtime backend's: a full graph gets the padded ``uint8`` batch
 and does the rest (normalisation, network, decoding, NMS, score voting); a raw graph (the network's 15
@@ -28,6 +32,7 @@ maps) is normalised and post-processed in PyTorch.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -146,6 +151,8 @@ class OpenVinoBackend(ExportedGraphBackend):
         shape_cache: 0 = compile the graph once with its dynamic dimensions; N > 0 = compile a static copy
             per input shape, keeping the N most recent (a static graph is compiled once either way).
         device: the OpenVINO device (``CPU``), kept as ``ov_device``.
+        streams: OpenVINO streams (and infer requests) per compiled model: that many :meth:`infer` calls
+            run at once from different threads (``concurrency``); 1 = one at a time, latency hint.
     """
 
     name = "openvino"
@@ -153,8 +160,11 @@ class OpenVinoBackend(ExportedGraphBackend):
 
     def __init__(self, core, model, info: ExportInfo, path: str, preset: Preset | None = None,
                  precision: str = "f32", threads: int | None = None, shape_cache: int = 0,
-                 device: str = "CPU") -> None:
+                 device: str = "CPU", streams: int = 1) -> None:
         super().__init__(info, path, preset)
+        if int(streams) < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        self.streams = self.concurrency = int(streams)
         self.core = core
         self.model = model
         self.ov_device = device  # OpenVINO's device name (not a torch device: the Detector reads `.device`)
@@ -181,6 +191,7 @@ class OpenVinoBackend(ExportedGraphBackend):
         threads: int | None = None,
         shape_cache: int = 0,
         device: str = "CPU",
+        streams: int = 1,
     ) -> "OpenVinoBackend":
         """Open ``path`` (a ``paadet export`` ``.onnx``, or an IR ``.xml`` saved from one) and compile it.
 
@@ -196,7 +207,7 @@ class OpenVinoBackend(ExportedGraphBackend):
         model, info = read_model(path, core)
         preset = check_graph_preset(path, info, preset, OpenVinoModelError)
         return cls(core, model, info, path, preset, precision=precision, threads=threads, shape_cache=shape_cache,
-                   device=device)
+                   device=device, streams=streams)
 
     # -- compilation -------------------------------------------------------------------------------------------
 
@@ -217,8 +228,8 @@ class OpenVinoBackend(ExportedGraphBackend):
         """The properties every compilation gets."""
         config = {
             "INFERENCE_PRECISION_HINT": self.inference_precision,
-            "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": self.streams,
+            "PERFORMANCE_HINT": "LATENCY" if self.streams == 1 else "THROUGHPUT",
         }
         if self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = self.threads
@@ -236,10 +247,21 @@ class OpenVinoBackend(ExportedGraphBackend):
                 self.threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
             except Exception:  # a device without the property: the count stays unknown (None)
                 pass
-        return compiled, compiled.create_infer_request()
+        try:
+            granted = int(compiled.get_property("NUM_STREAMS"))
+        except Exception:  # noqa: BLE001 - a device without the property: trust the request
+            granted = self.streams
+        if granted != self.streams:
+            raise OpenVinoModelError(f"{self.path}: {self.streams} streams asked, but OpenVINO made {granted} "
+                                     f"(with {self.threads} threads); use --streams {granted}")
+        requests: queue.SimpleQueue = queue.SimpleQueue()  # the idle ones; a caller takes one and puts it back
+        for _ in range(self.streams):
+            requests.put(compiled.create_infer_request())
+        return compiled, requests
 
-    def _request_for(self, feeds: dict[str, np.ndarray]):
-        """The infer request that runs ``feeds``: the one compiled model, or the static copy for their shapes."""
+    def _requests_for(self, feeds: dict[str, np.ndarray]) -> queue.SimpleQueue:
+        """The idle infer requests that run ``feeds``: the one compiled model's, or the static copy's for their
+        shapes (compiled here if new; call with ``_lock`` held)."""
         if not self.shape_cache:
             return self._compiled[()][1]
         key = tuple((name, feeds[name].shape) for name in self.input_names)
@@ -249,27 +271,32 @@ class OpenVinoBackend(ExportedGraphBackend):
         static = self.model.clone()
         static.reshape({name: list(shape) for name, shape in key})
         self._compiled[key] = self._compile(static)
-        while len(self._compiled) > self.shape_cache:
+        while len(self._compiled) > self.shape_cache:  # a request in use keeps its compiled model alive
             self._compiled.popitem(last=False)
         return self._compiled[key][1]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The graph's outputs (copies, in the graph's output order) for ``feeds``."""
-        with self._lock:  # one infer request per compiled model: one call at a time
-            request = self._request_for(feeds)
-            try:
-                request.infer(feeds)
-            except Exception as exc:
-                raise OpenVinoModelError(f"{self.path}: OpenVINO inference failed ({type(exc).__name__}: "
-                                         f"{one_line(exc)[:300]})") from exc
+        """The graph's outputs (copies, in the graph's output order) for ``feeds``; up to ``streams`` calls run
+        at once (each on its own infer request; OpenVINO releases the GIL while it infers)."""
+        with self._lock:
+            requests = self._requests_for(feeds)
+        request = requests.get()  # blocks while every request of this model is busy
+        try:
+            request.infer(feeds)
             return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.output_names))]
+        except Exception as exc:
+            raise OpenVinoModelError(f"{self.path}: OpenVINO inference failed ({type(exc).__name__}: "
+                                     f"{one_line(exc)[:300]})") from exc
+        finally:
+            requests.put(request)
 
     @property
     def compiled_precision(self) -> str | None:
         """The inference precision a compiled model reports (``f32``, ``bf16``); None before the first compile."""
-        if not self._compiled:
-            return None
-        compiled = next(reversed(self._compiled.values()))[0]
+        with self._lock:  # other threads may be compiling a new shape
+            if not self._compiled:
+                return None
+            compiled = next(reversed(self._compiled.values()))[0]
         value = compiled.get_property("INFERENCE_PRECISION_HINT")
         return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
 
@@ -279,6 +306,7 @@ class OpenVinoBackend(ExportedGraphBackend):
             "precision": "bf16" if self.inference_precision == "bf16" else self.info.precision,
             "inference_precision": self.compiled_precision or self.inference_precision,
             "threads": self.threads,
+            **({"streams": self.streams} if self.streams != 1 else {}),  # absent at 1: older eval journals resume
         }
 
     def describe(self) -> dict:
