@@ -414,10 +414,10 @@ def compare(num_images: int, preset: str, weights: str, mmdet_python: str | None
             detector = build_contender(mode, checkpoint, graphs, preset, threads)
             result = run_paadet(f"paadet {mode}", detector, folder, files, tmp_path / f"{mode}.json")
             network_ms = result["stages_ms_per_image"].get("network")
-            peak = peaks.get(PRECISION_OF[split_mode(mode)[0]])
+            base_mode, streams = split_mode(mode)
+            peak = peaks.get(PRECISION_OF[base_mode])
             if network_ms and peak:
                 # with streams the network stage sums overlapping calls: take the wall rate (a lower bound) instead
-                streams = split_mode(mode)[1]
                 achieved = gflop / (network_ms / 1000.0) if streams == 1 else gflop * result["images_per_s"]
                 result["network_gflops"] = achieved
                 result["fraction_of_peak"] = achieved / peak

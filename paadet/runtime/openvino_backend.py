@@ -164,7 +164,7 @@ class OpenVinoBackend(ExportedGraphBackend):
         super().__init__(info, path, preset)
         if int(streams) < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
-        self.streams = self.concurrency = int(streams)
+        self.streams = int(streams)
         self.core = core
         self.model = model
         self.ov_device = device  # OpenVINO's device name (not a torch device: the Detector reads `.device`)
@@ -208,6 +208,11 @@ class OpenVinoBackend(ExportedGraphBackend):
         preset = check_graph_preset(path, info, preset, OpenVinoModelError)
         return cls(core, model, info, path, preset, precision=precision, threads=threads, shape_cache=shape_cache,
                    device=device, streams=streams)
+
+    @property
+    def concurrency(self) -> int:
+        """One :meth:`infer` call at a time per stream (each has its own infer request)."""
+        return self.streams
 
     # -- compilation -------------------------------------------------------------------------------------------
 
