@@ -17,7 +17,7 @@ from sklearn.mixture import GaussianMixture
 from paadet.errors import PaadetError
 from paadet.model.box_coder import DeltaXYWHBoxCoder
 from paadet.train.reassign import (candidate_table, paa_anchor_scores, paa_reassign, rank_in_runs,
-                                   sigmoid_focal_loss)
+                                   sigmoid_focal_loss, sigmoid_focal_row_sums)
 
 
 # ---------------------------------------------------------------- plain transcriptions of mmdetection 3.3
@@ -186,6 +186,9 @@ def test_anchor_score_hand_computed():
     focal = (0.0625 + 0.1875) * math.log(2)
     # second: disjoint neighbours, GIoU = 0 - (8192 - 8192) / 8192 = 0 -> 1.3 * 1
     torch.testing.assert_close(score, torch.tensor([focal, focal + 1.3]), rtol=0, atol=1e-6)
+    weighted = paa_anchor_scores(torch.zeros(2, 2), torch.tensor([1, 1]), anchors, torch.zeros(2, 4), gts,
+                                 cls_weight=2.0)
+    torch.testing.assert_close(weighted, torch.tensor([2 * focal, 2 * focal + 1.3]), rtol=0, atol=1e-6)
 
 
 def test_anchor_score_matches_get_pos_loss():
@@ -295,3 +298,16 @@ def test_no_positive_input_and_bad_shapes():
     assert one.num_candidates.tolist() == [1, 2]
     with pytest.raises(PaadetError):
         paa_reassign(torch.zeros(3), torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long), 1, 5)
+
+
+@pytest.mark.parametrize("gamma", [2.0, 1.5])
+def test_focal_row_sums_equal_mmdetection_bits(gamma):
+    gen = torch.Generator().manual_seed(11)
+    for rows, classes in [(1, 3), (37, 80), (1000, 80), (5, 1)]:
+        logits = torch.randn(rows, classes, generator=gen) * 6 - 3
+        logits[0, 0] = 40.0  # saturated: p == 1 in float32
+        labels = torch.randint(0, classes, (rows,), generator=gen)
+        expected = mmdet_focal(logits, labels, gamma=gamma).sum(-1)
+        assert torch.equal(sigmoid_focal_row_sums(logits, labels, gamma=gamma), expected)
+    empty = torch.zeros(0, 80)
+    assert sigmoid_focal_row_sums(empty, torch.zeros(0, dtype=torch.long)).shape == (0,)
