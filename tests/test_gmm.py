@@ -286,3 +286,14 @@ def test_bad_inputs_raise():
         fit_gmm_1d(torch.ones(2, 3), mask[:, :2])
     with pytest.raises(GMMError, match="G, N"):
         fit_gmm_1d(torch.ones(6), mask.flatten())
+
+
+def test_results_are_ordinary_tensors_outside_inference_mode():
+    x = torch.tensor([[0.1, 0.2, 0.3, 2.0, 2.1, 2.2]])
+    mask = torch.ones_like(x, dtype=torch.bool)
+    fit = fit_gmm_1d(x, mask)
+    assert not any(t.is_inference() for t in (fit.assign, fit.log_density, fit.means, fit.n_iter))
+    fit.means.add_(0)  # in-place use is allowed (an inference tensor would refuse it)
+    with torch.inference_mode():
+        inside = fit_gmm_1d(x, mask)
+    assert torch.equal(inside.assign, fit.assign) and torch.equal(inside.log_density, fit.log_density)

@@ -170,7 +170,10 @@ def fit_gmm_1d(x: Tensor, mask: Tensor, *, reg_covar: float = 1e-6, tol: float =
     """
     _check_inputs(x, mask, reg_covar, tol, max_iter)
     # the EM loop is ~70 small operations per iteration: inference mode trims torch's per-call cost
-    # (10-20 %); the results are cloned out of it, so the caller gets ordinary tensors
+    # (10-20 %); the results are cloned out of it, so the caller gets ordinary tensors (a caller already in
+    # inference mode, as paa_reassign is, gets them as they are)
+    if torch.is_inference_mode_enabled():
+        return _fit(x, mask, reg_covar, tol, max_iter)
     with torch.inference_mode():
         fit = _fit(x, mask, reg_covar, tol, max_iter)
     return GMMFit(**{f.name: getattr(fit, f.name).clone() for f in fields(GMMFit)})
