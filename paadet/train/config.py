@@ -82,8 +82,10 @@ class TrainConfig:
         threads: torch's intra-op CPU threads (None: torch's default; a resumed run takes the stored one).
             Bit-identical resumes on the CPU need the same thread count.
         deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)`` during the run, for
-            repeatable CUDA runs (slower). The CPU needs none of it for bit-identical resumes (its kernels
-            are deterministic for a given thread count), and it slows CPU inference down, so off by default.
+            repeatable CUDA runs (slower). The CPU needs none of it for bit-identical resumes: its kernels
+            are deterministic for a given thread count once MKL's reproducible mode is on, which importing
+            ``paadet`` does (``MKL_CBWR=AUTO,STRICT``, unless set already). The flag also slows CPU inference
+            down, so it is off by default.
         save_interval_iters: also write ``latest.pth`` every this many iterations (None: only by time).
         save_interval_s: also write ``latest.pth`` when this many seconds passed since the last write.
         loader: ``threads`` or ``processes`` (see :func:`paadet.train.data.build_train_loader`).
