@@ -9,6 +9,10 @@ and bfloat16 again (alternating, so that a change in the machine's load hits bot
 (``paadet.data.synthetic``), from the same seeded initialisation. Each run's first iteration is a warm-up and
 is left out; the figure is the median of the remaining rows' ``time`` in ``metrics.jsonl`` (loading,
 forward, loss, backward and SGD step). ``--amp fp16`` needs CUDA and is timed with ``--device cuda``.
+Every run names its memory format: the rows ``fp32`` and ``bf16`` are NCHW (``--no-channels-last``, although
+``paadet train --amp bf16`` on a CPU defaults to channels-last); ``--channels-last`` times every mode a second time
+in NHWC (``--channels-last``), in the same alternation, as the rows ``fp32+cl``, ``bf16+cl`` (and ``fp16+cl`` on
+CUDA); the JSON rows carry ``amp`` and ``channels_last`` apart. Every speed-up is against float32 NCHW.
 """
 from __future__ import annotations
 
@@ -45,33 +49,43 @@ def run_facts(device: str) -> dict:
             "torch": torch.__version__, "device": device}
 
 
-def time_run(data: tuple[Path, Path], out: Path, amp: str | None, iters: int, device: str, **settings) -> list[float]:
+def time_run(data: tuple[Path, Path], out: Path, amp: str | None, iters: int, device: str, channels_last: bool = False,
+             **settings) -> list[float]:
     config = TrainConfig(ann_file=data[0], image_dir=data[1], output_dir=out, max_iters=iters, amp=amp, device=device,
-                         progress=False, workers=1, lr=0.001, warmup_iters=0, seed=0, **settings)
+                         progress=False, workers=1, lr=0.001, warmup_iters=0, seed=0, channels_last=channels_last,
+                         **settings)
     return iteration_times(config)
+
+
+def mode_name(amp: str | None, channels_last: bool) -> str:
+    """A row's name: ``fp32``, ``bf16``, ``fp16``, with ``+cl`` for channels-last."""
+    return (amp or "fp32") + ("+cl" if channels_last else "")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=6, help="iterations per run, the first one a warm-up (default: 6)")
-    p.add_argument("--rounds", type=int, default=2, help="float32 / bf16 alternations (default: 2)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of the modes, alternating (default: 2)")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--channels-last", action="store_true", help="also time each mode with --channels-last")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    modes = [None, "bf16"] + (["fp16"] if args.device.startswith("cuda") else [])
+    amps = [None, "bf16"] + (["fp16"] if args.device.startswith("cuda") else [])
+    layouts = [False, True] if args.channels_last else [False]
+    modes = [(amp, cl) for cl in layouts for amp in amps]
     result = {**run_facts(args.device), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         data = generate_split(Path(tmp) / "data", 16, seed=0, spec=SyntheticSpec())
         for name in args.settings.split(","):
-            times: dict[str, list[float]] = {str(m or "fp32"): [] for m in modes}
+            times: dict[str, list[float]] = {mode_name(*m): [] for m in modes}
             for round_ in range(args.rounds):
-                for mode in modes:
-                    out = Path(tmp) / f"{name.split()[0]}-{mode}-{round_}"
-                    times[str(mode or "fp32")] += time_run(data, out, mode, args.iters, args.device, **SETTINGS[name])
+                for amp, cl in modes:
+                    out = Path(tmp) / f"{name.split()[0]}-{mode_name(amp, cl)}-{round_}"
+                    times[mode_name(amp, cl)] += time_run(data, out, amp, args.iters, args.device, cl, **SETTINGS[name])
             base = statistics.median(times["fp32"])
-            for mode, values in times.items():
-                row = {"setting": name, "amp": mode, "s_per_iter": statistics.median(values),
+            for (amp, cl), (mode, values) in zip(modes, times.items()):
+                row = {"setting": name, "amp": amp or "fp32", "channels_last": cl, "s_per_iter": statistics.median(values),
                        "speedup": base / statistics.median(values), "n": len(values)}
                 result["rows"].append(row)
                 print(f"{name}: {mode} {row['s_per_iter']:.3f} s/iter ({row['speedup']:.2f}x float32; {len(values)} iterations)",

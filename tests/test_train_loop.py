@@ -260,7 +260,30 @@ def test_channels_last_follows_the_nchw_run(dataset, reference, tmp_path):
     train(tiny_config(*dataset, resumed, channels_last=True, resume=True))
     assert_same_run(out, resumed)
     with pytest.raises(TrainingError, match=r"channels_last True -> False"):
-        train(tiny_config(*dataset, out, resume=True, epochs=3))
+        train(tiny_config(*dataset, out, resume=True, epochs=3, channels_last=False))
+    # without the flag a resumed run keeps its own format (here channels-last, although the run is float32)
+    train(tiny_config(*dataset, resumed, resume=True, epochs=3))
+    assert final_state(resumed)["meta"]["settings"]["channels_last"] is True
+
+
+def test_the_memory_format_is_decided_before_the_run():
+    """channels_last None (the default): NHWC for bf16 autocast on a CPU, NCHW for float32 or CUDA, a resumed
+    run's own format (NCHW for checkpoints written before the setting), and an explicit choice as given."""
+    base = dict(ann_file="a.json", image_dir="img", output_dir="out", init="scratch")
+    assert TrainConfig(**base).channels_last is None
+    assert TrainConfig(**base, amp="bf16").resolved().channels_last is True
+    assert TrainConfig(**base).resolved().channels_last is False
+    assert TrainConfig(**base, amp="bf16", device="cuda").resolved().channels_last is False
+    assert TrainConfig(**base, amp="fp16", device="cuda:1").resolved().channels_last is False
+    assert TrainConfig(**base, amp="bf16", channels_last=False).resolved().channels_last is False
+    assert TrainConfig(**base, channels_last=True).resolved().channels_last is True
+    stored_nhwc = {"channels_last": True}
+    stored_old = TrainConfig(**base, amp="bf16", channels_last=False).settings()
+    del stored_old["channels_last"]  # a checkpoint written before the setting existed
+    assert TrainConfig(**base, resume=True).resolved(stored_nhwc).channels_last is True
+    assert TrainConfig(**base, amp="bf16", resume=True).resolved(stored_old).channels_last is False
+    assert TrainConfig(**base, amp="bf16", resume=True).resolved(stored_old).resume_mismatches(stored_old) == []
+    assert TrainConfig(**base, channels_last=False, resume=True).resolved(stored_nhwc).channels_last is False
 
 
 def test_adamw_runs_resumes_bit_identically_and_is_recorded(dataset, tmp_path):

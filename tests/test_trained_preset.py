@@ -118,6 +118,8 @@ def test_train_amp_bf16_runs_records_and_refuses_fp16_on_cpu(tmp_path, capsys):
     ckpt = torch.load(out / "latest.pth", weights_only=True)
     settings = ckpt["meta"]["settings"]
     assert settings["amp"] == "bf16" and settings["frozen_stages"] == -1
+    assert settings["channels_last"] is True  # bf16 on a CPU runs channels-last unless told otherwise
+    assert "channels-last memory format: the default with --amp bf16" in capsys.readouterr().err
     assert ckpt["meta"]["preset"]["scale"] == [128, 96]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)

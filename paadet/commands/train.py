@@ -111,9 +111,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                    help="mixed precision for the network: bf16 (CPUs with AVX512-BF16 or AMX, or CUDA) or fp16 (CUDA, with a "
                         "gradient scaler); the assignment and the losses stay float32 (default: float32)")
-    o.add_argument("--channels-last", action="store_true",
+    o.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="the network in channels-last (NHWC) memory format: other convolution kernels, often faster "
-                        "(docs/benchmarks.md), equal to float32 rounding (default: NCHW)")
+                        "(docs/benchmarks.md), equal to float32 rounding (default: on with --amp bf16 on a CPU, 2.15x "
+                        "bf16 NCHW measured at 800x800 on AMX; off otherwise, NCHW as mmdetection; a resumed run keeps its own)")
     o.add_argument("--device", default="cpu",
                    help="cpu or cuda[:N] (default: cpu); under torchrun give cuda: each process takes cuda:LOCAL_RANK")
     m = p.add_argument_group("many processes (PyTorch DDP; or start this command with torchrun)")

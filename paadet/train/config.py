@@ -72,7 +72,11 @@ class TrainConfig:
             float16 with a gradient scaler, CUDA only). The loss and the assignment stay in float32.
         channels_last: the network's weights and input batches in channels-last (NHWC) memory format: the
             same arithmetic with other kernels (oneDNN's NHWC convolutions on a CPU, tensor-core layouts on
-            CUDA); values equal float32 rounding, not bit for bit. Off: PyTorch's default NCHW.
+            CUDA); values equal float32 rounding, not bit for bit. False: PyTorch's default NCHW. None (the
+            default): on for ``amp="bf16"`` on a CPU, where oneDNN's bfloat16 convolutions want NHWC (2.15x a
+            bf16 NCHW iteration at scale 1333x800, 800x800 inputs, on a Xeon with AMX, docs/benchmarks.md; the
+            inference backend makes the same choice), off otherwise (float32 NCHW keeps mmdetection's numbers);
+            a resumed run keeps its own. :meth:`resolved` turns None into True or False.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         resume: continue the run in ``output_dir`` from its ``latest.pth``.
         val_ann, val_images: a validation set (COCO format), evaluated every ``val_interval`` epochs
@@ -119,7 +123,7 @@ class TrainConfig:
     bn_train: bool = False
     frozen_stages: int = 1
     amp: str | None = None
-    channels_last: bool = False
+    channels_last: bool | None = None
     device: str = "cpu"
     resume: bool = False
     val_ann: str | os.PathLike | None = None
@@ -196,9 +200,20 @@ class TrainConfig:
             out[f.name] = value
         return out
 
+    def resolved(self, stored: dict[str, Any] | None = None) -> TrainConfig:
+        """A copy with ``channels_last`` decided: as given; else a resumed run's own (``stored``: its checkpoint's
+        settings; runs from before the setting had NCHW); else on for bf16 autocast on a CPU, off otherwise."""
+        if self.channels_last is not None:
+            return dataclasses.replace(self)
+        if stored is not None:
+            return dataclasses.replace(self, channels_last=bool(stored.get("channels_last", False)))
+        return dataclasses.replace(self, channels_last=self.amp == "bf16" and not self.device.startswith("cuda"))
+
     def resume_mismatches(self, stored: dict[str, Any]) -> list[str]:
-        """``name: stored -> now`` for each of :data:`RESUME_KEYS` that differs from a checkpoint's settings."""
-        now = self.settings()
+        """``name: stored -> now`` for each of :data:`RESUME_KEYS` that differs from a checkpoint's settings
+        (``channels_last`` None counts as the run's own, see :meth:`resolved`)."""
+        now = self.resolved(stored).settings()
         defaults = {f.name: f.default for f in dataclasses.fields(self)}  # for checkpoints older than a setting
+        defaults["channels_last"] = False  # runs from before the setting were NCHW
         return [f"{key} {stored.get(key, defaults[key])!r} -> {now[key]!r}" for key in RESUME_KEYS
                 if stored.get(key, defaults[key]) != now[key]]

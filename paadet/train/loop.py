@@ -530,6 +530,10 @@ def _train(config: TrainConfig, dist: Distributed, log: Callable[[str], None]) -
         raise TrainingError(f"{out} already holds a training run ({LATEST_NAME}); continue it with --resume "
                             f"or choose another --output-dir")
     resume_ckpt = _resume_checkpoint(config, latest) if config.resume else None
+    chosen_here = config.channels_last is None and resume_ckpt is None
+    config = config.resolved(resume_ckpt["meta"].get("settings", {}) if resume_ckpt is not None else None)
+    if chosen_here and config.channels_last:
+        log("channels-last memory format: the default with --amp bf16 on a CPU (--no-channels-last for NCHW)")
     device = dist.device
     dataset, classes, val_set = _datasets(config, log, with_validation=dist.is_main)
     state, threads, settings = TrainState(), config.threads, config.settings()
