@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                     out = Path(tmp) / f"{name.split()[0]}-{mode_name(amp, cl)}-{round_}"
                     times[mode_name(amp, cl)] += time_run(data, out, amp, args.iters, args.device, cl, **SETTINGS[name])
             base = statistics.median(times["fp32"])
-            for (amp, cl), (mode, values) in zip(modes, times.items()):
+            for amp, cl in modes:
+                mode, values = mode_name(amp, cl), times[mode_name(amp, cl)]
                 row = {"setting": name, "amp": amp or "fp32", "channels_last": cl, "s_per_iter": statistics.median(values),
                        "speedup": base / statistics.median(values), "n": len(values)}
                 result["rows"].append(row)

@@ -24,7 +24,6 @@ the whole exactly (the whole call also pays for cache misses between its parts).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import os
 import shutil
@@ -32,22 +31,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from paadet.bench import hardware_info, versions
 from paadet.fileio import atomic_write_json
 from paadet.train.focal import focal_loss_sum
 from paadet.train.gmm import fit_gmm_1d
 from paadet.train.loss import PAALoss, flatten_levels
 from paadet.train.reassign import candidate_table
 
-from bench_train import NUM_CLASSES, MMDetPAA, head_outputs, make_case, mmdet_available, seeded_net  # this folder
+from bench_train import (NUM_CLASSES, MMDetPAA, head_outputs, interleaved_seconds, limit_threads, make_case,  # this folder
+                         mmdet_available, run_header, seeded_net)
 
 KERNEL_C = r"""
 #include <math.h>
@@ -105,14 +102,7 @@ def eager_neg_sum(logits: torch.Tensor, weight: torch.Tensor) -> float:
 
 def medians(calls: dict[str, Callable[[], Any]], warmup: int, iters: int) -> dict[str, float]:
     """Median milliseconds of each call, the calls alternating round by round."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(warmup + iters):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    return {name: statistics.median(values) * 1e3 for name, values in interleaved_seconds(calls, warmup, iters).items()}
 
 
 def bench_case(net: torch.nn.Module, boxes: int, warmup: int, iters: int, kernel: Callable | None,
@@ -127,9 +117,8 @@ def bench_case(net: torch.nn.Module, boxes: int, warmup: int, iters: int, kernel
     num_gts = max(len(b) for b in case.gt_boxes)
     gt_rows = (targets.pre_pos_index // targets.pre_gt_inds.shape[1]) * num_gts \
         + targets.pre_gt_inds.reshape(-1)[targets.pre_pos_index] - 1
-    anchors_per_level = torch.tensor([c.shape[-2] * c.shape[-1] for c in cls])
-    level_of_anchor = torch.repeat_interleave(torch.arange(len(cls)), anchors_per_level)
-    levels = level_of_anchor[targets.pre_pos_index % targets.pre_gt_inds.shape[1]]
+    anchor_levels = loss_fn.anchors([tuple(c.shape[-2:]) for c in cls], logits.device)[1]
+    levels = anchor_levels[targets.pre_pos_index % targets.pre_gt_inds.shape[1]]
     table = candidate_table(targets.pre_pos_scores, gt_rows, levels, len(case.gt_boxes) * num_gts, len(cls))
     out = torch.empty_like(logits)
     magnitudes = logits.abs()  # log and log1p's input (non-negative)
@@ -187,25 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paadet-only", action="store_true", help="leave mmdetection out even where it is installed")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    loadavg_start = list(os.getloadavg())
-    torch.set_num_threads(args.threads)
+    boxes = [b.strip() for b in args.boxes.split(",")]
+    if args.threads < 1 or args.iters < 1 or args.warmup < 0 or not all(b.isdigit() and int(b) >= 1 for b in boxes):
+        parser.error("--threads and --iters must be >= 1, --warmup >= 0, --boxes positive integers such as 8,50")
     with_mmdet = mmdet_available() and not args.paadet_only
     if not with_mmdet:
         print("mmdetection is not importable here (or --paadet-only): paadet's parts alone", flush=True)
-    warnings.filterwarnings("ignore", module="sklearn")
-    try:
-        from threadpoolctl import threadpool_limits
-        limits: Any = threadpool_limits(args.threads)  # scikit-learn's NumPy/BLAS work gets as many threads
-    except ImportError:
-        limits = contextlib.nullcontext()
-    net = seeded_net()
-    with tempfile.TemporaryDirectory() as tmp, limits:
-        kernel, kernel_info = build_kernel(Path(tmp))
-        cases = [bench_case(net, int(b), args.warmup, args.iters, kernel, with_mmdet) for b in args.boxes.split(",")]
-    result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else argv,
-              "loadavg_start": loadavg_start, "loadavg_end": list(os.getloadavg()), "hardware": hardware_info("cpu"), "versions": versions(),
-              "threads": args.threads, "kernel": kernel_info,
-              "cases": cases}
+    result = run_header(argv, with_mmdet)
+    with tempfile.TemporaryDirectory() as tmp, limit_threads(args.threads):
+        net = seeded_net()
+        kernel, result["kernel"] = build_kernel(Path(tmp))
+        result["cases"] = [bench_case(net, int(b), args.warmup, args.iters, kernel, with_mmdet) for b in boxes]
+    result.update(threads=args.threads, loadavg_end=list(os.getloadavg()))
     print_report(result)
     if args.json:
         atomic_write_json(args.json, result, indent=1)

@@ -508,6 +508,32 @@ def print_report(result: dict[str, Any]) -> None:
                     print(f"  {op:40s} {ms:9.1f} ms  {calls:6d} calls")
 
 
+def limit_threads(threads: int) -> contextlib.AbstractContextManager:
+    """Set torch's CPU threads; the returned context limits NumPy's and BLAS's threads (scikit-learn's work, on
+    mmdetection's side) to as many, where threadpoolctl is installed."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", module="sklearn")
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(threads)
+
+
+def run_header(argv: list[str] | None, with_mmdet: bool) -> dict[str, Any]:
+    """What a training benchmark's JSON starts with: the command, the load average now, the hardware and the
+    versions (mmdetection's and scikit-learn's too when they are timed)."""
+    result: dict[str, Any] = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else argv,
+        "loadavg_start": list(os.getloadavg()), "hardware": hardware_info("cpu"), "versions": versions(),
+    }
+    if with_mmdet:
+        import mmdet
+        import sklearn
+        result["versions"].update(mmdet=mmdet.__version__, sklearn=sklearn.__version__)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("loss", "train", "both"), default="both")
@@ -531,22 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmdetection 3.3 (with mmengine and scikit-learn) is not importable by {sys.executable}: run this under "
               f"/tmp/mmref/bin/python, or pass --paadet-only to time paadet alone", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", module="sklearn")
-    try:
-        from threadpoolctl import threadpool_limits
-        limits: Any = threadpool_limits(args.threads)  # scikit-learn's NumPy/BLAS work gets as many threads
-    except ImportError:
-        limits = contextlib.nullcontext()
-    result: dict[str, Any] = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else argv,
-        "loadavg_start": list(os.getloadavg()), "hardware": hardware_info("cpu"), "versions": versions(),
-    }
-    if with_mmdet:
-        import mmdet
-        import sklearn
-        result["versions"].update(mmdet=mmdet.__version__, sklearn=sklearn.__version__)
-    with limits:
+    result = run_header(argv, with_mmdet)
+    with limit_threads(args.threads):
         if args.part in ("loss", "both"):
             result["loss"] = bench_loss(args.threads, args.warmup, args.iters, with_mmdet)
         if args.part in ("train", "both"):
