@@ -18,18 +18,19 @@ JPEG files -> COCO results JSON on disk, two decoding threads ahead of the netwo
 * ``mmdet``: ``mmdet.apis.inference_detector(model, path)`` per file (mmcv decoding, mmdet's test pipeline,
   the model, its post-processing) in the mmdetection environment (``--mmdet-python``), as a subprocess.
 
-Weights: ``paadet.testing.seeded_state_dict`` (``--weights dense``: thousands of candidates per image, so NMS
+Weights: ``paadet.model.seeded.seeded_state_dict`` (``--weights dense``: thousands of candidates per image, so NMS
 and score voting work hard; ``sparse``: a few dozen), saved once as an mmdetection checkpoint. Detections of
 every contender are matched against mmdetection's (same label, IoU >= 0.99, |score difference| <= 1e-4).
 
-**Peak.** Measured, not taken from a data sheet (this VM reports no clock): the best GFLOP/s of a large
-kernel in each precision on all cores (fp32 and bf16: ``torch.mm`` on 2048- and 4096-square matrices and a
-3x3 convolution, oneDNN; int8: ONNX Runtime's ``MatMulInteger``, uint8 x int8 -> int32, MLAS's VNNI kernel,
-2048 and 4096), counting 2 operations per multiply-add. The network's operations are counted by ``torch.utils.flop_counter`` on the padded input of
-each image; the fraction of peak is (operations / the ``network`` stage's time) / the precision's peak.
-For the exported graphs the ``network`` stage is the whole graph call (in-graph normalisation, decoding, NMS
-and score voting included), so their fraction is a lower bound.
+**Peak.** Measured, not taken from a data sheet (this VM reports no clock): the best GFLOP/s of a large kernel in
+each precision on all cores (fp32 and bf16: ``torch.mm`` on 2048- and 4096-square matrices and a 3x3 convolution,
+oneDNN; int8: ONNX Runtime's ``MatMulInteger``, uint8 x int8 -> int32, MLAS's VNNI kernel, 2048 and 4096), counting
+2 operations per multiply-add. The network's operations are counted by ``torch.utils.flop_counter`` on the padded
+input of each image; the fraction of peak is (operations / the ``network`` stage's time) / the precision's peak.
+For the exported graphs the ``network`` stage is the whole graph call (in-graph normalisation, decoding, NMS and
+score voting included), so their fraction is a lower bound.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from paadet.testing import SEEDED_WEIGHTS
+from paadet.model.seeded import SEEDED_WEIGHTS
 
 MMDET_PRESETS = {"mmdet": ((1333, 800), 32), "800": ((800, 800), 800)}  # preset -> (Resize scale, pad divisor)
 WEIGHTS = SEEDED_WEIGHTS
@@ -58,7 +59,7 @@ def load_average() -> list[float] | None:
 
 def run_paadet(name: str, detector, folder: Path, files: list[Path], out_json: Path) -> dict[str, Any]:
     """Time ``paadet predict``'s path over ``folder`` after one warm-up image."""
-    from paadet.commands.predict import predict_files
+    from paadet.predict import predict_files
 
     warm = time.perf_counter()
     detector.predict([str(files[0])])
@@ -69,10 +70,16 @@ def run_paadet(name: str, detector, folder: Path, files: list[Path], out_json: P
     if skipped:
         raise RuntimeError(f"{name}: {skipped} files skipped")
     return {
-        "name": name, "images": done, "seconds": seconds, "cpu_seconds": cpu_seconds, "images_per_s": done / seconds,
-        "ms_per_image": 1000.0 * seconds / done, "stages_ms_per_image": timer.ms_per_image(done),
+        "name": name,
+        "images": done,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "images_per_s": done / seconds,
+        "ms_per_image": 1000.0 * seconds / done,
+        "stages_ms_per_image": timer.ms_per_image(done),
         "stages_note": "decode and preprocess run in 2 threads ahead of the network, so stages overlap",
-        "backend": detector.backend.describe(), "warmup_seconds_untimed": warmup_seconds,
+        "backend": detector.backend.describe(),
+        "warmup_seconds_untimed": warmup_seconds,
     }
 
 
@@ -80,12 +87,14 @@ def paadet_detections(results_json: Path, folder: Path) -> dict[str, tuple]:
     """COCO results JSON -> ``{file name: (boxes xyxy, scores, labels)}``."""
     import numpy as np
 
-    from paadet.coco import LABEL_OF_CATEGORY
+    from paadet.classes import LABEL_OF_CATEGORY
 
     per_file: dict[str, list] = {p.name: [] for p in folder.iterdir()}
     for entry in json.loads(results_json.read_text()):
         x, y, w, h = entry["bbox"]
-        per_file[entry["file_name"]].append((x, y, x + w, y + h, entry["score"], LABEL_OF_CATEGORY[entry["category_id"]]))
+        per_file[entry["file_name"]].append(
+            (x, y, x + w, y + h, entry["score"], LABEL_OF_CATEGORY[entry["category_id"]])
+        )
     out = {}
     for name, rows in per_file.items():
         arr = np.asarray(rows, np.float64).reshape(-1, 6)
@@ -101,24 +110,43 @@ def parity(reference: dict[str, dict], ours: dict[str, tuple]) -> dict[str, Any]
     for name, ref in reference.items():
         boxes, scores, labels = ours[name]
         total += match_detections(ref["boxes"], ref["scores"], ref["labels"], boxes, scores, labels)
-    return {"reference": total.reference, "matched": total.matched, "extra": total.extra,
-            "matched_fraction": total.matched_fraction}
+    return {
+        "reference": total.reference,
+        "matched": total.matched,
+        "extra": total.extra,
+        "matched_fraction": total.matched_fraction,
+    }
 
 
-def mmdet_command(python: str, folder: Path, checkpoint: Path, preset: str, out: Path,
-                  threads: int | None = None, whole: bool = False) -> list[str]:
+def mmdet_command(
+    python: str, folder: Path, checkpoint: Path, preset: str, out: Path, threads: int | None = None, whole: bool = False
+) -> list[str]:
     """This script's ``--mmdet-worker`` command line under ``python``."""
-    cmd = [python, os.path.abspath(__file__), "--mmdet-worker", "--images-dir", str(folder),
-           "--checkpoint", str(checkpoint), "--preset", preset, "--worker-out", str(out)]
+    cmd = [
+        python,
+        os.path.abspath(__file__),
+        "--mmdet-worker",
+        "--images-dir",
+        str(folder),
+        "--checkpoint",
+        str(checkpoint),
+        "--preset",
+        preset,
+        "--worker-out",
+        str(out),
+    ]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     return cmd + (["--whole"] if whole else [])
 
 
-def run_mmdet_subprocess(python: str, folder: Path, checkpoint: Path, preset: str, out: Path,
-                         threads: int | None = None) -> dict[str, Any]:
+def run_mmdet_subprocess(
+    python: str, folder: Path, checkpoint: Path, preset: str, out: Path, threads: int | None = None
+) -> dict[str, Any]:
     """Run this script's ``--mmdet-worker`` mode under ``python`` and read its JSON."""
-    proc = subprocess.run(mmdet_command(python, folder, checkpoint, preset, out, threads), capture_output=True, text=True)
+    proc = subprocess.run(
+        mmdet_command(python, folder, checkpoint, preset, out, threads), capture_output=True, text=True
+    )
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
         raise RuntimeError(f"mmdetection worker failed ({python}): {tail}")
@@ -154,6 +182,7 @@ def mmdet_worker(folder: Path, checkpoint: Path, preset: str, out: Path, whole: 
                 return fn(*args, **kwargs)
             finally:
                 parts[name] += time.perf_counter() - start
+
         return wrapper
 
     model.extract_feat = timed("backbone_neck", model.extract_feat)
@@ -170,28 +199,51 @@ def mmdet_worker(folder: Path, checkpoint: Path, preset: str, out: Path, whole: 
         start, cpu_start = time.perf_counter(), time.process_time()
         for path in files:
             pred = inference_detector(model, str(path)).pred_instances
-            detections[path.name] = {"boxes": pred.bboxes.tolist(), "scores": pred.scores.tolist(),
-                                     "labels": pred.labels.tolist()}
+            detections[path.name] = {
+                "boxes": pred.bboxes.tolist(),
+                "scores": pred.scores.tolist(),
+                "labels": pred.labels.tolist(),
+            }
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     n = len(files)
     stages = {k: 1000.0 * v / n for k, v in parts.items()}
     stages["pipeline_and_rest"] = 1000.0 * seconds / n - sum(stages.values())
-    out.write_text(json.dumps({
-        "name": "mmdetection inference_detector", "images": n, "seconds": seconds, "cpu_seconds": cpu_seconds,
-        "images_per_s": n / seconds,
-        "ms_per_image": 1000.0 * seconds / n, "stages_ms_per_image": stages,
-        "stages_note": "pipeline_and_rest = decoding, resizing, normalising (mmdet's data pipeline) and glue",
-        "versions": {"mmdet": mmdet.__version__, "mmcv": mmcv.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
-        "torch_threads": torch.get_num_threads(), "detections": detections,
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "name": "mmdetection inference_detector",
+                "images": n,
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "images_per_s": n / seconds,
+                "ms_per_image": 1000.0 * seconds / n,
+                "stages_ms_per_image": stages,
+                "stages_note": "pipeline_and_rest = decoding, resizing, normalising (mmdet's data pipeline) and glue",
+                "versions": {
+                    "mmdet": mmdet.__version__,
+                    "mmcv": mmcv.__version__,
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                },
+                "torch_threads": torch.get_num_threads(),
+                "detections": detections,
+            }
+        )
+    )
 
 
 MODES = ("torch-fp32", "torch-bf16", "ort-fp32", "ov-f32", "ov-bf16", "ov-int8", "ort-int8")
 STREAM_MODES = ("ov-f32-s2", "ov-bf16-s2", "ov-int8-s2")
 """OpenVINO with 2 streams (``--streams 2``: two images in flight, each on one of the threads); asked by name."""
-PRECISION_OF = {"torch-fp32": "fp32", "torch-bf16": "bf16", "ort-fp32": "fp32", "ov-f32": "fp32", "ov-bf16": "bf16",
-                "ov-int8": "int8", "ort-int8": "int8"}
+PRECISION_OF = {
+    "torch-fp32": "fp32",
+    "torch-bf16": "bf16",
+    "ort-fp32": "fp32",
+    "ov-f32": "fp32",
+    "ov-bf16": "bf16",
+    "ov-int8": "int8",
+    "ort-int8": "int8",
+}
 
 
 def split_mode(mode: str) -> tuple[str, int]:
@@ -210,18 +262,24 @@ def measure_peaks(repeats: int = 5) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    out: dict[str, Any] = {"how": "best kernel of: mm 2048^3, mm 4096^3, conv3x3 256->256 on 200x200 (torch, fp32/bf16); "
-                                  "MatMulInteger 2048^3 and 4096^3 (onnxruntime, int8); 2 ops per multiply-add, all cores",
-                           "kernels": {}}
+    out: dict[str, Any] = {
+        "how": "best kernel of: mm 2048^3, mm 4096^3, conv3x3 256->256 on 200x200 (torch, fp32/bf16); "
+        "MatMulInteger 2048^3 and 4096^3 (onnxruntime, int8); 2 ops per multiply-add, all cores",
+        "kernels": {},
+    }
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for size in (2048, 4096):
             a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
             torch.mm(a, b)
-            out["kernels"][f"{name} mm {size}"] = 2.0 * size ** 3 / min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats)) / 1e9
+            out["kernels"][f"{name} mm {size}"] = (
+                2.0 * size**3 / min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats)) / 1e9
+            )
         x, w = torch.randn(1, 256, 200, 200).to(dtype), torch.randn(256, 256, 3, 3).to(dtype)
-        conv = lambda: torch.nn.functional.conv2d(x, w, padding=1)  # noqa: E731
+        conv = lambda x=x, w=w: torch.nn.functional.conv2d(x, w, padding=1)  # noqa: E731
         conv()
-        out["kernels"][f"{name} conv3x3"] = 2.0 * 256 * 256 * 9 * 200 * 200 / min(_timed(conv) for _ in range(repeats)) / 1e9
+        out["kernels"][f"{name} conv3x3"] = (
+            2.0 * 256 * 256 * 9 * 200 * 200 / min(_timed(conv) for _ in range(repeats)) / 1e9
+        )
         out[name] = max(v for k, v in out["kernels"].items() if k.startswith(name))
     try:
         import onnxruntime as ort
@@ -229,18 +287,24 @@ def measure_peaks(repeats: int = 5) -> dict[str, Any]:
 
         for size in (2048, 4096):
             graph = helper.make_graph(
-                [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "int8_gemm",
-                [helper.make_tensor_value_info("a", TensorProto.UINT8, [size, size]),
-                 helper.make_tensor_value_info("b", TensorProto.INT8, [size, size])],
-                [helper.make_tensor_value_info("c", TensorProto.INT32, [size, size])])
+                [helper.make_node("MatMulInteger", ["a", "b"], ["c"])],
+                "int8_gemm",
+                [
+                    helper.make_tensor_value_info("a", TensorProto.UINT8, [size, size]),
+                    helper.make_tensor_value_info("b", TensorProto.INT8, [size, size]),
+                ],
+                [helper.make_tensor_value_info("c", TensorProto.INT32, [size, size])],
+            )
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
             session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
             rng = np.random.default_rng(0)
-            feeds = {"a": rng.integers(0, 255, (size, size), dtype=np.uint8),
-                     "b": rng.integers(-127, 127, (size, size), dtype=np.int8)}
+            feeds = {
+                "a": rng.integers(0, 255, (size, size), dtype=np.uint8),
+                "b": rng.integers(-127, 127, (size, size), dtype=np.int8),
+            }
             session.run(None, feeds)
-            best = min(_timed(lambda: session.run(None, feeds)) for _ in range(repeats))
-            out["kernels"][f"int8 MatMulInteger {size}"] = 2.0 * size ** 3 / best / 1e9
+            best = min(_timed(lambda session=session, feeds=feeds: session.run(None, feeds)) for _ in range(repeats))
+            out["kernels"][f"int8 MatMulInteger {size}"] = 2.0 * size**3 / best / 1e9
         out["int8"] = max(v for k, v in out["kernels"].items() if k.startswith("int8"))
     except ImportError:
         out["int8"] = None
@@ -289,8 +353,9 @@ def build_contender(mode: str, checkpoint: Path, graphs: dict[str, Path], preset
         from paadet.runtime.openvino_backend import OpenVinoBackend
 
         precision = "bf16" if mode == "ov-bf16" else "f32"
-        return Detector(OpenVinoBackend.from_file(graph, preset=preset, precision=precision, threads=threads,
-                                                  streams=streams))
+        return Detector(
+            OpenVinoBackend.from_file(graph, preset=preset, precision=precision, threads=threads, streams=streams)
+        )
     import onnxruntime as ort
 
     from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -326,21 +391,33 @@ def make_graphs(checkpoint: Path, folder: Path, preset: str, modes: list[str], t
     return out
 
 
-WHOLE_MODES = ("ort-fp32", "ov-f32", "ov-bf16", "ov-int8") + STREAM_MODES
+WHOLE_MODES = ("ort-fp32", "ov-f32", "ov-bf16", "ov-int8", *STREAM_MODES)
 
 
-def predict_command(mode: str, folder: Path, checkpoint: Path, graphs: dict[str, Any], preset: str, out: Path) -> list[str]:
+def predict_command(
+    mode: str, folder: Path, checkpoint: Path, graphs: dict[str, Any], preset: str, out: Path
+) -> list[str]:
     """The ``paadet predict`` command line a user would type for ``mode``."""
     cmd = [sys.executable, "-m", "paadet", "predict", str(folder), "--output", str(out), "--no-progress"]
     mode, streams = split_mode(mode)
     if streams != 1:
         cmd += ["--streams", str(streams)]
     if mode.startswith("torch-"):
-        return cmd + ["--checkpoint", str(checkpoint), "--preset", preset] + (["--bf16"] if mode == "torch-bf16" else [])
+        return (
+            cmd + ["--checkpoint", str(checkpoint), "--preset", preset] + (["--bf16"] if mode == "torch-bf16" else [])
+        )
     graph = graphs["int8" if mode.endswith("int8") else "fp32"]
     if mode.startswith("ov-"):
-        return cmd + ["--backend", "openvino", "--model", str(graph), "--precision", "bf16" if mode == "ov-bf16" else "f32"]
-    return cmd + ["--backend", "onnxruntime", "--model", str(graph)]
+        return [
+            *cmd,
+            "--backend",
+            "openvino",
+            "--model",
+            str(graph),
+            "--precision",
+            "bf16" if mode == "ov-bf16" else "f32",
+        ]
+    return [*cmd, "--backend", "onnxruntime", "--model", str(graph)]
 
 
 def _timed_run(cmd: list[str], env: dict[str, str] | None, what: str) -> float:
@@ -353,8 +430,17 @@ def _timed_run(cmd: list[str], env: dict[str, str] | None, what: str) -> float:
     return seconds
 
 
-def whole_commands(folder: Path, checkpoint: Path, graphs: dict[str, Any], preset: str, modes: list[str],
-                   mmdet_python: str | None, threads: int | None, tmp: Path, repeats: int = 1) -> dict[str, Any]:
+def whole_commands(
+    folder: Path,
+    checkpoint: Path,
+    graphs: dict[str, Any],
+    preset: str,
+    modes: list[str],
+    mmdet_python: str | None,
+    threads: int | None,
+    tmp: Path,
+    repeats: int = 1,
+) -> dict[str, Any]:
     """Wall seconds of each whole command (process start, imports, model load or compilation, every image):
     ``repeats`` rounds, every command once per round in turn, the order rotated by one each round; the median
     of each kept."""
@@ -375,42 +461,58 @@ def whole_commands(folder: Path, checkpoint: Path, graphs: dict[str, Any], prese
         for name in names[shift:] + names[:shift]:
             cmd, cmd_env, _text = commands[name]
             times[name].append(_timed_run(cmd, cmd_env, name))
-    out: dict[str, Any] = {name: {"seconds": statistics.median(times[name]), "all_seconds": times[name],
-                                  "command": text} for name, (_cmd, _env, text) in commands.items()}
+    out: dict[str, Any] = {
+        name: {"seconds": statistics.median(times[name]), "all_seconds": times[name], "command": text}
+        for name, (_cmd, _env, text) in commands.items()
+    }
     if "mmdet" in out:
         for mode, entry in out.items():
             entry["speedup_vs_mmdet"] = out["mmdet"]["seconds"] / entry["seconds"]
-            entry["speedups_vs_mmdet_per_round"] = [m / t for m, t in zip(times["mmdet"], times[mode])]
+            entry["speedups_vs_mmdet_per_round"] = [m / t for m, t in zip(times["mmdet"], times[mode], strict=False)]
     return out
 
 
-def compare(num_images: int, preset: str, weights: str, mmdet_python: str | None, modes: list[str],
-            threads: int | None, peaks: dict[str, Any], whole_repeats: int = 1,
-            whole_only: bool = False) -> dict[str, Any]:
+def compare(
+    num_images: int,
+    preset: str,
+    weights: str,
+    mmdet_python: str | None,
+    modes: list[str],
+    threads: int | None,
+    peaks: dict[str, Any],
+    whole_repeats: int = 1,
+    whole_only: bool = False,
+) -> dict[str, Any]:
     """Run every contender of one preset on the same files and weights; return that preset's report
     (``whole_only``: the whole commands alone, ``whole_repeats`` rounds of them)."""
     import torch
 
-    from paadet.bench import write_generated_images
-    from paadet.testing import seeded_state_dict
+    from paadet.bench.run import write_generated_images
+    from paadet.model.seeded import seeded_state_dict
 
     seed, cls_bias = WEIGHTS[weights]
-    report: dict[str, Any] = {"preset": preset, "num_images": num_images, "load_average_before": load_average(),
-                              "contenders": {}}
+    report: dict[str, Any] = {
+        "preset": preset,
+        "num_images": num_images,
+        "load_average_before": load_average(),
+        "contenders": {},
+    }
     with tempfile.TemporaryDirectory(prefix="paadet-cpu-backends-") as tmp:
         tmp_path = Path(tmp)
         folder = tmp_path / "images"
         files = write_generated_images(folder, num_images)
         checkpoint = tmp_path / f"seeded{seed}.pth"
-        torch.save({"meta": {"seed": seed, "cls_bias": cls_bias},
-                    "state_dict": seeded_state_dict(seed, cls_bias=cls_bias)}, checkpoint)
+        torch.save(
+            {"meta": {"seed": seed, "cls_bias": cls_bias}, "state_dict": seeded_state_dict(seed, cls_bias=cls_bias)},
+            checkpoint,
+        )
         report["images"] = sorted({f"{w}x{h}" for h, w in (_size(p) for p in files)})
         gflop = None if whole_only else network_gflop(files, preset)
         report["network_gflop_per_image"] = gflop
         graphs = make_graphs(checkpoint, folder, preset, modes, tmp_path)
         report["untimed"] = {k: v for k, v in graphs.items() if k.endswith("_seconds")}
         contenders, ours = report["contenders"], {}
-        for mode in ([] if whole_only else modes):
+        for mode in [] if whole_only else modes:
             detector = build_contender(mode, checkpoint, graphs, preset, threads)
             result = run_paadet(f"paadet {mode}", detector, folder, files, tmp_path / f"{mode}.json")
             network_ms = result["stages_ms_per_image"].get("network")
@@ -427,13 +529,18 @@ def compare(num_images: int, preset: str, weights: str, mmdet_python: str | None
         if mmdet_python is not None and not whole_only:
             mm = run_mmdet_subprocess(mmdet_python, folder, checkpoint, preset, tmp_path / "mmdet.json", threads)
             reference = mm.pop("detections")
-            mm["network_gflops"] = gflop / (mm["stages_ms_per_image"]["backbone_neck"] + mm["stages_ms_per_image"]["head_forward"]) * 1000.0
+            mm["network_gflops"] = (
+                gflop
+                / (mm["stages_ms_per_image"]["backbone_neck"] + mm["stages_ms_per_image"]["head_forward"])
+                * 1000.0
+            )
             mm["fraction_of_peak"] = mm["network_gflops"] / peaks["fp32"]
             contenders["mmdet"] = mm
             for mode, dets in ours.items():
                 contenders[mode]["parity_vs_mmdet"] = parity(reference, dets)
-        report["whole_command"] = whole_commands(folder, checkpoint, graphs, preset, modes, mmdet_python, threads,
-                                                 tmp_path, repeats=whole_repeats)
+        report["whole_command"] = whole_commands(
+            folder, checkpoint, graphs, preset, modes, mmdet_python, threads, tmp_path, repeats=whole_repeats
+        )
     ratios: dict[str, float] = {}
     if "ort-fp32" in contenders:
         base = contenders["ort-fp32"]["images_per_s"]
@@ -451,16 +558,29 @@ def main() -> int:
     parser.add_argument("--num-images", type=int, default=6, help="generated JPEGs to time per preset (default 6)")
     parser.add_argument("--presets", default="mmdet,800", help="comma-separated presets (default: mmdet,800)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated (default: {','.join(MODES)})")
-    parser.add_argument("--weights", choices=tuple(WEIGHTS), default="dense",
-                        help="seeded random weights: dense (thousands of candidates per image, default) or sparse")
+    parser.add_argument(
+        "--weights",
+        choices=tuple(WEIGHTS),
+        default="dense",
+        help="seeded random weights: dense (thousands of candidates per image, default) or sparse",
+    )
     parser.add_argument("--mmdet-python", default="/tmp/mmref/bin/python", help="python of the mmdetection environment")
     parser.add_argument("--no-mmdet", action="store_true", help="skip the mmdetection baseline")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for every contender (default: each library's own, all cores)")
-    parser.add_argument("--whole-repeats", type=int, default=1,
-                        help="rounds of the whole commands, taken in turn; the median is reported (default 1)")
-    parser.add_argument("--whole-only", action="store_true",
-                        help="time only the whole commands (no in-process contenders, no peaks)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for every contender (default: each library's own, all cores)",
+    )
+    parser.add_argument(
+        "--whole-repeats",
+        type=int,
+        default=1,
+        help="rounds of the whole commands, taken in turn; the median is reported (default 1)",
+    )
+    parser.add_argument(
+        "--whole-only", action="store_true", help="time only the whole commands (no in-process contenders, no peaks)"
+    )
     parser.add_argument("--json", default=None, help="write the full report here")
     parser.add_argument("--mmdet-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", choices=tuple(MMDET_PRESETS), default="mmdet", help=argparse.SUPPRESS)
@@ -488,15 +608,30 @@ def main() -> int:
     mmdet_python = None if args.no_mmdet else args.mmdet_python
     if mmdet_python is not None and not Path(mmdet_python).is_file():
         parser.error(f"--mmdet-python {mmdet_python}: not found (see ../shared/wheels/README.md), or give --no-mmdet")
-    from paadet.bench import hardware_info, versions
+    from paadet.bench.run import hardware_info, versions
 
     peaks = {} if args.whole_only else measure_peaks()
-    report = {"weights": f"{args.weights}: seeded_state_dict{WEIGHTS[args.weights]}",
-              "threads": args.threads if args.threads is not None else "library defaults",
-              "hardware": hardware_info("cpu"), "versions": versions(), "peak_gflops": peaks,
-              "presets": {name: compare(args.num_images, name, args.weights, mmdet_python, modes, args.threads, peaks,
-                                       args.whole_repeats, args.whole_only)
-                          for name in presets}}
+    report = {
+        "weights": f"{args.weights}: seeded_state_dict{WEIGHTS[args.weights]}",
+        "threads": args.threads if args.threads is not None else "library defaults",
+        "hardware": hardware_info("cpu"),
+        "versions": versions(),
+        "peak_gflops": peaks,
+        "presets": {
+            name: compare(
+                args.num_images,
+                name,
+                args.weights,
+                mmdet_python,
+                modes,
+                args.threads,
+                peaks,
+                args.whole_repeats,
+                args.whole_only,
+            )
+            for name in presets
+        },
+    }
     print_report(report)
     if args.json:
         from paadet.fileio import atomic_write_json
@@ -517,13 +652,19 @@ def print_report(report: dict[str, Any]) -> None:
     hw, peaks = report["hardware"], report["peak_gflops"]
     print(f"CPU: {hw['cpu']}, {hw['cpu_cores_usable']} cores, threads {report['threads']}; weights {report['weights']}")
     if peaks:
-        print("measured peak GFLOP/s (best kernel): " + ", ".join(f"{k} {peaks[k]:.0f}" for k in ("fp32", "bf16", "int8") if peaks.get(k))
-              + "; kernels: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks["kernels"].items()))
+        print(
+            "measured peak GFLOP/s (best kernel): "
+            + ", ".join(f"{k} {peaks[k]:.0f}" for k in ("fp32", "bf16", "int8") if peaks.get(k))
+            + "; kernels: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in peaks["kernels"].items())
+        )
     for preset, rep in report["presets"].items():
         gflop = rep["network_gflop_per_image"]
-        print(f"\npreset {preset}: {rep['num_images']} generated JPEGs {', '.join(rep['images'])}; "
-              + (f"network {gflop:.0f} GFLOP/image; " if gflop else "")
-              + f"load average before {rep['load_average_before']}, after {rep['load_average_after']}")
+        print(
+            f"\npreset {preset}: {rep['num_images']} generated JPEGs {', '.join(rep['images'])}; "
+            + (f"network {gflop:.0f} GFLOP/image; " if gflop else "")
+            + f"load average before {rep['load_average_before']}, after {rep['load_average_after']}"
+        )
         if rep["contenders"]:
             print(f"{'':26s} {'img/s':>7s} {'ms/img':>7s} {'x ort':>6s} {'x mmdet':>7s} {'peak':>5s}  stages ms/image")
         ort = rep["contenders"].get("ort-fp32", {}).get("images_per_s")
@@ -533,16 +674,24 @@ def print_report(report: dict[str, Any]) -> None:
             par = c.get("parity_vs_mmdet")
             match = f"  [vs mmdet: matched {par['matched']}/{par['reference']}, {par['extra']} extra]" if par else ""
             fraction = f"{100 * c['fraction_of_peak']:4.0f}%" if c.get("fraction_of_peak") else "    -"
-            print(f"{mode:26s} {c['images_per_s']:7.3f} {c['ms_per_image']:7.0f} "
-                  f"{c['images_per_s'] / ort if ort else float('nan'):6.2f} {c['images_per_s'] / mm if mm else float('nan'):7.2f} "
-                  f"{fraction}  {stages}{match}")
+            print(
+                f"{mode:26s} {c['images_per_s']:7.3f} {c['ms_per_image']:7.0f} "
+                f"{c['images_per_s'] / ort if ort else float('nan'):6.2f} "
+                f"{c['images_per_s'] / mm if mm else float('nan'):7.2f} "
+                f"{fraction}  {stages}{match}"
+            )
         whole = rep.get("whole_command") or {}
         if whole:
             rounds = len(next(iter(whole.values()))["all_seconds"])
-            print(f"whole command, {rep['num_images']} images (start, imports, model load/compile, every image), "
-                  f"median of {rounds} round(s): "
-                  + ", ".join(f"{m} {w['seconds']:.1f} s" + (f" ({w['speedup_vs_mmdet']:.2f}x mmdet)" if "speedup_vs_mmdet" in w else "")
-                              for m, w in whole.items()))
+            print(
+                f"whole command, {rep['num_images']} images (start, imports, model load/compile, every image), "
+                f"median of {rounds} round(s): "
+                + ", ".join(
+                    f"{m} {w['seconds']:.1f} s"
+                    + (f" ({w['speedup_vs_mmdet']:.2f}x mmdet)" if "speedup_vs_mmdet" in w else "")
+                    for m, w in whole.items()
+                )
+            )
             if rounds > 1:
                 for m, w in whole.items():
                     per_round = ", ".join(f"{t:.1f}" for t in w["all_seconds"])

@@ -21,6 +21,7 @@ Issue 12 (a) asks for :class:`~paadet.train.loss.PAALoss` to be 10x faster than 
 Medians of ``--iters`` rounds after ``--warmup``; every row is a separate call, so the parts do not add up to
 the whole exactly (the whole call also pays for cache misses between its parts).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,20 +32,29 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_train import (
+    NUM_CLASSES,
+    MMDetPAA,
+    head_outputs,
+    interleaved_seconds,
+    limit_threads,
+    make_case,  # this folder
+    mmdet_available,
+    run_header,
+    seeded_net,
+)
 
 from paadet.fileio import atomic_write_json
 from paadet.train.focal import focal_loss_sum
 from paadet.train.gmm import fit_gmm_1d
 from paadet.train.loss import PAALoss, flatten_levels
 from paadet.train.reassign import candidate_table
-
-from bench_train import (NUM_CLASSES, MMDetPAA, head_outputs, interleaved_seconds, limit_threads, make_case,  # this folder
-                         mmdet_available, run_header, seeded_net)
 
 KERNEL_C = r"""
 #include <math.h>
@@ -78,8 +88,23 @@ def build_kernel(workdir: Path) -> tuple[Callable[[torch.Tensor, torch.Tensor], 
     src, obj, lib = workdir / "focal.c", workdir / "focal.o", workdir / "focal.so"
     src.write_text(KERNEL_C)
     try:
-        subprocess.run([cc, "-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp-simd",
-                        "-fPIC", "-c", str(src), "-o", str(obj)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                cc,
+                "-O3",
+                "-march=native",
+                "-mprefer-vector-width=512",
+                "-ffast-math",
+                "-fopenmp-simd",
+                "-fPIC",
+                "-c",
+                str(src),
+                "-o",
+                str(obj),
+            ],
+            check=True,
+            capture_output=True,
+        )
         subprocess.run([cc, "-shared", str(obj), "-o", str(lib), "-lmvec", "-lm"], check=True, capture_output=True)
     except subprocess.CalledProcessError as error:
         lines = error.stderr.decode(errors="replace").strip().splitlines()
@@ -105,8 +130,9 @@ def medians(calls: dict[str, Callable[[], Any]], warmup: int, iters: int) -> dic
     return {name: statistics.median(values) * 1e3 for name, values in interleaved_seconds(calls, warmup, iters).items()}
 
 
-def bench_case(net: torch.nn.Module, boxes: int, warmup: int, iters: int, kernel: Callable | None,
-               with_mmdet: bool) -> dict[str, Any]:
+def bench_case(
+    net: torch.nn.Module, boxes: int, warmup: int, iters: int, kernel: Callable | None, with_mmdet: bool
+) -> dict[str, Any]:
     case = make_case(boxes)
     cls, box, iou = head_outputs(net, case)
     loss_fn = PAALoss()
@@ -115,8 +141,11 @@ def bench_case(net: torch.nn.Module, boxes: int, warmup: int, iters: int, kernel
     logits = flatten_levels([c.detach() for c in cls]).reshape(-1, NUM_CLASSES).contiguous()
     weight = targets.label_weights.contiguous()
     num_gts = max(len(b) for b in case.gt_boxes)
-    gt_rows = (targets.pre_pos_index // targets.pre_gt_inds.shape[1]) * num_gts \
-        + targets.pre_gt_inds.reshape(-1)[targets.pre_pos_index] - 1
+    gt_rows = (
+        (targets.pre_pos_index // targets.pre_gt_inds.shape[1]) * num_gts
+        + targets.pre_gt_inds.reshape(-1)[targets.pre_pos_index]
+        - 1
+    )
     anchor_levels = loss_fn.anchors([tuple(c.shape[-2:]) for c in cls], logits.device)[1]
     levels = anchor_levels[targets.pre_pos_index % targets.pre_gt_inds.shape[1]]
     table = candidate_table(targets.pre_pos_scores, gt_rows, levels, len(case.gt_boxes) * num_gts, len(cls))
@@ -126,25 +155,32 @@ def bench_case(net: torch.nn.Module, boxes: int, warmup: int, iters: int, kernel
     calls: dict[str, Callable[[], Any]] = {}
     if with_mmdet:
         calls["mmdetection loss_by_feat"] = MMDetPAA().loss_call((cls, box, iou), case)
-    calls.update({
-        "paadet PAALoss (whole call)": lambda: loss_fn(cls, box, iou, *args),
-        "  flatten_levels of the class maps (cat)": lambda: flatten_levels(cls),
-        "  PAALoss.targets (assignment, its flatten included)": lambda: loss_fn.targets(cls, box, iou, *args),
-        "    fit_gmm_1d on the candidate table": lambda: fit_gmm_1d(table.scores, table.mask),
-        "  focal_loss_sum forward over [B*A, C]": lambda: focal_loss_sum(logits, targets.labels, weight,
-                                                                          positives=targets.pos_index),
-        "one eager pass: sigmoid": lambda: torch.sigmoid(logits, out=out),
-        "one eager pass: softplus": lambda: F.softplus(logits),
-        "one eager pass: exp": lambda: torch.exp(logits, out=out),
-        "one eager pass: log": lambda: torch.log(magnitudes, out=out),
-        "one eager pass: log1p": lambda: torch.log1p(magnitudes, out=out),
-        "one eager pass: mul": lambda: torch.mul(logits, logits, out=out),
-    })
+    calls.update(
+        {
+            "paadet PAALoss (whole call)": lambda: loss_fn(cls, box, iou, *args),
+            "  flatten_levels of the class maps (cat)": lambda: flatten_levels(cls),
+            "  PAALoss.targets (assignment, its flatten included)": lambda: loss_fn.targets(cls, box, iou, *args),
+            "    fit_gmm_1d on the candidate table": lambda: fit_gmm_1d(table.scores, table.mask),
+            "  focal_loss_sum forward over [B*A, C]": lambda: focal_loss_sum(
+                logits, targets.labels, weight, positives=targets.pos_index
+            ),
+            "one eager pass: sigmoid": lambda: torch.sigmoid(logits, out=out),
+            "one eager pass: softplus": lambda: F.softplus(logits),
+            "one eager pass: exp": lambda: torch.exp(logits, out=out),
+            "one eager pass: log": lambda: torch.log(magnitudes, out=out),
+            "one eager pass: log1p": lambda: torch.log1p(magnitudes, out=out),
+            "one eager pass: mul": lambda: torch.mul(logits, logits, out=out),
+        }
+    )
     if kernel is not None:
         calls["fused C kernel: sum of p^2 softplus(x) over [B*A, C]"] = lambda: kernel(logits, weight)
     ms = medians(calls, warmup, iters)
-    result: dict[str, Any] = {"boxes": boxes, "elements": logits.numel(), "gmm_rows": int(table.scores.shape[0]),
-                              "ms": ms}
+    result: dict[str, Any] = {
+        "boxes": boxes,
+        "elements": logits.numel(),
+        "gmm_rows": int(table.scores.shape[0]),
+        "ms": ms,
+    }
     if kernel is not None:
         reference = eager_neg_sum(logits, weight)
         result["kernel_rel_diff"] = abs(kernel(logits, weight) - reference) / abs(reference)
@@ -155,16 +191,20 @@ def print_report(result: dict[str, Any]) -> None:
     for case in result["cases"]:
         ms = case["ms"]
         budget = ms.get("mmdetection loss_by_feat")
-        print(f"\n{case['boxes']} boxes/image: [B*A, C] = {case['elements']:,} logits, {case['gmm_rows']} GMM rows"
-              + (f"; the 10x budget is {budget / 10:.1f} ms" if budget else ""))
+        print(
+            f"\n{case['boxes']} boxes/image: [B*A, C] = {case['elements']:,} logits, {case['gmm_rows']} GMM rows"
+            + (f"; the 10x budget is {budget / 10:.1f} ms" if budget else "")
+        )
         print("| part | ms |\n|---|---:|")
         for name, value in ms.items():
             print(f"| {name} | {value:.2f} |")
         if "kernel_rel_diff" in case:
             print(f"fused C kernel against torch's float64 sum: relative difference {case['kernel_rel_diff']:.1e}")
     print(f"\nfused C kernel: {result['kernel']}")
-    print(f"torch threads {result['threads']}, load average at start {result['loadavg_start'][0]:.2f}, "
-          f"at the end {result['loadavg_end'][0]:.2f}")
+    print(
+        f"torch threads {result['threads']}, load average at start {result['loadavg_start'][0]:.2f}, "
+        f"at the end {result['loadavg_end'][0]:.2f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

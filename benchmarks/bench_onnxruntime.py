@@ -7,6 +7,7 @@ a temporary file unless ``--model`` is given.
 
     python benchmarks/bench_onnxruntime.py --preset 800 --images 4 --iters 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,13 +20,14 @@ import onnxruntime as ort
 import torch
 
 from paadet.compare import MatchReport, match_detections
+from paadet.data.synthetic import synthetic_image
 from paadet.export import export_onnx
 from paadet.model import PAANet
+from paadet.model.seeded import seeded_state_dict
 from paadet.preprocess import PRESETS, get_preset, resize
 from paadet.runtime.base import Backend, StageTimer
 from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from paadet.runtime.torch_backend import TorchBackend
-from paadet.testing import seeded_state_dict, synthetic_image
 
 
 def load_net(checkpoint: str | None) -> PAANet:
@@ -41,7 +43,9 @@ def load_net(checkpoint: str | None) -> PAANet:
     return net.eval()
 
 
-def time_backends(backends: list[Backend], batches: list[tuple[list, list]], iters: int) -> list[tuple[float, StageTimer, list]]:
+def time_backends(
+    backends: list[Backend], batches: list[tuple[list, list]], iters: int
+) -> list[tuple[float, StageTimer, list]]:
     """Images per second of each backend, its stage timer and its last outputs.
 
     One warm-up pass each, then ``iters`` rounds in which every backend makes one timed pass in
@@ -64,11 +68,17 @@ def time_backends(backends: list[Backend], batches: list[tuple[list, list]], ite
 
 def parity(ref_outputs: list, outputs: list) -> MatchReport:
     total = MatchReport()
-    for ref, ours in zip(ref_outputs, outputs):
+    for ref, ours in zip(ref_outputs, outputs, strict=False):
         for i in range(len(ref.num_dets)):
             n, m = int(ref.num_dets[i]), int(ours.num_dets[i])
-            total += match_detections(ref.boxes[i, :n], ref.scores[i, :n], ref.labels[i, :n],
-                                      ours.boxes[i, :m], ours.scores[i, :m], ours.labels[i, :m])
+            total += match_detections(
+                ref.boxes[i, :n],
+                ref.scores[i, :n],
+                ref.labels[i, :n],
+                ours.boxes[i, :m],
+                ours.scores[i, :m],
+                ours.labels[i, :m],
+            )
     return total
 
 
@@ -80,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1, help="images per call (default: 1)")
     parser.add_argument("--height", type=int, default=480, help="generated image height (default: 480)")
     parser.add_argument("--width", type=int, default=640, help="generated image width (default: 640)")
-    parser.add_argument("--checkpoint", default="seeded",
-                        help="checkpoint .pth, 'official' for the official file, or 'seeded' random weights (default)")
+    parser.add_argument(
+        "--checkpoint",
+        default="seeded",
+        help="checkpoint .pth, 'official' for the official file, or 'seeded' random weights (default)",
+    )
     parser.add_argument("--model", default=None, help="existing ONNX export to time (default: export one now)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both runtimes")
     args = parser.parse_args(argv)
@@ -90,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     preset = get_preset(args.preset)
     net = load_net(None if args.checkpoint == "official" else args.checkpoint)
     resized = [resize(synthetic_image(args.height, args.width, seed=i), preset) for i in range(args.images)]
-    batches = [([r[0] for r in resized[s:s + args.batch_size]], [r[1] for r in resized[s:s + args.batch_size]])
-               for s in range(0, len(resized), args.batch_size)]
+    batches = [
+        ([r[0] for r in resized[s : s + args.batch_size]], [r[1] for r in resized[s : s + args.batch_size]])
+        for s in range(0, len(resized), args.batch_size)
+    ]
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -103,16 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        ort_backend = OnnxRuntimeBackend.from_file(model, providers=["CPUExecutionProvider"], preset=preset,
-                                                   session_options=options)
+        ort_backend = OnnxRuntimeBackend.from_file(
+            model, providers=["CPUExecutionProvider"], preset=preset, session_options=options
+        )
         torch_backend = TorchBackend(net, preset)
         (torch_ips, torch_timer, torch_out), (ort_ips, ort_timer, ort_out) = time_backends(
-            [torch_backend, ort_backend], batches, args.iters)
+            [torch_backend, ort_backend], batches, args.iters
+        )
 
     n = args.iters * args.images
-    print(f"preset {preset.name}, {args.images} images {args.height}x{args.width} -> {batches[0][1][0].pad_shape}, "
-          f"batch {args.batch_size}, {args.iters} iters, {args.threads} threads, torch {torch.__version__}, "
-          f"onnxruntime {ort.__version__} (CPUExecutionProvider)")
+    print(
+        f"preset {preset.name}, {args.images} images {args.height}x{args.width} -> {batches[0][1][0].pad_shape}, "
+        f"batch {args.batch_size}, {args.iters} iters, {args.threads} threads, torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__} (CPUExecutionProvider)"
+    )
     print(f"torch CPU        : {torch_ips:7.3f} images/s  ({torch_timer.summary(n)})")
     print(f"onnxruntime CPU  : {ort_ips:7.3f} images/s  ({ort_timer.summary(n)}; graph includes post-processing)")
     print(f"ratio onnxruntime / torch: {ort_ips / torch_ips:.2f}x")

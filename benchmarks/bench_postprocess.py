@@ -8,27 +8,30 @@ the post-processing is timed (outputs already on the device; no copy back), with
 synchronised before and after each call; the figure is the median over ``--iters`` calls after
 ``--warmup``. The baseline, in the same process on the same tensors, is the same batch
 post-processed image by image (``per_image``). Operator calls, kernels and syncs are counted by
-:func:`paadet.profiling.count_device_work` on one batched call.
+:func:`paadet.bench.profiling.count_device_work` on one batched call.
 
     python benchmarks/bench_postprocess.py --batch-size 32 --device cpu --iters 3
     python benchmarks/bench_postprocess.py --batch-size 32 --device cuda --iters 20 --json post.json
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from paadet.bench import hardware_info, versions
+from paadet.bench.profiling import count_device_work
+from paadet.bench.run import hardware_info, versions
+from paadet.data.synthetic import synthetic_image
 from paadet.fileio import atomic_write_json
 from paadet.model import PAANet
+from paadet.model.seeded import SEEDED_WEIGHTS, seeded_state_dict
 from paadet.postprocess import PAAPostprocess, PostprocessConfig
 from paadet.preprocess import normalize_pad, resize
-from paadet.profiling import count_device_work
 from paadet.runtime.base import StageTimer
-from paadet.testing import SEEDED_WEIGHTS, seeded_state_dict, synthetic_image
 
 WEIGHTS = SEEDED_WEIGHTS
 SIZES = [(480, 640), (427, 640), (640, 480), (375, 500), (300, 400), (200, 1000), (512, 512), (600, 800)]
@@ -57,8 +60,13 @@ def head_outputs(weights: str, images: int, batch_size: int, device: str) -> Hea
 
     img_shapes = torch.tensor([m.img_shape for m in metas], dtype=torch.float32, device=device)
     scale_factors = torch.tensor([m.scale_factor for m in metas], dtype=torch.float32, device=device)
-    return ([tile(c) for c in cls], [tile(d) for d in deltas], [tile(i) for i in ious],
-            tile(img_shapes), tile(scale_factors))
+    return (
+        [tile(c) for c in cls],
+        [tile(d) for d in deltas],
+        [tile(i) for i in ious],
+        tile(img_shapes),
+        tile(scale_factors),
+    )
 
 
 def median_ms(fn: Callable[[], Any], device: str, warmup: int, iters: int) -> float:
@@ -75,8 +83,15 @@ def median_ms(fn: Callable[[], Any], device: str, warmup: int, iters: int) -> fl
 
 
 @torch.inference_mode()
-def measure(batch_size: int = 32, device: str = "cpu", weights: str = "dense", images: int = 4,
-            warmup: int = 2, iters: int = 10, config: PostprocessConfig = PostprocessConfig()) -> dict[str, Any]:
+def measure(
+    batch_size: int = 32,
+    device: str = "cpu",
+    weights: str = "dense",
+    images: int = 4,
+    warmup: int = 2,
+    iters: int = 10,
+    config: PostprocessConfig = PostprocessConfig(),
+) -> dict[str, Any]:
     """Time and count the post-processing of one batch, batched and image by image; returns a JSON-able dict."""
     cls, deltas, ious, img_shapes, scale_factors = head_outputs(weights, min(images, batch_size), batch_size, device)
     post = PAAPostprocess(config)
@@ -86,8 +101,13 @@ def measure(batch_size: int = 32, device: str = "cpu", weights: str = "dense", i
 
     def per_image() -> None:
         for i in range(batch_size):
-            post([c[i:i + 1] for c in cls], [d[i:i + 1] for d in deltas], [u[i:i + 1] for u in ious],
-                 img_shapes[i:i + 1], scale_factors[i:i + 1])
+            post(
+                [c[i : i + 1] for c in cls],
+                [d[i : i + 1] for d in deltas],
+                [u[i : i + 1] for u in ious],
+                img_shapes[i : i + 1],
+                scale_factors[i : i + 1],
+            )
 
     dets = post(cls, deltas, ious, img_shapes, scale_factors)
     batched_ms = median_ms(batched, device, warmup, iters)
@@ -95,13 +115,21 @@ def measure(batch_size: int = 32, device: str = "cpu", weights: str = "dense", i
     work = count_device_work(batched, device)
     return {
         "what": "post-processing only (top-k, decode, NMS, score voting) of network outputs already on the device; "
-                "no copy back; device synchronised before and after each call",
-        "device": device, "batch_size": batch_size, "weights": weights, "distinct_images": min(images, batch_size),
+        "no copy back; device synchronised before and after each call",
+        "device": device,
+        "batch_size": batch_size,
+        "weights": weights,
+        "distinct_images": min(images, batch_size),
         "detections_per_image": float(dets.num_dets.float().mean()),
-        "batched_ms_per_batch": batched_ms, "batched_ms_per_image": batched_ms / batch_size,
-        "per_image_ms_per_batch": per_image_ms, "batched_speedup": per_image_ms / batched_ms,
-        "batched_call": work.as_dict(), "warmup": warmup, "iters": iters,
-        "hardware": hardware_info(device), "versions": versions(),
+        "batched_ms_per_batch": batched_ms,
+        "batched_ms_per_image": batched_ms / batch_size,
+        "per_image_ms_per_batch": per_image_ms,
+        "batched_speedup": per_image_ms / batched_ms,
+        "batched_call": work.as_dict(),
+        "warmup": warmup,
+        "iters": iters,
+        "hardware": hardware_info(device),
+        "versions": versions(),
     }
 
 
@@ -119,10 +147,18 @@ def main() -> None:
         parser.error("--batch-size, --images and --iters must be >= 1, --warmup >= 0")
     result = measure(args.batch_size, args.device, args.weights, args.images, args.warmup, args.iters)
     work = result["batched_call"]
-    print(f"post-processing, batch {args.batch_size}, {args.device}, {args.weights} weights "
-          f"({result['detections_per_image']:.0f} detections/image)")
-    print(f"  batched:      {result['batched_ms_per_batch']:9.2f} ms/batch  {result['batched_ms_per_image']:8.3f} ms/image")
-    print(f"  image by image: {result['per_image_ms_per_batch']:7.2f} ms/batch  -> batched is {result['batched_speedup']:.2f}x")
+    print(
+        f"post-processing, batch {args.batch_size}, {args.device}, {args.weights} weights "
+        f"({result['detections_per_image']:.0f} detections/image)"
+    )
+    print(
+        f"  batched:      {result['batched_ms_per_batch']:9.2f} ms/batch  "
+        f"{result['batched_ms_per_image']:8.3f} ms/image"
+    )
+    print(
+        f"  image by image: {result['per_image_ms_per_batch']:7.2f} ms/batch  "
+        f"-> batched is {result['batched_speedup']:.2f}x"
+    )
     kernels = "" if work["kernels"] is None else f", {work['kernels']} GPU kernels"
     print(f"  one batched call: {work['ops']} operator calls{kernels}, {work['syncs']} host syncs {work['sync_ops']}")
     if args.json:

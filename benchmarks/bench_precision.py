@@ -3,7 +3,7 @@
     python benchmarks/bench_precision.py --standin DIR [--json FILE] [--modes torch-fp32,torch-bf16,...]
 
 ``DIR`` is the output of ``tools/train_standin.py`` (``standin.pth``, ``val/annotations.json``,
-``val/images/``). Each mode runs paadet's own evaluation (``paadet.evaluate.evaluate_detector``, the code
+``val/images/``). Each mode runs paadet's own evaluation (``paadet.evaluation.run.evaluate_detector``, the code
 behind ``paadet eval``) over the stand-in's val split, in this one process, one after another:
 
 * ``torch-fp32``: the torch backend, float32 (the reference of every difference below);
@@ -22,6 +22,7 @@ that the mode reproduces under the FP16 rule (same label, IoU >= 0.95, |score di
 image; ``paadet.compare.match_detections``), the extra detections, and images/s of the evaluation
 (whole pipeline: decode, resize, network, post-processing). Graphs are exported into ``DIR/precision/``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,18 +38,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from paadet.commands.common import build_detector
+from paadet import DetectorSpec
 from paadet.compare import MatchReport, match_detections
 from paadet.data.coco import CocoDataset
-from paadet.evaluate import evaluate_detector
+from paadet.detector import Detector
+from paadet.evaluation.run import evaluate_detector
 from paadet.fileio import atomic_write_json
-from paadet.runtime.classes import model_classes
+from paadet.runtime.registry import model_classes
 
 FP16_RULE = {"iou_thr": 0.95, "score_tol": 1e-2}
 """The export issue's FP16 parity rule (docs/benchmarks.md)."""
 
-CPU_MODES = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-fp16", "ov-f32", "ov-bf16", "ov-int8", "ort-int8",
-             "ov-int8-ortq", "ort-int8-ortq")
+CPU_MODES = (
+    "torch-fp32",
+    "torch-bf16",
+    "ort-fp32",
+    "ort-fp16",
+    "ov-f32",
+    "ov-bf16",
+    "ov-int8",
+    "ort-int8",
+    "ov-int8-ortq",
+    "ort-int8-ortq",
+)
 CALIBRATION_IMAGES = 300
 
 
@@ -60,8 +72,11 @@ def _by_image(detections: list[dict]) -> dict[int, tuple[np.ndarray, np.ndarray,
     out = {}
     for image_id, dets in grouped.items():
         xywh = np.array([d["bbox"] for d in dets], np.float64).reshape(-1, 4)
-        out[image_id] = (np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
-                         np.array([d["score"] for d in dets]), np.array([d["category_id"] for d in dets]))
+        out[image_id] = (
+            np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
+            np.array([d["score"] for d in dets]),
+            np.array([d["category_id"] for d in dets]),
+        )
     return out
 
 
@@ -79,8 +94,11 @@ def _detector(mode: str, standin: Path, work: Path, device: str):
     weights = standin / "standin.pth"
     if mode.startswith("torch-"):
         precision = mode.split("-", 1)[1]
-        return build_detector(checkpoint=str(weights), device=device, batch_size=1, fp16=precision == "fp16",
-                              bf16=precision == "bf16")
+        return Detector.from_spec(
+            DetectorSpec(
+                checkpoint=str(weights), device=device, batch_size=1, fp16=precision == "fp16", bf16=precision == "bf16"
+            )
+        )
     from paadet.export import export_onnx
 
     fp16 = mode == "ort-fp16"
@@ -94,14 +112,18 @@ def _detector(mode: str, standin: Path, work: Path, device: str):
             from paadet.export.quantize import quantize_export
 
             logging.getLogger("nncf").setLevel(logging.WARNING)
-            report = quantize_export(graph, standin / "train" / "images", int8, method=method,
-                                     max_images=CALIBRATION_IMAGES, progress=False)
+            report = quantize_export(
+                graph, standin / "train" / "images", int8, method=method, max_images=CALIBRATION_IMAGES, progress=False
+            )
             print(report, file=sys.stderr)
         graph = int8
     if mode.startswith("ov-"):
-        return build_detector(backend="openvino", model=str(graph), batch_size=1,
-                              precision="bf16" if mode == "ov-bf16" else "f32")
-    return build_detector(backend="onnxruntime", model=str(graph), batch_size=1, fp16=fp16)
+        return Detector.from_spec(
+            DetectorSpec(
+                backend="openvino", model=str(graph), batch_size=1, precision="bf16" if mode == "ov-bf16" else "f32"
+            )
+        )
+    return Detector.from_spec(DetectorSpec(backend="onnxruntime", model=str(graph), batch_size=1, fp16=fp16))
 
 
 def _stale(path: Path, weights: Path) -> bool:
@@ -112,7 +134,9 @@ def run(standin: Path, modes: list[str], device: str) -> dict:
     ann, images = standin / "val" / "annotations.json", standin / "val" / "images"
     work = standin / "precision"
     work.mkdir(exist_ok=True)
-    dataset = CocoDataset.load(ann, images, classes=model_classes("torch", standin / "standin.pth"))
+    dataset = CocoDataset.load(
+        ann, images, classes=model_classes(DetectorSpec(checkpoint=str(standin / "standin.pth")))
+    )
     rows, detections = [], {}
     for mode in modes:
         detector = _detector(mode, standin, work, device)
@@ -123,42 +147,74 @@ def run(standin: Path, modes: list[str], device: str) -> dict:
         wall = time.perf_counter() - start
         detections[mode] = json.loads((out / "detections.json").read_text())
         m = report.metrics.to_json()
-        rows.append({"mode": mode, "AP": m["AP"], "AP50": m["AP50"], "AP75": m["AP75"],
-                     "images_per_s": report.timings.get("images_per_second"),
-                     "network_ms": report.timings.get("ms_per_image", {}).get("network"),
-                     "wall_s": wall, "backend": report.backend})
+        rows.append(
+            {
+                "mode": mode,
+                "AP": m["AP"],
+                "AP50": m["AP50"],
+                "AP75": m["AP75"],
+                "images_per_s": report.timings.get("images_per_second"),
+                "network_ms": report.timings.get("ms_per_image", {}).get("network"),
+                "wall_s": wall,
+                "backend": report.backend,
+            }
+        )
         print(f"{mode}: AP {m['AP']:.4f} in {wall:.1f} s", file=sys.stderr, flush=True)
     ref = next((r for r in rows if r["mode"] == "torch-fp32"), rows[0])
     image_ids = list(dataset.image_ids)
     for row in rows:
         match = match_runs(detections[ref["mode"]], detections[row["mode"]], image_ids, **FP16_RULE)
-        row.update(AP_diff_points=100 * (row["AP"] - ref["AP"]), matched_fraction=match.matched_fraction,
-                   reference_detections=match.reference, detections=match.ours, extra=match.extra)
-    return {"reference": ref["mode"], "rule": FP16_RULE, "rows": rows, "images": len(image_ids),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+        row.update(
+            AP_diff_points=100 * (row["AP"] - ref["AP"]),
+            matched_fraction=match.matched_fraction,
+            reference_detections=match.reference,
+            detections=match.ours,
+            extra=match.extra,
+        )
+    return {
+        "reference": ref["mode"],
+        "rule": FP16_RULE,
+        "rows": rows,
+        "images": len(image_ids),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def table(result: dict) -> str:
-    lines = ["| mode | AP | AP50 | AP75 | AP - fp32 (points) | fp32 detections matched (FP16 rule) | extra | img/s | network ms/img |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | AP | AP50 | AP75 | AP - fp32 (points) | fp32 detections matched (FP16 rule) "
+        "| extra | img/s | network ms/img |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['mode']} | {r['AP']:.4f} | {r['AP50']:.4f} | {r['AP75']:.4f} | {r['AP_diff_points']:+.2f} | "
-                     f"{100 * r['matched_fraction']:.2f}% of {r['reference_detections']} | {r['extra']} | "
-                     f"{r['images_per_s'] or 0:.2f} | {r['network_ms'] or 0:.1f} |")
+        lines.append(
+            f"| {r['mode']} | {r['AP']:.4f} | {r['AP50']:.4f} | {r['AP75']:.4f} | {r['AP_diff_points']:+.2f} | "
+            f"{100 * r['matched_fraction']:.2f}% of {r['reference_detections']} | {r['extra']} | "
+            f"{r['images_per_s'] or 0:.2f} | {r['network_ms'] or 0:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--standin", type=Path, required=True, metavar="DIR", help="output folder of tools/train_standin.py")
-    p.add_argument("--modes", default=None, help=f"comma-separated (default: {','.join(CPU_MODES)}, plus torch-fp16 on CUDA)")
+    p.add_argument(
+        "--modes", default=None, help=f"comma-separated (default: {','.join(CPU_MODES)}, plus torch-fp16 on CUDA)"
+    )
     p.add_argument("--device", default="cpu", help="device of the torch modes (default: cpu)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if not (args.standin / "standin.pth").is_file():
-        raise SystemExit(f"{args.standin}: no standin.pth; make it with `python tools/train_standin.py --output-dir {args.standin}`")
-    modes = args.modes.split(",") if args.modes else list(CPU_MODES) + (["torch-fp16"] if args.device.startswith("cuda") else [])
+        raise SystemExit(
+            f"{args.standin}: no standin.pth; make it with `python tools/train_standin.py --output-dir {args.standin}`"
+        )
+    modes = (
+        args.modes.split(",")
+        if args.modes
+        else list(CPU_MODES) + (["torch-fp16"] if args.device.startswith("cuda") else [])
+    )
     result = run(args.standin, modes, args.device)
     print(table(result))
     if args.json is not None:

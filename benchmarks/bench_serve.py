@@ -11,6 +11,7 @@ Example (seeded weights, small images, a quick run)::
 
     python benchmarks/bench_serve.py --duration 10 --overload-duration 30 --output serve_bench.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ def rss_mib(pid: int) -> float:
 
 
 def make_images(folder: Path, count: int, height: int, width: int) -> list[Path]:
-    from paadet.testing import synthetic_image
+    from paadet.data.synthetic import synthetic_image
 
     paths = []
     for i in range(count):
@@ -55,7 +56,8 @@ def make_images(folder: Path, count: int, height: int, width: int) -> list[Path]
 
 def offline(checkpoint: str, preset: str, batch: int, paths: list[Path], seconds: float) -> dict:
     """``paadet predict``'s path (decode + resize threads, batches by padded shape) for about ``seconds``."""
-    from paadet.detector import Detector, iter_loaded
+    from paadet.data.pipeline import iter_loaded
+    from paadet.detector import Detector
 
     det = Detector.from_checkpoint(checkpoint, preset=preset, batch_size=batch, workers=2)
     for _ in det.run(iter_loaded(paths[:1], det.preset, 0)):  # warm-up
@@ -99,9 +101,12 @@ async def load(url: str, bodies: list[bytes], concurrency: int, seconds: float) 
     elapsed = time.perf_counter() - started
     lat = np.array(latencies) * 1000.0 if latencies else np.array([np.nan])
     return {
-        "concurrency": concurrency, "seconds": round(elapsed, 2), "ok": statuses.get(200, 0),
+        "concurrency": concurrency,
+        "seconds": round(elapsed, 2),
+        "ok": statuses.get(200, 0),
         "images_per_s": round(statuses.get(200, 0) / elapsed, 3),
-        "p50_ms": round(float(np.percentile(lat, 50)), 1), "p90_ms": round(float(np.percentile(lat, 90)), 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p90_ms": round(float(np.percentile(lat, 90)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1),
         "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)},
         "batch_sizes": {str(k): v for k, v in sorted(batches.items())},
@@ -129,7 +134,7 @@ def main() -> int:
         if checkpoint is None:
             import torch
 
-            from paadet.testing import seeded_state_dict
+            from paadet.model.seeded import seeded_state_dict
 
             checkpoint = str(tmp_path / "seeded.pth")
             torch.save({"meta": {}, "state_dict": seeded_state_dict(2, cls_bias=-10.3)}, checkpoint)
@@ -142,9 +147,28 @@ def main() -> int:
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([sys.executable, "-m", "paadet", "serve", "--checkpoint", checkpoint, "--preset", args.preset,
-                                 "--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-                                 "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"])
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "paadet",
+                "serve",
+                "--checkpoint",
+                checkpoint,
+                "--preset",
+                args.preset,
+                "--port",
+                str(port),
+                "--max-batch",
+                str(args.max_batch),
+                "--max-queue",
+                str(args.max_queue),
+                "--max-wait-ms",
+                str(args.max_wait_ms),
+                "--log-level",
+                "warning",
+            ]
+        )
         try:
             import httpx
 

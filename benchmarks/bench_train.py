@@ -7,10 +7,10 @@ installed together (mmdetection is never a dependency of paadet; see ../shared/w
     /tmp/mmref/bin/python benchmarks/bench_train.py --threads 2 --json train.json
     python benchmarks/bench_train.py --paadet-only          # any paadet environment, paadet alone
 
-Both parts use a batch of 2 generated images (:func:`paadet.testing.synthetic_image` with a filled
+Both parts use a batch of 2 generated images (:func:`paadet.data.synthetic.synthetic_image` with a filled
 rectangle painted under each ground-truth box), 800x1333 and 800x1066, padded to the batch shape
 800x1344 as mmdetection's data preprocessor pads them (each image keeps its own ``pad_shape``, so the
-second has invalid anchors), 80 classes, and the seeded weights of :func:`paadet.testing.train_state_dict`
+second has invalid anchors), 80 classes, and the seeded weights of :func:`paadet.model.seeded.train_state_dict`
 (mmdetection's classification prior), which both implementations load with ``strict=True``.
 
 ``loss`` (part a): the head outputs of one forward pass (no grad) become leaf tensors that require
@@ -19,7 +19,7 @@ grad, as in training, and both sides compute the three losses from them: paadet'
 targets, PAA scores, scikit-learn GMM per ground truth, losses). No backward. At 1, 8 and 50 boxes per
 image; each timed call alternates between the two sides (so a change of machine load hits both); the
 figure is the median after ``--warmup``. paadet's operator calls and host syncs of one call are counted by
-:func:`paadet.profiling.count_device_work` (mmdetection's too; its scikit-learn work is NumPy, invisible
+:func:`paadet.bench.profiling.count_device_work` (mmdetection's too; its scikit-learn work is NumPy, invisible
 to the profiler). The losses of the two sides are compared (max relative difference). The
 assignment alone is timed too: :meth:`PAALoss.targets` against the first half of ``loss_by_feat``
 (anchors, ``get_targets``, ``get_pos_loss``, ``paa_reassign``, mmdetection's own methods called as
@@ -36,6 +36,7 @@ network, :class:`PAALoss`, the loss values copied to the host, backward, step). 
 preprocessing are left out of both. Each section is timed, so the table says where the time goes;
 ``--profile N`` also lists the N operators with the most self CPU time of one iteration of each side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,19 +48,21 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from paadet.bench import hardware_info, versions
+from paadet.bench.profiling import DeviceWork, count_device_work
+from paadet.bench.run import hardware_info, versions
+from paadet.data.synthetic import synthetic_image
 from paadet.fileio import atomic_write_json
 from paadet.model import PAANet
+from paadet.model.seeded import train_state_dict
 from paadet.preprocess import normalize_pad
-from paadet.profiling import DeviceWork, count_device_work
-from paadet.testing import synthetic_image, train_state_dict
 from paadet.train import gmm
 from paadet.train.init import trainable_parameters
 from paadet.train.loss import LossOutput, PAALoss
@@ -94,8 +97,12 @@ class Case:
     pad_shapes: list[tuple[int, int]]
 
 
-def make_case(num_boxes: int, image_shapes: tuple[tuple[int, int], ...] = IMAGE_SHAPES,
-              num_classes: int = NUM_CLASSES, seed: int = 0) -> Case:
+def make_case(
+    num_boxes: int,
+    image_shapes: tuple[tuple[int, int], ...] = IMAGE_SHAPES,
+    num_classes: int = NUM_CLASSES,
+    seed: int = 0,
+) -> Case:
     """``num_boxes`` random boxes per image (sides log-uniform from 12 px to 60% of the shorter side), each
     painted as a filled rectangle of a random colour onto a :func:`synthetic_image`; seeded."""
     rng = np.random.default_rng(seed * 1000 + num_boxes)
@@ -108,12 +115,18 @@ def make_case(num_boxes: int, image_shapes: tuple[tuple[int, int], ...] = IMAGE_
         y0 = rng.uniform(0, h - sides[:, 1])
         xyxy = np.stack([x0, y0, x0 + sides[:, 0], y0 + sides[:, 1]], 1).astype(np.float32)
         for bx0, by0, bx1, by1 in xyxy:
-            img[int(by0):int(math.ceil(by1)), int(bx0):int(math.ceil(bx1))] = rng.integers(0, 256, 3, dtype=np.uint8)
+            img[int(by0) : math.ceil(by1), int(bx0) : math.ceil(bx1)] = rng.integers(0, 256, 3, dtype=np.uint8)
         images.append(normalize_pad(img, batch_shape))
         boxes.append(torch.from_numpy(xyxy))
         labels.append(torch.from_numpy(rng.integers(0, num_classes, num_boxes)).long())
-    return Case(num_boxes, torch.stack(images), boxes, labels, list(image_shapes),
-                [(pad32(h), pad32(w)) for h, w in image_shapes])
+    return Case(
+        num_boxes,
+        torch.stack(images),
+        boxes,
+        labels,
+        list(image_shapes),
+        [(pad32(h), pad32(w)) for h, w in image_shapes],
+    )
 
 
 def seeded_net(num_classes: int = NUM_CLASSES, seed: int = 0, trainable: bool = False) -> PAANet:
@@ -184,6 +197,7 @@ def interleaved_seconds(calls: dict[str, Callable[[], Any]], warmup: int, iters:
 
 # ---------------------------------------------------------------- mmdetection's side
 
+
 def mmdet_available() -> bool:
     """Whether mmdetection (and scikit-learn, which its PAA head needs) can be imported here."""
     return all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmengine", "sklearn"))
@@ -194,9 +208,9 @@ class MMDetPAA:
 
     def __init__(self, num_classes: int = NUM_CLASSES, seed: int = 0) -> None:
         import mmdet
-        from mmengine.config import Config
         from mmdet.registry import MODELS
         from mmdet.utils import register_all_modules
+        from mmengine.config import Config
 
         register_all_modules()
         cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), ".mim/configs/paa/paa_r50_fpn_1x_coco.py"))
@@ -215,9 +229,18 @@ class MMDetPAA:
 
         batch_shape = tuple(case.images.shape[-2:])
         samples = []
-        for boxes, labels, img_shape, pad_shape in zip(case.gt_boxes, case.gt_labels, case.img_shapes, case.pad_shapes):
-            sample = DetDataSample(metainfo={"img_shape": img_shape, "pad_shape": pad_shape, "ori_shape": img_shape,
-                                             "batch_input_shape": batch_shape, "scale_factor": (1.0, 1.0)})
+        for boxes, labels, img_shape, pad_shape in zip(
+            case.gt_boxes, case.gt_labels, case.img_shapes, case.pad_shapes, strict=False
+        ):
+            sample = DetDataSample(
+                metainfo={
+                    "img_shape": img_shape,
+                    "pad_shape": pad_shape,
+                    "ori_shape": img_shape,
+                    "batch_input_shape": batch_shape,
+                    "scale_factor": (1.0, 1.0),
+                }
+            )
             sample.gt_instances = InstanceData(bboxes=boxes.clone(), labels=labels.clone())
             samples.append(sample)
         return samples
@@ -242,14 +265,32 @@ class MMDetPAA:
         def call() -> Tensor:
             anchor_list, valid_flag_list = head.get_anchors([c.size()[-2:] for c in cls], metas, device=cls[0].device)
             labels, labels_weight, bboxes_target, bboxes_weight, pos_inds, pos_gt_index = head.get_targets(
-                anchor_list, valid_flag_list, gts, metas, batch_gt_instances_ignore=ignored)
+                anchor_list, valid_flag_list, gts, metas, batch_gt_instances_ignore=ignored
+            )
             cls_scores = [item.reshape(-1, head.cls_out_channels) for item in levels_to_images(cls)]
             bbox_preds = [item.reshape(-1, 4) for item in levels_to_images(box)]
-            pos_losses_list, = multi_apply(head.get_pos_loss, anchor_list, cls_scores, bbox_preds, labels,
-                                           labels_weight, bboxes_target, bboxes_weight, pos_inds)
+            (pos_losses_list,) = multi_apply(
+                head.get_pos_loss,
+                anchor_list,
+                cls_scores,
+                bbox_preds,
+                labels,
+                labels_weight,
+                bboxes_target,
+                bboxes_weight,
+                pos_inds,
+            )
             with torch.no_grad():
-                *_, num_pos = multi_apply(head.paa_reassign, pos_losses_list, labels, labels_weight, bboxes_weight,
-                                          pos_inds, pos_gt_index, anchor_list)
+                *_, num_pos = multi_apply(
+                    head.paa_reassign,
+                    pos_losses_list,
+                    labels,
+                    labels_weight,
+                    bboxes_weight,
+                    pos_inds,
+                    pos_gt_index,
+                    anchor_list,
+                )
             return torch.tensor([int(n) for n in num_pos])
 
         return call
@@ -257,8 +298,15 @@ class MMDetPAA:
 
 # ---------------------------------------------------------------- part (a): the losses alone
 
-def bench_loss(threads: int, warmup: int, iters: int, with_mmdet: bool, box_counts: tuple[int, ...] = BOX_COUNTS,
-               num_classes: int = NUM_CLASSES) -> dict[str, Any]:
+
+def bench_loss(
+    threads: int,
+    warmup: int,
+    iters: int,
+    with_mmdet: bool,
+    box_counts: tuple[int, ...] = BOX_COUNTS,
+    num_classes: int = NUM_CLASSES,
+) -> dict[str, Any]:
     """Part (a): paadet's PAALoss (and mmdetection's loss_by_feat) at each number of boxes per image."""
     net = seeded_net(num_classes)
     mm = MMDetPAA(num_classes) if with_mmdet else None
@@ -268,8 +316,10 @@ def bench_loss(threads: int, warmup: int, iters: int, with_mmdet: bool, box_coun
     for n in box_counts:
         case = make_case(n, num_classes=num_classes)
         outputs = head_outputs(net, case)
-        calls: dict[str, Callable[[], Any]] = {"paadet": paadet_loss_call(loss_fn, outputs, case),
-                                               "paadet_assign": paadet_assign_call(loss_fn, outputs, case)}
+        calls: dict[str, Callable[[], Any]] = {
+            "paadet": paadet_loss_call(loss_fn, outputs, case),
+            "paadet_assign": paadet_assign_call(loss_fn, outputs, case),
+        }
         if mm is not None:
             calls["mmdet"] = mm.loss_call(outputs, case)
             calls["mmdet_assign"] = mm.assign_call(outputs, case)
@@ -277,41 +327,57 @@ def bench_loss(threads: int, warmup: int, iters: int, with_mmdet: bool, box_coun
     # every call of every case once before any timing: the first large allocations of a process are slow
     # (the allocator's thresholds adapt), which would otherwise penalise whichever case is timed first
     results_of = [{name: call() for name, call in calls.items()} for *_, calls in prepared]
-    for (n, case, outputs, calls), results in zip(prepared, results_of):
+    for (n, case, outputs, calls), results in zip(prepared, results_of, strict=False):
         times = interleaved_seconds(calls, warmup, iters)
         work = works[n] = count_paadet_work(loss_fn, outputs, case)
         row: dict[str, Any] = {
-            "boxes_per_image": n, "paadet_ms": 1e3 * statistics.median(times["paadet"]),
-            "paadet_ms_all": [1e3 * t for t in times["paadet"]], "paadet_work": work.as_dict(),
-            "paadet_losses": loss_values(results["paadet"]), "num_pos": results["paadet"].num_pos.tolist(),
+            "boxes_per_image": n,
+            "paadet_ms": 1e3 * statistics.median(times["paadet"]),
+            "paadet_ms_all": [1e3 * t for t in times["paadet"]],
+            "paadet_work": work.as_dict(),
+            "paadet_losses": loss_values(results["paadet"]),
+            "num_pos": results["paadet"].num_pos.tolist(),
             "num_ill_defined": results["paadet"].num_ill_defined.tolist(),
             "paadet_assign_ms": 1e3 * statistics.median(times["paadet_assign"]),
         }
         if mm is not None:
-            row.update(mmdet_ms=1e3 * statistics.median(times["mmdet"]), mmdet_ms_all=[1e3 * t for t in times["mmdet"]],
-                       mmdet_losses=loss_values(results["mmdet"]),
-                       mmdet_work=count_device_work(calls["mmdet"]).as_dict())
+            row.update(
+                mmdet_ms=1e3 * statistics.median(times["mmdet"]),
+                mmdet_ms_all=[1e3 * t for t in times["mmdet"]],
+                mmdet_losses=loss_values(results["mmdet"]),
+                mmdet_work=count_device_work(calls["mmdet"]).as_dict(),
+            )
             row["ratio"] = row["mmdet_ms"] / row["paadet_ms"]
             row["mmdet_assign_ms"] = 1e3 * statistics.median(times["mmdet_assign"])
             row["assign_ratio"] = row["mmdet_assign_ms"] / row["paadet_assign_ms"]
             row["mmdet_num_pos"] = results["mmdet_assign"].tolist()
             row["max_rel_diff"] = max_rel_diff(row["paadet_losses"], row["mmdet_losses"])
         rows.append(row)
-        print(f"  loss, {n:2d} boxes/image: paadet {row['paadet_ms']:8.1f} ms"
-              + (f", mmdet {row['mmdet_ms']:8.1f} ms" if mm is not None else ""), file=sys.stderr, flush=True)
+        print(
+            f"  loss, {n:2d} boxes/image: paadet {row['paadet_ms']:8.1f} ms"
+            + (f", mmdet {row['mmdet_ms']:8.1f} ms" if mm is not None else ""),
+            file=sys.stderr,
+            flush=True,
+        )
     return {
         "what": "PAA targets + GMM reassignment + losses from the head outputs (leaf tensors with grad), no "
-                "backward; paadet PAALoss vs mmdetection PAAHead.loss_by_feat, calls alternating; assignment only: "
-                "PAALoss.targets vs loss_by_feat's anchors, get_targets, get_pos_loss, paa_reassign",
-        "batch": len(IMAGE_SHAPES), "image_shapes": [list(s) for s in IMAGE_SHAPES],
+        "backward; paadet PAALoss vs mmdetection PAAHead.loss_by_feat, calls alternating; assignment only: "
+        "PAALoss.targets vs loss_by_feat's anchors, get_targets, get_pos_loss, paa_reassign",
+        "batch": len(IMAGE_SHAPES),
+        "image_shapes": [list(s) for s in IMAGE_SHAPES],
         "batch_input_shape": list(prepared[0][1].images.shape[-2:]) if prepared else None,
-        "num_classes": num_classes, "warmup": warmup, "iters": iters, "threads": threads, "sync_bound": SYNC_BOUND,
+        "num_classes": num_classes,
+        "warmup": warmup,
+        "iters": iters,
+        "threads": threads,
+        "sync_bound": SYNC_BOUND,
         "syncs_bounded": syncs_bounded(works),
         "rows": rows,
     }
 
 
 # ---------------------------------------------------------------- part (b): a whole iteration
+
 
 class SectionTimer:
     """Wall time per named section of one iteration (s)."""
@@ -330,8 +396,9 @@ class SectionTimer:
 CHANNELS_LAST_SIDE = "paadet channels-last"
 
 
-def paadet_step(case: Case, seed: int = 0, num_classes: int = NUM_CLASSES,
-                channels_last: bool = False) -> tuple[Callable[[], dict], list]:
+def paadet_step(
+    case: Case, seed: int = 0, num_classes: int = NUM_CLASSES, channels_last: bool = False
+) -> tuple[Callable[[], dict], list]:
     """paadet's training step on ``case``: returns the step (it returns the losses and section times) and a
     list that collects the losses of every call. ``channels_last``: the network's weights and the input
     batch in channels-last memory format (``paadet train --channels-last``)."""
@@ -349,15 +416,18 @@ def paadet_step(case: Case, seed: int = 0, num_classes: int = NUM_CLASSES,
             cls, box, iou = net(images)
         with timer("loss"):
             out = loss_fn(cls, box, iou, case.gt_boxes, case.gt_labels, case.pad_shapes)
-            parts = torch.stack([out.loss.detach(), out.loss_cls.detach(), out.loss_bbox.detach(),
-                                 out.loss_iou.detach()]).double().cpu()
+            parts = (
+                torch.stack([out.loss.detach(), out.loss_cls.detach(), out.loss_bbox.detach(), out.loss_iou.detach()])
+                .double()
+                .cpu()
+            )
             out.num_pos.cpu()
         with timer("backward"):
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
         with timer("sgd_step"):
             optimizer.step()
-        history.append(dict(zip(LOSS_NAMES, parts[1:].tolist())))
+        history.append(dict(zip(LOSS_NAMES, parts[1:].tolist(), strict=False)))
         return timer.seconds
 
     return step, history
@@ -401,8 +471,16 @@ def top_ops(step: Callable[[], Any], rows: int) -> list[list]:
     return [[e.key, e.self_cpu_time_total / 1e3, e.count] for e in averages[:rows]]
 
 
-def bench_train(threads: int, warmup: int, iters: int, with_mmdet: bool, boxes: int, profile_rows: int,
-                num_classes: int = NUM_CLASSES, channels_last: bool = False) -> dict[str, Any]:
+def bench_train(
+    threads: int,
+    warmup: int,
+    iters: int,
+    with_mmdet: bool,
+    boxes: int,
+    profile_rows: int,
+    num_classes: int = NUM_CLASSES,
+    channels_last: bool = False,
+) -> dict[str, Any]:
     """Part (b): whole training iterations of both sides, alternating, on the same batch (``channels_last``:
     a third side, paadet with its network in channels-last memory format)."""
     case = make_case(boxes, num_classes=num_classes)
@@ -418,21 +496,32 @@ def bench_train(threads: int, warmup: int, iters: int, with_mmdet: bool, boxes: 
             start = time.perf_counter()
             seconds = step()
             total = time.perf_counter() - start
-            print(f"  train iteration {k + 1}/{warmup + iters} ({'warm-up' if k < warmup else 'timed'}), "
-                  f"{name}: {total:.2f} s", file=sys.stderr, flush=True)
+            print(
+                f"  train iteration {k + 1}/{warmup + iters} ({'warm-up' if k < warmup else 'timed'}), "
+                f"{name}: {total:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             if k >= warmup:
                 totals[name].append(total)
                 sections[name].append(seconds)
     result: dict[str, Any] = {
         "what": "one SGD step: forward (train mode, frozen_stages=1, norm_eval), losses, backward, step; "
-                "data loading and preprocessing excluded; sides alternating",
-        "batch": len(IMAGE_SHAPES), "image_shapes": [list(s) for s in IMAGE_SHAPES],
-        "batch_input_shape": list(case.images.shape[-2:]), "boxes_per_image": boxes, "num_classes": num_classes,
-        "sgd": SGD_SETTINGS, "warmup": warmup, "iters": iters, "threads": threads,
+        "data loading and preprocessing excluded; sides alternating",
+        "batch": len(IMAGE_SHAPES),
+        "image_shapes": [list(s) for s in IMAGE_SHAPES],
+        "batch_input_shape": list(case.images.shape[-2:]),
+        "boxes_per_image": boxes,
+        "num_classes": num_classes,
+        "sgd": SGD_SETTINGS,
+        "warmup": warmup,
+        "iters": iters,
+        "threads": threads,
     }
-    for name, (step, history) in sides.items():
+    for name, (_step, history) in sides.items():
         result[name] = {
-            "s_per_iter": statistics.median(totals[name]), "s_all": totals[name],
+            "s_per_iter": statistics.median(totals[name]),
+            "s_all": totals[name],
             "sections_s": {sec: statistics.median(s[sec] for s in sections[name]) for sec in sections[name][0]},
             "first_losses": history[0],
         }
@@ -440,12 +529,14 @@ def bench_train(threads: int, warmup: int, iters: int, with_mmdet: bool, boxes: 
         result["channels_last_speedup"] = result["paadet"]["s_per_iter"] / result[CHANNELS_LAST_SIDE]["s_per_iter"]
     if with_mmdet:
         result["ratio"] = result["mmdet"]["s_per_iter"] / result["paadet"]["s_per_iter"]
-        result["first_iteration_max_rel_diff"] = max_rel_diff(result["paadet"]["first_losses"],
-                                                              result["mmdet"]["first_losses"])
+        result["first_iteration_max_rel_diff"] = max_rel_diff(
+            result["paadet"]["first_losses"], result["mmdet"]["first_losses"]
+        )
         if channels_last:
             result["ratio_channels_last"] = result["mmdet"]["s_per_iter"] / result[CHANNELS_LAST_SIDE]["s_per_iter"]
-            result["channels_last_max_rel_diff"] = max_rel_diff(result[CHANNELS_LAST_SIDE]["first_losses"],
-                                                                result["mmdet"]["first_losses"])
+            result["channels_last_max_rel_diff"] = max_rel_diff(
+                result[CHANNELS_LAST_SIDE]["first_losses"], result["mmdet"]["first_losses"]
+            )
     if profile_rows:
         for name, (step, _) in sides.items():
             result[name]["top_ops"] = top_ops(step, profile_rows)
@@ -454,20 +545,28 @@ def bench_train(threads: int, warmup: int, iters: int, with_mmdet: bool, boxes: 
 
 # ---------------------------------------------------------------- the report
 
+
 def print_report(result: dict[str, Any]) -> None:
     """The results tables, on stdout."""
     threads, load = result["hardware"]["torch_threads"], result["loadavg_start"]
-    print(f"torch threads {threads}, load average at start {load[0]:.2f} ({result['hardware']['cpu_cores_usable']} "
-          f"usable cores)")
+    print(
+        f"torch threads {threads}, load average at start {load[0]:.2f} ({result['hardware']['cpu_cores_usable']} "
+        f"usable cores)"
+    )
     if "loss" in result:
         part = result["loss"]
         with_mm = "mmdet_ms" in part["rows"][0]
-        print(f"\n(a) PAA losses alone, batch {part['batch']} ({' + '.join('x'.join(map(str, s)) for s in part['image_shapes'])}"
-              f", padded {part['batch_input_shape'][0]}x{part['batch_input_shape'][1]}), {part['num_classes']} classes; "
-              f"median of {part['iters']}")
-        print("| boxes/image | paadet ms | mmdet ms | mmdet/paadet | assignment only: paadet ms | mmdet ms | "
-              "mmdet/paadet | paadet host syncs | paadet operator calls | mmdet syncs / ops | losses max rel. diff | "
-              "positives paadet / mmdet |")
+        print(
+            f"\n(a) PAA losses alone, batch {part['batch']} "
+            f"({' + '.join('x'.join(map(str, s)) for s in part['image_shapes'])}"
+            f", padded {part['batch_input_shape'][0]}x{part['batch_input_shape'][1]}), {part['num_classes']} classes; "
+            f"median of {part['iters']}"
+        )
+        print(
+            "| boxes/image | paadet ms | mmdet ms | mmdet/paadet | assignment only: paadet ms | mmdet ms | "
+            "mmdet/paadet | paadet host syncs | paadet operator calls | mmdet syncs / ops | losses max rel. diff | "
+            "positives paadet / mmdet |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in part["rows"]:
             if with_mm:
@@ -478,29 +577,40 @@ def print_report(result: dict[str, Any]) -> None:
             else:
                 mm = mma = mmw = "- | -"
                 pos = f"{sum(r['num_pos'])} / -"
-            print(f"| {r['boxes_per_image']} | {r['paadet_ms']:.1f} | {mm} | {r['paadet_assign_ms']:.1f} | {mma} | "
-                  f"{r['paadet_work']['syncs']} | {r['paadet_work']['ops']} | {mmw} | {pos} |")
+            print(
+                f"| {r['boxes_per_image']} | {r['paadet_ms']:.1f} | {mm} | {r['paadet_assign_ms']:.1f} | {mma} | "
+                f"{r['paadet_work']['syncs']} | {r['paadet_work']['ops']} | {mmw} | {pos} |"
+            )
         print(f"paadet host syncs within the constant bound {part['sync_bound']}: {part['syncs_bounded']}")
     if "train" in result:
         part = result["train"]
         names = [n for n in ("paadet", CHANNELS_LAST_SIDE, "mmdet") if n in part]
-        print(f"\n(b) training iteration, batch {part['batch']}, padded {part['batch_input_shape'][0]}x"
-              f"{part['batch_input_shape'][1]}, {part['boxes_per_image']} boxes/image; median of {part['iters']} "
-              f"after {part['warmup']} warm-up")
+        print(
+            f"\n(b) training iteration, batch {part['batch']}, padded {part['batch_input_shape'][0]}x"
+            f"{part['batch_input_shape'][1]}, {part['boxes_per_image']} boxes/image; median of {part['iters']} "
+            f"after {part['warmup']} warm-up"
+        )
         sections = list(part["paadet"]["sections_s"])
         print("| side | s/iter | " + " | ".join(sections) + " |")
         print("|---|---:|" + "---:|" * len(sections))
         for n in names:
-            print(f"| {n} | {part[n]['s_per_iter']:.2f} | "
-                  + " | ".join(f"{part[n]['sections_s'][s]:.2f}" for s in sections) + " |")
+            print(
+                f"| {n} | {part[n]['s_per_iter']:.2f} | "
+                + " | ".join(f"{part[n]['sections_s'][s]:.2f}" for s in sections)
+                + " |"
+            )
         if "ratio" in part:
-            print(f"mmdet s/iter / paadet s/iter = {part['ratio']:.2f}; first-iteration losses max rel. diff "
-                  f"{part['first_iteration_max_rel_diff']:.1e}")
+            print(
+                f"mmdet s/iter / paadet s/iter = {part['ratio']:.2f}; first-iteration losses max rel. diff "
+                f"{part['first_iteration_max_rel_diff']:.1e}"
+            )
         if "channels_last_speedup" in part:
             print(f"paadet NCHW s/iter / paadet channels-last s/iter = {part['channels_last_speedup']:.2f}")
         if "ratio_channels_last" in part:
-            print(f"mmdet s/iter / paadet channels-last s/iter = {part['ratio_channels_last']:.2f}; first-iteration "
-                  f"losses max rel. diff {part['channels_last_max_rel_diff']:.1e}")
+            print(
+                f"mmdet s/iter / paadet channels-last s/iter = {part['ratio_channels_last']:.2f}; first-iteration "
+                f"losses max rel. diff {part['channels_last_max_rel_diff']:.1e}"
+            )
         for n in names:
             if "top_ops" in part[n]:
                 print(f"\n{n}: operators with the most self CPU time in one iteration")
@@ -525,11 +635,14 @@ def run_header(argv: list[str] | None, with_mmdet: bool) -> dict[str, Any]:
     versions (mmdetection's and scikit-learn's too when they are timed)."""
     result: dict[str, Any] = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else argv,
-        "loadavg_start": list(os.getloadavg()), "hardware": hardware_info("cpu"), "versions": versions(),
+        "loadavg_start": list(os.getloadavg()),
+        "hardware": hardware_info("cpu"),
+        "versions": versions(),
     }
     if with_mmdet:
         import mmdet
         import sklearn
+
         result["versions"].update(mmdet=mmdet.__version__, sklearn=sklearn.__version__)
     return result
 
@@ -543,10 +656,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-warmup", type=int, default=1, help="untimed iterations of part (b)")
     parser.add_argument("--train-iters", type=int, default=3, help="timed iterations of part (b)")
     parser.add_argument("--train-boxes", type=int, default=8, help="boxes per image in part (b)")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="part (b): also list the N operators with the most self CPU time of one iteration")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="part (b): also time paadet with its network in channels-last memory format")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="part (b): also list the N operators with the most self CPU time of one iteration",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="part (b): also time paadet with its network in channels-last memory format",
+    )
     parser.add_argument("--paadet-only", action="store_true", help="time paadet alone (no mmdetection needed)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -554,16 +675,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads, --iters and --train-iters must be >= 1, --warmup and --train-warmup >= 0")
     with_mmdet = not args.paadet_only
     if with_mmdet and not mmdet_available():
-        print(f"mmdetection 3.3 (with mmengine and scikit-learn) is not importable by {sys.executable}: run this under "
-              f"/tmp/mmref/bin/python, or pass --paadet-only to time paadet alone", file=sys.stderr)
+        print(
+            f"mmdetection 3.3 (with mmengine and scikit-learn) is not importable by {sys.executable}: run this under "
+            f"/tmp/mmref/bin/python, or pass --paadet-only to time paadet alone",
+            file=sys.stderr,
+        )
         return 2
     result = run_header(argv, with_mmdet)
     with limit_threads(args.threads):
         if args.part in ("loss", "both"):
             result["loss"] = bench_loss(args.threads, args.warmup, args.iters, with_mmdet)
         if args.part in ("train", "both"):
-            result["train"] = bench_train(args.threads, args.train_warmup, args.train_iters, with_mmdet,
-                                          args.train_boxes, args.profile, channels_last=args.channels_last)
+            result["train"] = bench_train(
+                args.threads,
+                args.train_warmup,
+                args.train_iters,
+                with_mmdet,
+                args.train_boxes,
+                args.profile,
+                channels_last=args.channels_last,
+            )
     result["loadavg_end"] = list(os.getloadavg())
     print_report(result)
     if args.json:

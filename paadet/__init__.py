@@ -1,4 +1,5 @@
 """paadet: the PAA object detector in pure PyTorch, with mmdetection parity, ONNX export and fast inference."""
+
 from __future__ import annotations
 
 import os
@@ -11,14 +12,17 @@ import os
 # time measurably (0.435-0.441 s either way; docs/benchmarks.md).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-__version__ = "0.1.0"
-__all__ = ["Detector", "ImageResult", "__version__"]
+from paadet.version import __version__
+
+__all__ = ["Detector", "DetectorSpec", "ImageResult", "__version__"]
+
+_LAZY = {"Detector": "paadet.detector", "DetectorSpec": "paadet.runtime.spec", "ImageResult": "paadet.detections"}
 
 
 def __getattr__(name: str):
-    # Lazy so that light modules (paadet.testing, paadet.model) import without the runtime stack.
-    if name in ("Detector", "ImageResult"):
-        from . import detector
+    # Lazy so that light modules (paadet.model, paadet.data) import without the runtime stack.
+    if name in _LAZY:
+        import importlib
 
-        return getattr(detector, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'paadet' has no attribute {name!r}")

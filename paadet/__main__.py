@@ -1,6 +1,7 @@
 """``python -m paadet``: the same as the ``paadet`` command."""
+
 import sys
 
-from .cli import main
+from paadet.cli import main
 
 sys.exit(main())

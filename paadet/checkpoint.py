@@ -5,6 +5,7 @@ never arbitrary pickled objects. A file name carrying mmdetection's hash suffix
 (``..._20200821-936edec3.pth``) is checked against the file's sha256 before it is unpickled.
 Every error is a :class:`CheckpointError` whose message is one line and names the file.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,19 +19,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .preprocess import Preset
+    from paadet.preprocess import Preset
 from torch import Tensor
 
-from .coco import ClassList
-from .errors import PaadetError, one_line
-from .fileio import sha256_file  # re-exported: it lives with the other file helpers (no torch)
+from paadet.classes import ClassList
+from paadet.console import listed
+from paadet.errors import PaadetError, one_line
+from paadet.fileio import sha256_file  # re-exported: it lives with the other file helpers (no torch)
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
-    "load_checkpoint",
     "expected_sha256_prefix",
     "key_mismatch_report",
+    "load_checkpoint",
     "load_state_dict",
     "load_weights",
     "safe_torch_load",
@@ -41,7 +43,6 @@ __all__ = [
 CLASS_WEIGHT_KEY = "bbox_head.atss_cls.weight"
 """The state-dict entry whose first dimension is the number of classes."""
 HASH_SUFFIX_RE = re.compile(r"-([0-9a-f]{8,})\.pth$")
-_MAX_LISTED = 3
 
 
 class CheckpointError(PaadetError):
@@ -61,7 +62,7 @@ def expected_sha256_prefix(path: str | os.PathLike[str]) -> str | None:
 def _hash_mismatch_message(path: str | os.PathLike[str], expected: str, actual: str) -> str:
     """The one-line error for a file whose sha256 does not start with the hash in its name."""
     return (
-        f"{path}: sha256 starts with {actual[:len(expected)]} but the file name expects {expected}; "
+        f"{path}: sha256 starts with {actual[: len(expected)]} but the file name expects {expected}; "
         f"the file is corrupt or truncated, delete it and re-download it"
     )
 
@@ -147,9 +148,9 @@ def _validate_tensors(path: Path, state: Mapping[Any, Any]) -> dict[str, Tensor]
         raise CheckpointError(f"{path}: not a checkpoint, its state dict is empty")
     bad = [key for key, value in state.items() if not (isinstance(key, str) and isinstance(value, Tensor))]
     if len(bad) == len(state):
-        raise CheckpointError(f"{path}: not a checkpoint, it holds no tensors (keys: {_list_names(list(state))})")
+        raise CheckpointError(f"{path}: not a checkpoint, it holds no tensors (keys: {listed(list(state), 3)})")
     if bad:
-        raise CheckpointError(f"{path}: not a state dict, {len(bad)} entries are not named tensors ({_list_names(bad)})")
+        raise CheckpointError(f"{path}: not a state dict, {len(bad)} entries are not named tensors ({listed(bad, 3)})")
     return dict(state)
 
 
@@ -157,7 +158,7 @@ def _strip_module_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Drop the ``module.`` prefix that (Distributed)DataParallel adds, when every key has it."""
     prefix = "module."
     if all(key.startswith(prefix) for key in state):
-        return {key[len(prefix):]: value for key, value in state.items()}
+        return {key[len(prefix) :]: value for key, value in state.items()}
     return state
 
 
@@ -192,7 +193,7 @@ class Checkpoint:
         data = self.meta.get("preset")
         if data is None:
             return None
-        from .preprocess import Preset
+        from paadet.preprocess import Preset
 
         try:
             return Preset.from_meta(data)
@@ -211,8 +212,9 @@ class Checkpoint:
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{self.path}: malformed class list in meta.dataset_meta: {one_line(exc)}") from exc
         if self.num_classes is not None and len(classes) != self.num_classes:
-            raise CheckpointError(f"{self.path}: meta.dataset_meta lists {len(classes)} classes but the head "
-                                  f"predicts {self.num_classes}")
+            raise CheckpointError(
+                f"{self.path}: meta.dataset_meta lists {len(classes)} classes but the head predicts {self.num_classes}"
+            )
         return classes
 
 
@@ -245,12 +247,6 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return load_checkpoint(path).state_dict
 
 
-def _list_names(names: list[Any]) -> str:
-    """The first few names, comma-separated, with ``...`` when there are more."""
-    shown = ", ".join(str(name) for name in names[:_MAX_LISTED])
-    return f"{shown}, ..." if len(names) > _MAX_LISTED else shown
-
-
 def _shape(tensor: Tensor) -> str:
     """A shape as ``[a, b]`` (``[]`` for a 0-dim tensor)."""
     return "[" + ", ".join(str(size) for size in tensor.shape) + "]"
@@ -266,7 +262,7 @@ def key_mismatch_report(checkpoint: Mapping[str, Tensor], expected: Mapping[str,
         if key in checkpoint and checkpoint[key].shape != ref.shape
     ]
     parts = [
-        f"{kind} keys: {len(names)} ({_list_names(names)})"
+        f"{kind} keys: {len(names)} ({listed(names, 3)})"
         for kind, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
         if names
     ]

@@ -3,14 +3,15 @@
 Only the module of the command being run is imported (the others are listed by name and one line
 of help), so ``paadet --help`` and ``paadet --version`` return at once, without importing torch.
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-from . import __version__
-from .errors import PaadetError, one_line
+from paadet.errors import PaadetError, one_line
+from paadet.version import __version__
 
 COMMANDS: dict[str, str] = {
     "predict": "detect objects in images",
@@ -36,7 +37,9 @@ def _command_in(argv: list[str]) -> str | None:
 def build_parser(command: str | None = None, all_commands: bool = True) -> argparse.ArgumentParser:
     """The parser. With ``all_commands`` every command is loaded; otherwise only ``command`` (others are stubs)."""
     parser = argparse.ArgumentParser(
-        prog="paadet", description="PAA object detector: predict, evaluate, export, benchmark, batch-predict over Ray, train.")
+        prog="paadet",
+        description="PAA object detector: predict, evaluate, export, benchmark, batch-predict over Ray, train.",
+    )
     parser.add_argument("--version", action="version", version=f"paadet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, summary in COMMANDS.items():
@@ -58,8 +61,10 @@ def add_unavailable(subparsers: argparse._SubParsersAction, name: str, exc: Impo
     p = subparsers.add_parser(name, help=f"(unavailable: needs {missing})", add_help=False)
 
     def run(args: argparse.Namespace) -> int:
-        raise RuntimeError(f"`paadet {name}` needs the Python package {missing!r}, which is not installed "
-                           f"({one_line(exc)}); install it with pip")
+        raise RuntimeError(
+            f"`paadet {name}` needs the Python package {missing!r}, which is not installed "
+            f"({one_line(exc)}); install it with pip"
+        )
 
     p.set_defaults(func=run, accepts_any_arguments=True)
 

@@ -4,6 +4,7 @@ The rule used across paadet's parity checks: a reference detection is matched by
 the same label, box IoU >= ``iou_thr`` and ``|score difference| <= score_tol``; each of ours matches
 at most one reference detection. Extra detections are ours that match nothing.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,15 +32,17 @@ class MatchReport:
     def matched_fraction(self) -> float:
         return self.matched / self.reference if self.reference else 1.0
 
-    def __iadd__(self, other: "MatchReport") -> "MatchReport":
+    def __iadd__(self, other: MatchReport) -> MatchReport:
         self.reference += other.reference
         self.ours += other.ours
         self.matched += other.matched
         return self
 
     def __str__(self) -> str:
-        return (f"matched {self.matched}/{self.reference} reference detections "
-                f"({100 * self.matched_fraction:.2f}%), {self.extra} extra")
+        return (
+            f"matched {self.matched}/{self.reference} reference detections "
+            f"({100 * self.matched_fraction:.2f}%), {self.extra} extra"
+        )
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -59,7 +62,14 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def match_detections(
-    ref_boxes, ref_scores, ref_labels, boxes, scores, labels, iou_thr: float = 0.99, score_tol: float = 1e-4,
+    ref_boxes,
+    ref_scores,
+    ref_labels,
+    boxes,
+    scores,
+    labels,
+    iou_thr: float = 0.99,
+    score_tol: float = 1e-4,
 ) -> MatchReport:
     """Match one image's detections against the reference's (greedy, best reference score first)."""
     ref_boxes = np.asarray(ref_boxes, np.float64).reshape(-1, 4)
@@ -67,7 +77,11 @@ def match_detections(
     ref_scores, scores = np.asarray(ref_scores, np.float64), np.asarray(scores, np.float64)
     ref_labels, labels = np.asarray(ref_labels), np.asarray(labels)
     ious = box_iou(ref_boxes, boxes)
-    ok = (ref_labels[:, None] == labels[None, :]) & (ious >= iou_thr) & (np.abs(ref_scores[:, None] - scores[None, :]) <= score_tol)
+    ok = (
+        (ref_labels[:, None] == labels[None, :])
+        & (ious >= iou_thr)
+        & (np.abs(ref_scores[:, None] - scores[None, :]) <= score_tol)
+    )
     used = np.zeros(len(boxes), bool)
     matched = 0
     for i in np.argsort(-ref_scores, kind="stable"):

@@ -1,20 +1,33 @@
-"""What every backend returns, and the post-processing settings: plain data, importable without torch.
+"""Detections as data, importable without torch: what every backend returns, the post-processing settings, one
+image's result (:class:`ImageResult`) and its COCO results entries.
 
 :class:`Detections` is the batch result of :meth:`paadet.runtime.base.Backend.infer`: torch tensors from
 the torch backend (and from a raw exported graph, post-processed in PyTorch), numpy arrays from a full
 exported graph run by ONNX Runtime or OpenVINO, so that those backends run without importing torch
 (about 1 s of a command's start-up). Both are indexed, sliced and converted (``numpy.asarray``) alike.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, NamedTuple, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import numpy as np
+
+from paadet.classes import CATEGORY_IDS
 
 if TYPE_CHECKING:
-    import numpy as np
     from torch import Tensor
 
-    Array = Union[Tensor, np.ndarray]
+    Array = Tensor | np.ndarray
+
+
+class HasPath(Protocol):
+    """An input with a file path (:class:`paadet.data.images.ImageSource` is one)."""
+
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,7 @@ class PostprocessConfig:
     nms_chunk_elements: int = 1 << 26
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PostprocessConfig":
+    def from_dict(cls, values: dict) -> PostprocessConfig:
         """The config from a dict such as :func:`dataclasses.asdict` gives, ignoring keys this version does not know
         (speed-only settings of other versions, e.g. in an exported graph's metadata)."""
         known = {f.name for f in fields(cls)}
@@ -66,7 +79,66 @@ class Detections(NamedTuple):
         num_dets: ``[B]`` int64 number of valid rows per image.
     """
 
-    boxes: "Array"
-    scores: "Array"
-    labels: "Array"
-    num_dets: "Array"
+    boxes: Array
+    scores: Array
+    labels: Array
+    num_dets: Array
+
+
+@dataclass
+class ImageResult:
+    """Detections of one image, sorted by score.
+
+    Attributes:
+        boxes: ``[N, 4]`` float32 xyxy in original-image pixels.
+        scores: ``[N]`` float32.
+        labels: ``[N]`` int64 class indices into the model's class list (COCO's 80: see :mod:`paadet.classes`).
+        ori_shape: ``(height, width)`` of the decoded image.
+        file_name: the image's name for reports (relative path), or None for arrays.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    ori_shape: tuple[int, int]
+    file_name: str | None = None
+
+    def to_coco(self, image_id: int, category_ids: Sequence[int] | None = None) -> list[dict]:
+        """COCO results entries (``bbox`` as ``[x, y, w, h]``, ``category_id`` from ``category_ids``: the
+        model's, default COCO's 80)."""
+        category_ids = CATEGORY_IDS if category_ids is None else category_ids
+        out = []
+        for (x1, y1, x2, y2), score, label in zip(
+            self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(), strict=False
+        ):
+            entry = {
+                "image_id": image_id,
+                "category_id": category_ids[label],
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": score,
+            }
+            if self.file_name is not None:
+                entry["file_name"] = self.file_name
+            out.append(entry)
+        return out
+
+
+def image_ids(sources: Sequence[HasPath]) -> list[int]:
+    """COCO ``image_id`` per input: the file stem when every stem is a distinct integer (COCO's
+    ``000000397133.jpg`` -> 397133), otherwise the position in the input list (0, 1, ...: inputs in the
+    order given, each folder's images sorted by their path in it)."""
+    stems = [s.path.stem for s in sources]
+    if stems and all(st.isdigit() for st in stems) and len({int(st) for st in stems}) == len(stems):
+        return [int(st) for st in stems]
+    return list(range(len(sources)))
+
+
+def coco_entries(results: dict, sources: Sequence[HasPath], category_ids: Sequence[int] | None = None) -> list[dict]:
+    """COCO results entries for ``results`` keyed by input position, ids from :func:`image_ids` over
+    ``sources``, in input order; inputs without a result contribute nothing. ``category_ids``: the
+    model's (default COCO's 80)."""
+    ids = image_ids(sources)
+    entries: list[dict] = []
+    for index in sorted(results):
+        entries.extend(results[index].to_coco(ids[index], category_ids=category_ids))
+    return entries

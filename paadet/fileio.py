@@ -7,6 +7,7 @@
   writes: a folder where a file is expected, a parent that cannot be created or written, an output that is
   one of the inputs. Each raises :class:`OutputPathError` with a one-line message naming the path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import PaadetError
+from paadet.errors import PaadetError
 
 
 class OutputPathError(PaadetError):
@@ -80,7 +81,9 @@ def _writable_parent(path: Path, flag: str) -> None:
         raise OutputPathError(f"{path}: cannot write {flag}, the folder {probe} is not writable")
 
 
-def check_output_file(path: str | os.PathLike, flag: str = "the output", inputs: Iterable[str | os.PathLike] = ()) -> Path:
+def check_output_file(
+    path: str | os.PathLike, flag: str = "the output", inputs: Iterable[str | os.PathLike] = ()
+) -> Path:
     """Check, before any work, that ``path`` can be written as a file and is none of ``inputs``.
 
     Args:
@@ -103,7 +106,9 @@ def check_output_file(path: str | os.PathLike, flag: str = "the output", inputs:
     return path
 
 
-def check_output_dir(path: str | os.PathLike, flag: str = "the output folder", inputs: Iterable[str | os.PathLike] = ()) -> Path:
+def check_output_dir(
+    path: str | os.PathLike, flag: str = "the output folder", inputs: Iterable[str | os.PathLike] = ()
+) -> Path:
     """Check, before any work, that ``path`` is (or can be created as) a writable folder and is no input file.
 
     Raises:

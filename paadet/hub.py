@@ -11,6 +11,7 @@ temporary file): it opens the URL without a timeout, so a stalled server hangs t
 does not notice a body shorter than its ``Content-Length`` (the hash catches that only for hashed
 names), and its errors are raw tracebacks; ``tests/test_hub.py`` tests all three behaviours here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,9 +26,9 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, expected_sha256_prefix
-from .errors import one_line
-from .fileio import default_file_mode
+from paadet.checkpoint import CheckpointError, expected_sha256_prefix
+from paadet.errors import one_line
+from paadet.fileio import default_file_mode
 
 __all__ = [
     "OFFICIAL_FILENAME",
@@ -39,8 +40,7 @@ __all__ = [
 ]
 
 OFFICIAL_URL = (
-    "https://download.openmmlab.com/mmdetection/v2.0/paa/paa_r50_fpn_1x_coco/"
-    "paa_r50_fpn_1x_coco_20200821-936edec3.pth"
+    "https://download.openmmlab.com/mmdetection/v2.0/paa/paa_r50_fpn_1x_coco/paa_r50_fpn_1x_coco_20200821-936edec3.pth"
 )
 OFFICIAL_FILENAME = "paa_r50_fpn_1x_coco_20200821-936edec3.pth"
 
@@ -90,7 +90,9 @@ def _stream(url: str, out: BinaryIO, dest: Path, progress: bool, timeout: float)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             total = _content_length(response)
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress
+            ) as bar:
                 while chunk := response.read(_CHUNK_BYTES):
                     out.write(chunk)
                     digest.update(chunk)
@@ -163,7 +165,7 @@ def _check_download_hash(url: str, dest: Path, digest: str) -> None:
     expected = expected_sha256_prefix(dest)
     if expected is not None and not digest.startswith(expected):
         raise CheckpointError(
-            f"downloaded {url} but its sha256 starts with {digest[:len(expected)]}, not {expected} as the name "
+            f"downloaded {url} but its sha256 starts with {digest[: len(expected)]}, not {expected} as the name "
             f"{dest.name} requires; the download is corrupt or truncated and was deleted, try again or "
             f"{_by_hand(url, dest)}"
         )

@@ -18,6 +18,7 @@ The output is sorted by score (mmdetection groups by class); the set of detectio
 
 Box format everywhere: xyxy, float, no +1.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -25,9 +26,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .detections import Detections, PostprocessConfig  # defined there (no torch), used and re-exported here
-from .model.anchors import AnchorGenerator
-from .model.box_coder import DeltaXYWHBoxCoder
+from paadet.boxes import bbox_overlaps, pairwise_iou_mmcv_nms
+from paadet.detections import Detections, PostprocessConfig  # defined there (no torch), used and re-exported here
+from paadet.model.anchors import AnchorGenerator
+from paadet.model.box_coder import DeltaXYWHBoxCoder
 
 
 class Candidates(NamedTuple):
@@ -70,7 +72,7 @@ def select_candidates(
     coder = box_coder or DeltaXYWHBoxCoder()
     batch, num_classes = cls_logits[0].shape[:2]
     level_scores, level_deltas, level_anchors = [], [], []
-    for cls, deltas, iou, anchors_l in zip(cls_logits, box_deltas, iou_logits, anchors):
+    for cls, deltas, iou, anchors_l in zip(cls_logits, box_deltas, iou_logits, anchors, strict=False):
         # [B, HW, C] (classes innermost: the max over classes is a fast contiguous reduction)
         scores = cls.permute(0, 2, 3, 1).reshape(batch, -1, num_classes).float().sigmoid()
         deltas = deltas.permute(0, 2, 3, 1).reshape(batch, -1, 4).float()
@@ -90,39 +92,6 @@ def select_candidates(
     boxes = coder.decode(all_anchors, deltas, max_shape=img_shapes.to(torch.float32)[:, None, :])
     scale = scale_factors.to(boxes.dtype).repeat(1, 2)[:, None, :]
     return Candidates(boxes / scale, nms_scores)
-
-
-def pairwise_iou_mmcv_nms(rows: Tensor, cols: Tensor | None = None) -> Tensor:
-    """IoU of ``[..., M, 4]`` against ``[..., N, 4]`` boxes (``cols`` defaults to ``rows``), as mmcv's CPU NMS
-    kernel computes it, row ``i`` in the role of the kept box: ``inter / (area_i + area_j - inter)``.
-
-    Returns ``[..., M, N]``.
-    """
-    cols = rows if cols is None else cols
-    rx1, ry1, rx2, ry2 = rows.unbind(-1)
-    cx1, cy1, cx2, cy2 = cols.unbind(-1)
-    row_areas = (rx2 - rx1) * (ry2 - ry1)
-    col_areas = (cx2 - cx1) * (cy2 - cy1)
-    w = (torch.minimum(rx2[..., :, None], cx2[..., None, :]) - torch.maximum(rx1[..., :, None], cx1[..., None, :])).clamp(min=0)
-    h = (torch.minimum(ry2[..., :, None], cy2[..., None, :]) - torch.maximum(ry1[..., :, None], cy1[..., None, :])).clamp(min=0)
-    inter = w * h
-    return inter / (row_areas[..., :, None] + col_areas[..., None, :] - inter)
-
-
-def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
-    """IoU of ``[..., M, 4]`` against ``[..., N, 4]`` boxes, as mmdetection's ``bbox_overlaps`` (mode iou).
-
-    Returns ``[..., M, N]``; the union is clamped below at ``eps``.
-    """
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = area1[..., None] + area2[..., None, :] - overlap
-    union = torch.maximum(union, union.new_tensor(eps))
-    return overlap / union
 
 
 def greedy_nms_sorted(boxes: Tensor, valid: Tensor, iou_thr: float, sweeps_per_check: int = 1) -> Tensor:
@@ -202,7 +171,8 @@ def class_members(groups: ClassGroups, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def gather_rows(values: Tensor, index: Tensor) -> Tensor:
-    """``values [B, P, ...]`` at ``index [B, ...]`` along dim 1: ``[B, ..., ...]`` (the trailing dims of values kept)."""
+    """``values [B, P, ...]`` at ``index [B, ...]`` along dim 1: ``[B, ..., ...]`` (the trailing dims of values
+    kept)."""
     batch = index.shape[0]
     flat = index.reshape(batch, -1)
     if values.dim() == 2:
@@ -212,8 +182,15 @@ def gather_rows(values: Tensor, index: Tensor) -> Tensor:
     return out.reshape(*index.shape, *tail)
 
 
-def suppressed_by(kept: Tensor, kept_labels: Tensor, kept_valid: Tensor, boxes: Tensor, groups: ClassGroups,
-                  iou_thr: float, chunk_elements: int = 1 << 26) -> Tensor:
+def suppressed_by(
+    kept: Tensor,
+    kept_labels: Tensor,
+    kept_valid: Tensor,
+    boxes: Tensor,
+    groups: ClassGroups,
+    iou_thr: float,
+    chunk_elements: int = 1 << 26,
+) -> Tensor:
     """Which candidates of the list ``boxes [B, P, 4]`` a valid ``kept [B, M, 4]`` box of the same class
     overlaps by IoU strictly above ``iou_thr`` (mmcv's NMS arithmetic, kept boxes in the kept role).
 
@@ -224,9 +201,9 @@ def suppressed_by(kept: Tensor, kept_labels: Tensor, kept_valid: Tensor, boxes: 
     hits = torch.zeros(boxes.shape[:2], dtype=torch.int32, device=boxes.device)
     step = max(1, chunk_elements // max(batch * groups.largest, 1))
     for start in range(0, m, step):
-        members, member_valid = class_members(groups, kept_labels[:, start:start + step])
-        iou = pairwise_iou_mmcv_nms(kept[:, start:start + step, None, :], gather_rows(boxes, members))[:, :, 0, :]
-        hit = (iou > iou_thr) & member_valid & kept_valid[:, start:start + step, None]
+        members, member_valid = class_members(groups, kept_labels[:, start : start + step])
+        iou = pairwise_iou_mmcv_nms(kept[:, start : start + step, None, :], gather_rows(boxes, members))[:, :, 0, :]
+        hit = (iou > iou_thr) & member_valid & kept_valid[:, start : start + step, None]
         hits.scatter_add_(1, members.reshape(batch, -1), hit.reshape(batch, -1).to(torch.int32))
     return hits > 0
 
@@ -290,14 +267,13 @@ def greedy_nms_first(
             continue
         flag, k_idx = t_keep.to(torch.int32).topk(new, dim=1)  # compact the newly kept boxes
         k_pos = idx.gather(1, k_idx)
-        alive &= ~suppressed_by(gather_rows(boxes, k_pos), labels.gather(1, k_pos), flag > 0, boxes, groups,
-                                iou_thr, chunk_elements)
+        alive &= ~suppressed_by(
+            gather_rows(boxes, k_pos), labels.gather(1, k_pos), flag > 0, boxes, groups, iou_thr, chunk_elements
+        )
     return keep & (keep.cumsum(dim=1) <= max_keep)
 
 
-def multiclass_nms(
-    candidates: Candidates, config: PostprocessConfig = PostprocessConfig()
-) -> Detections:
+def multiclass_nms(candidates: Candidates, config: PostprocessConfig = PostprocessConfig()) -> Detections:
     """Class-aware NMS (mmcv's ``batched_nms`` semantics) and optional score voting for a batch.
 
     Every (anchor, class) pair with ``nms_score > score_thr`` is a candidate; NMS runs within each
@@ -336,8 +312,17 @@ def multiclass_nms(
     max_coord = torch.where(torch.isfinite(max_coord), max_coord, torch.zeros_like(max_coord))
     offsets = cand_labels.to(boxes.dtype) * (max_coord[:, None] + 1)
     groups = group_by_class(cand_labels, cand_valid, num_classes)
-    keep = greedy_nms_first(cand_boxes + offsets[..., None], cand_valid, cand_labels, groups, config.iou_thr, max_det,
-                            config.nms_tile, config.nms_sweeps_per_check, config.nms_chunk_elements)
+    keep = greedy_nms_first(
+        cand_boxes + offsets[..., None],
+        cand_valid,
+        cand_labels,
+        groups,
+        config.iou_thr,
+        max_det,
+        config.nms_tile,
+        config.nms_sweeps_per_check,
+        config.nms_chunk_elements,
+    )
 
     top = min(max_det, num)
     order, pos = torch.where(keep, torch.arange(num, 0, -1, device=device), 0).topk(top, dim=1)  # kept, in score order
@@ -398,7 +383,9 @@ class PAAPostprocess(torch.nn.Module):
         strides: pyramid strides.
     """
 
-    def __init__(self, config: PostprocessConfig = PostprocessConfig(), strides: tuple[int, ...] = (8, 16, 32, 64, 128)) -> None:
+    def __init__(
+        self, config: PostprocessConfig = PostprocessConfig(), strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+    ) -> None:
         super().__init__()
         self.config = config
         self.anchor_generator = AnchorGenerator(strides)
@@ -423,7 +410,13 @@ class PAAPostprocess(torch.nn.Module):
         feat_sizes = [(int(c.shape[-2]), int(c.shape[-1])) for c in cls_logits]
         anchors = self.anchors(feat_sizes, cls_logits[0].device)
         candidates = select_candidates(
-            cls_logits, box_deltas, iou_logits, anchors, img_shapes.to(cls_logits[0].device),
-            scale_factors.to(cls_logits[0].device), self.config.nms_pre, self.box_coder,
+            cls_logits,
+            box_deltas,
+            iou_logits,
+            anchors,
+            img_shapes.to(cls_logits[0].device),
+            scale_factors.to(cls_logits[0].device),
+            self.config.nms_pre,
+            self.box_coder,
         )
         return multiclass_nms(candidates, self.config)

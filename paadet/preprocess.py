@@ -4,6 +4,7 @@ Images are BGR ``uint8`` arrays ``[H, W, 3]`` (OpenCV's colour decoding). Resizi
 bilinear interpolation on the ``uint8`` image, then BGR -> RGB, ``(x - mean) / std`` in float32, and
 zero padding (after normalisation) at the bottom and right.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,22 +39,33 @@ class Preset:
 
     def to_meta(self) -> dict:
         """Plain values (as a checkpoint's ``meta.preset`` and an export's metadata hold them)."""
-        return {"name": self.name, "scale": list(self.scale), "size_divisor": self.size_divisor,
-                "fixed_size": list(self.fixed_size) if self.fixed_size else None}
+        return {
+            "name": self.name,
+            "scale": list(self.scale),
+            "size_divisor": self.size_divisor,
+            "fixed_size": list(self.fixed_size) if self.fixed_size else None,
+        }
 
     @classmethod
-    def from_meta(cls, data: dict) -> "Preset":
+    def from_meta(cls, data: dict) -> Preset:
         """The inverse of :meth:`to_meta`; raises ``ValueError`` for malformed values."""
         try:
             scale = tuple(int(v) for v in data["scale"])
             divisor = data.get("size_divisor", 32)
             fixed = data.get("fixed_size")
-            preset = cls(name=str(data.get("name", "checkpoint")), scale=scale,  # type: ignore[arg-type]
-                         size_divisor=int(divisor) if divisor is not None else None,
-                         fixed_size=tuple(int(v) for v in fixed) if fixed else None)  # type: ignore[arg-type]
+            preset = cls(
+                name=str(data.get("name", "checkpoint")),
+                scale=scale,  # type: ignore[arg-type]
+                size_divisor=int(divisor) if divisor is not None else None,
+                fixed_size=tuple(int(v) for v in fixed) if fixed else None,
+            )  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed preset {data!r}: {exc}") from None
-        if len(preset.scale) != 2 or min(preset.scale) < 1 or (preset.size_divisor is None and preset.fixed_size is None):
+        if (
+            len(preset.scale) != 2
+            or min(preset.scale) < 1
+            or (preset.size_divisor is None and preset.fixed_size is None)
+        ):
             raise ValueError(f"malformed preset {data!r}")
         return preset
 

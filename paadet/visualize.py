@@ -4,6 +4,7 @@
 cannot escape it, inputs that share a name get distinct files, and no target is ever one of the
 inputs (the original photos are never overwritten).
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -14,8 +15,8 @@ from pathlib import Path, PurePosixPath
 import cv2
 import numpy as np
 
-from .coco import CLASS_NAMES
-from .fileio import OutputPathError
+from paadet.classes import CLASS_NAMES
+from paadet.fileio import OutputPathError
 
 VIS_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 """Suffixes a drawn copy keeps (OpenCV encodes them); any other input gets ``.jpg`` appended."""
@@ -29,8 +30,14 @@ def _color(label: int) -> tuple[int, int, int]:
     return int(b * 255), int(g * 255), int(r * 255)
 
 
-def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                    score_thr: float = 0.3, class_names: Sequence[str] = CLASS_NAMES) -> tuple[np.ndarray, int]:
+def draw_detections(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    score_thr: float = 0.3,
+    class_names: Sequence[str] = CLASS_NAMES,
+) -> tuple[np.ndarray, int]:
     """A copy of a BGR ``uint8`` image with labelled boxes (xyxy) for detections scoring at least ``score_thr``.
 
     Labels are drawn inside the image: above the box where there is room, else inside its top edge,
@@ -40,10 +47,10 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
     height, width = out.shape[:2]
     thickness = max(1, round(max(height, width) / 500))
     drawn = 0
-    for box, score, label in zip(boxes, scores, labels):
+    for box, score, label in zip(boxes, scores, labels, strict=False):
         if score < score_thr:
             continue
-        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        x1, y1, x2, y2 = (round(float(v)) for v in box)
         color = _color(int(label))
         cv2.rectangle(out, (x1, y1), (x2, y2), color, thickness)
         name = class_names[int(label)] if 0 <= int(label) < len(class_names) else str(int(label))
@@ -73,7 +80,9 @@ def safe_relative(name: str) -> PurePosixPath:
     return rel
 
 
-def vis_targets(file_names: Sequence[str], inputs: Sequence[str | os.PathLike], folder: str | os.PathLike) -> list[Path]:
+def vis_targets(
+    file_names: Sequence[str], inputs: Sequence[str | os.PathLike], folder: str | os.PathLike
+) -> list[Path]:
     """Where each input's drawn copy goes: distinct files under ``folder``, none of them an input.
 
     Args:
@@ -99,8 +108,10 @@ def vis_targets(file_names: Sequence[str], inputs: Sequence[str | os.PathLike], 
         target = folder / candidate
         real = os.path.realpath(target)
         if real in originals:
-            raise OutputPathError(f"{folder}: --save-vis would overwrite the input {name} with its drawn copy; "
-                                  "choose a folder outside the inputs")
+            raise OutputPathError(
+                f"{folder}: --save-vis would overwrite the input {name} with its drawn copy; "
+                "choose a folder outside the inputs"
+            )
         if os.path.commonpath([root, real]) != root:
             raise OutputPathError(f"{target}: --save-vis target leaves {folder} (a symlink inside it)")
         targets.append(target)

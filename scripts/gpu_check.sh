@@ -42,7 +42,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, log it, remem
 # paadet from this working tree, without touching its dependencies (the machine has no network). Everything
 # below runs with `python -m` from the repository root, so it also works if this install step fails.
 step install 90 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-cache-dir -e .
-if ! "$PYTHON" -c "import paadet.bench" >> "$LOG" 2>&1; then
+if ! "$PYTHON" -c "import paadet.bench.run" >> "$LOG" 2>&1; then
     echo "paadet is not importable from $(pwd); giving up" | tee -a "$LOG"
     exit 1
 fi

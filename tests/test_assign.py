@@ -4,6 +4,7 @@ of mmdetection 3.3's ``MaxIoUAssigner.assign_wrt_overlaps`` on random batches. T
 (:mod:`paadet.train.sparse_iou`): the windows hold exactly the overlapping pairs, and the assignment is
 bit for bit the dense one on random batches of every kind of box, every setting, ties, GTs touching no
 valid anchor, odd coordinates (dense fallback), with one host sync."""
+
 from __future__ import annotations
 
 import math
@@ -11,18 +12,18 @@ import math
 import pytest
 import torch
 
+from paadet.bench.profiling import count_device_work
+from paadet.boxes import aligned_giou, aligned_iou, bbox_overlaps
 from paadet.errors import PaadetError
 from paadet.model.anchors import AnchorGenerator, feature_sizes
-from paadet.postprocess import bbox_overlaps
-from paadet.profiling import count_device_work
-from paadet.train.assign import (MaxIoUAssigner, PaddedTargets, aligned_giou, aligned_iou, pad_targets, pairwise_iou,
-                                 valid_flags)
+from paadet.train.assign import MaxIoUAssigner, PaddedTargets, pad_targets, valid_flags
 from paadet.train.sparse_iou import AnchorGrid, anchor_max, candidate_pairs, gt_max, pair_iou
 
 STRIDES = (8, 16, 32, 64, 128)
 
 
 # ---------------------------------------------------------------- plain transcriptions of mmdetection 3.3
+
 
 def mmdet_bbox_overlaps(b1: torch.Tensor, b2: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``bbox_overlaps(b1 [M, 4], b2 [N, 4], mode='iou', is_aligned=False)``, a line-by-line copy."""
@@ -37,8 +38,13 @@ def mmdet_bbox_overlaps(b1: torch.Tensor, b2: torch.Tensor, eps: float = 1e-6) -
     return overlap / union
 
 
-def mmdet_assign(anchors: torch.Tensor, gt_boxes: torch.Tensor, pos_iou_thr: float = 0.1, neg_iou_thr: float = 0.1,
-                 min_pos_iou: float = 0.0) -> torch.Tensor:
+def mmdet_assign(
+    anchors: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    pos_iou_thr: float = 0.1,
+    neg_iou_thr: float = 0.1,
+    min_pos_iou: float = 0.0,
+) -> torch.Tensor:
     """``MaxIoUAssigner.assign`` on one image's valid anchors (gt_max_assign_all, match_low_quality): gt_inds."""
     num_gts, num_bboxes = gt_boxes.shape[0], anchors.shape[0]
     assigned = torch.full((num_bboxes,), -1, dtype=torch.long)
@@ -60,10 +66,10 @@ def mmdet_assign(anchors: torch.Tensor, gt_boxes: torch.Tensor, pos_iou_thr: flo
 def mmdet_valid_flags(feat_sizes, pad_shape) -> torch.Tensor:
     """``AnchorGenerator.valid_flags`` for one image: loops over levels as mmdetection's code does."""
     flags = []
-    for (feat_h, feat_w), stride in zip(feat_sizes, STRIDES):
+    for (feat_h, feat_w), stride in zip(feat_sizes, STRIDES, strict=False):
         h, w = pad_shape
-        valid_h = min(int(math.ceil(h / stride)), feat_h)
-        valid_w = min(int(math.ceil(w / stride)), feat_w)
+        valid_h = min(math.ceil(h / stride), feat_h)
+        valid_w = min(math.ceil(w / stride), feat_w)
         valid_x = torch.zeros(feat_w, dtype=torch.bool)
         valid_y = torch.zeros(feat_h, dtype=torch.bool)
         valid_x[:valid_w] = True
@@ -99,23 +105,24 @@ def batch_anchors(height: int, width: int) -> tuple[torch.Tensor, list[tuple[int
 
 # ---------------------------------------------------------------- IoU and GIoU
 
+
 def test_pairwise_iou_hand_computed():
     a = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 0.0, 0.0]])
     b = torch.tensor([[5.0, 5.0, 15.0, 15.0], [0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [2.0, 2.0, 2.0, 2.0]])
-    iou = pairwise_iou(a, b)
+    iou = bbox_overlaps(a, b)
     # overlap 25, union 100 + 100 - 25 = 175; identical boxes 1; disjoint 0; zero-area boxes 0 (union clamped), not NaN
     expected = torch.tensor([[25 / 175, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(iou, expected, rtol=0, atol=1e-7)
     assert iou.shape == (2, 4)
     # no +1: [0, 0, 1, 1] vs [0, 0, 2, 1] is 1/2 (with +1 it would be 4/6)
-    assert pairwise_iou(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([[0.0, 0.0, 2.0, 1.0]])).item() == 0.5
+    assert bbox_overlaps(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([[0.0, 0.0, 2.0, 1.0]])).item() == 0.5
 
 
 def test_pairwise_iou_broadcasts_over_a_batch():
     gen = torch.Generator().manual_seed(0)
     a = random_gt_boxes(gen, 6, 200, 200).reshape(2, 3, 4)
     b = random_gt_boxes(gen, 5, 200, 200)
-    out = pairwise_iou(a, b[None])
+    out = bbox_overlaps(a, b[None])
     assert out.shape == (2, 3, 5)
     for i in range(2):
         assert torch.equal(out[i], mmdet_bbox_overlaps(a[i], b))
@@ -130,11 +137,12 @@ def test_aligned_iou_and_giou_hand_computed():
     # 1: enclosing 15 x 15 = 225, union 175 -> 1/7 - 50/225; 2: enclosing 30 x 10 = 300, union 200 -> -1/3;
     # 4: a point with itself: union and enclosing area clamped to 1e-6 -> 0 - (1e-6 - 1e-6) / 1e-6 = 0
     torch.testing.assert_close(giou, torch.tensor([25 / 175 - 50 / 225, -1 / 3, 1.0, 0.0]), rtol=0, atol=1e-7)
-    diag = pairwise_iou(a, b).diagonal()
+    diag = bbox_overlaps(a, b).diagonal()
     assert torch.equal(diag, iou)
 
 
 # ---------------------------------------------------------------- valid flags
+
 
 def test_valid_flags_follow_each_images_pad_shape():
     sizes = feature_sizes(256, 192)  # (32, 24), (16, 12), (8, 6), (4, 3), (2, 2)
@@ -144,7 +152,7 @@ def test_valid_flags_follow_each_images_pad_shape():
     assert bool(flags[0].all())
     # image 2 per level: ceil(224/s) x ceil(160/s) = 28x20, 14x10, 7x5, 4x3 (ceil(3.5), ceil(2.5)), 2x2
     starts = [0, 768, 960, 1008, 1020, 1024]
-    counts = [int(flags[1, starts[i]:starts[i + 1]].sum()) for i in range(5)]
+    counts = [int(flags[1, starts[i] : starts[i + 1]].sum()) for i in range(5)]
     assert counts == [28 * 20, 14 * 10, 7 * 5, 4 * 3, 2 * 2]
     # row-major: the cell (y=0, x=19) is valid, (y=0, x=20) is not, (y=27, x=0) is, (y=28, x=0) is not
     level0 = flags[1, :768].reshape(32, 24)
@@ -163,9 +171,12 @@ def test_valid_flags_clip_at_the_feature_size():
 
 # ---------------------------------------------------------------- padding the targets
 
+
 def test_pad_targets_with_an_empty_image():
-    padded = pad_targets([torch.tensor([[0.0, 0.0, 5.0, 5.0], [1.0, 1.0, 4.0, 4.0]]), torch.zeros(0, 4)],
-                         [torch.tensor([3, 7]), torch.zeros(0, dtype=torch.long)])
+    padded = pad_targets(
+        [torch.tensor([[0.0, 0.0, 5.0, 5.0], [1.0, 1.0, 4.0, 4.0]]), torch.zeros(0, 4)],
+        [torch.tensor([3, 7]), torch.zeros(0, dtype=torch.long)],
+    )
     assert padded.boxes.shape == (2, 2, 4)
     assert padded.mask.tolist() == [[True, True], [False, False]]
     assert padded.labels.tolist() == [[3, 7], [-1, -1]]
@@ -177,6 +188,7 @@ def test_pad_targets_with_an_empty_image():
 
 # ---------------------------------------------------------------- MaxIoUAssigner, hand-computed
 
+
 def assign_one(anchors, boxes, labels=None, valid=None, **kwargs):
     labels = labels if labels is not None else torch.arange(boxes.shape[0])
     targets = pad_targets([boxes], [labels])
@@ -185,13 +197,15 @@ def assign_one(anchors, boxes, labels=None, valid=None, **kwargs):
 
 
 def test_thresholds_and_first_gt_on_ties():
-    anchors = torch.tensor([
-        [0.0, 0.0, 10.0, 10.0],    # IoU 1 with GT 0 -> GT 0
-        [20.0, 0.0, 30.0, 10.0],   # IoU 1 with GT 1 -> GT 1
-        [10.0, 0.0, 20.0, 10.0],   # touches both, IoU 0 with both -> negative
-        [5.0, 0.0, 25.0, 10.0],    # IoU 50/250 = 0.2 with both GTs (a tie) -> the first, GT 0
-        [100.0, 100.0, 110.0, 110.0],  # far away -> negative
-    ])
+    anchors = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],  # IoU 1 with GT 0 -> GT 0
+            [20.0, 0.0, 30.0, 10.0],  # IoU 1 with GT 1 -> GT 1
+            [10.0, 0.0, 20.0, 10.0],  # touches both, IoU 0 with both -> negative
+            [5.0, 0.0, 25.0, 10.0],  # IoU 50/250 = 0.2 with both GTs (a tie) -> the first, GT 0
+            [100.0, 100.0, 110.0, 110.0],  # far away -> negative
+        ]
+    )
     gts = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0]])
     gt_inds, labels, max_ov = assign_one(anchors, gts, torch.tensor([4, 9]))
     assert gt_inds.tolist() == [1, 2, 0, 1, 0]
@@ -217,8 +231,15 @@ def test_low_quality_match_later_gt_overwrites():
 
 def test_low_quality_match_takes_every_anchor_tied_at_the_best_iou():
     # GT of 4x4 at the middle of four 20x20 anchors: IoU 4/400 with each (ties): all four go to it
-    anchors = torch.tensor([[0.0, 0.0, 20.0, 20.0], [18.0, 0.0, 38.0, 20.0], [0.0, 18.0, 20.0, 38.0],
-                            [18.0, 18.0, 38.0, 38.0], [100.0, 100.0, 120.0, 120.0]])
+    anchors = torch.tensor(
+        [
+            [0.0, 0.0, 20.0, 20.0],
+            [18.0, 0.0, 38.0, 20.0],
+            [0.0, 18.0, 20.0, 38.0],
+            [18.0, 18.0, 38.0, 38.0],
+            [100.0, 100.0, 120.0, 120.0],
+        ]
+    )
     gts = torch.tensor([[17.0, 17.0, 21.0, 21.0]])
     gt_inds, _, _ = assign_one(anchors, gts)
     assert gt_inds.tolist() == [1, 1, 1, 1, 0]
@@ -242,8 +263,10 @@ def test_zero_area_gt_grabs_every_iou_zero_anchor():
 def test_image_without_gt_and_invalid_anchors():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0]])
     valid = torch.tensor([True, False, True])
-    targets = pad_targets([torch.tensor([[20.0, 0.0, 30.0, 10.0]]), torch.zeros(0, 4)],
-                          [torch.tensor([5]), torch.zeros(0, dtype=torch.long)])
+    targets = pad_targets(
+        [torch.tensor([[20.0, 0.0, 30.0, 10.0]]), torch.zeros(0, 4)],
+        [torch.tensor([5]), torch.zeros(0, dtype=torch.long)],
+    )
     out = MaxIoUAssigner()(anchors, targets, valid[None].expand(2, -1))
     # image 0: the GT's perfect anchor is invalid: -1 (never assigned); the best valid anchors have IoU 0,
     # so the low-quality match takes both (computed over the valid anchors only, as mmdetection does)
@@ -270,6 +293,7 @@ def test_torch_max_returns_the_first_of_tied_maxima():
 
 # ---------------------------------------------------------------- random batches against the transcription
 
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_matches_the_per_image_transcription(seed):
     gen = torch.Generator().manual_seed(seed)
@@ -278,7 +302,7 @@ def test_matches_the_per_image_transcription(seed):
     valid = valid_flags(sizes, STRIDES, pads)
     counts = [[1, 8, 0], [50, 3, 17], [2, 0, 33], [12, 12, 12]][seed]
     # integer boxes on an 8-px grid make exact IoU ties (between GTs and between anchors) common
-    boxes = [random_gt_boxes(gen, n, h, w, integer=seed % 2 == 1) for n, (h, w) in zip(counts, pads)]
+    boxes = [random_gt_boxes(gen, n, h, w, integer=seed % 2 == 1) for n, (h, w) in zip(counts, pads, strict=False)]
     labels = [torch.randint(0, 80, (n,), generator=gen) for n in counts]
     out = MaxIoUAssigner()(anchors, pad_targets(boxes, labels), valid)
     ref = reference_gt_inds(anchors, boxes, valid)
@@ -290,7 +314,7 @@ def test_matches_the_per_image_transcription(seed):
 
 
 def test_duplicate_gts_the_later_wins_the_low_quality_match():
-    anchors, sizes = batch_anchors(128, 128)
+    anchors, _sizes = batch_anchors(128, 128)
     box = torch.tensor([[30.0, 30.0, 60.0, 70.0]])
     boxes = torch.cat([box, box, box])  # identical GTs: argmax picks GT 0, the low-quality pass GT 2
     out = MaxIoUAssigner()(anchors, pad_targets([boxes], [torch.tensor([1, 2, 3])]))
@@ -304,8 +328,9 @@ def test_duplicate_gts_the_later_wins_the_low_quality_match():
 SMALL = (128, 160)  # 428 anchors over P3..P7: the sparse tests stay fast
 
 
-def small_grid(height: int = SMALL[0], width: int = SMALL[1], strides: tuple[int, ...] = STRIDES,
-               octave_base_scale: float = 8.0) -> tuple[torch.Tensor, list[tuple[int, int]], AnchorGrid]:
+def small_grid(
+    height: int = SMALL[0], width: int = SMALL[1], strides: tuple[int, ...] = STRIDES, octave_base_scale: float = 8.0
+) -> tuple[torch.Tensor, list[tuple[int, int]], AnchorGrid]:
     sizes = feature_sizes(height, width, len(strides))
     anchors = torch.cat(AnchorGenerator(strides, octave_base_scale)(sizes))
     return anchors, sizes, AnchorGrid.from_anchors(anchors, sizes)
@@ -321,8 +346,9 @@ def assert_bit_identical(sparse, dense) -> None:
 
 def assert_sparse_matches_dense(assigner: MaxIoUAssigner, anchors, grid, targets, valid, expect_pairs: bool = True):
     if expect_pairs:  # the sparse path must really be taken, not its dense fallback
-        pairs = candidate_pairs(grid, anchors, targets.boxes, targets.mask, valid, assigner.iou_eps,
-                                assigner.max_pair_density)
+        pairs = candidate_pairs(
+            grid, anchors, targets.boxes, targets.mask, valid, assigner.iou_eps, assigner.max_pair_density
+        )
         assert (pairs is not None) or targets.mask.shape[1] == 0
     dense = assigner(anchors, targets, valid)
     sparse = assigner(anchors, targets, valid, grid)
@@ -355,9 +381,11 @@ def random_valid(gen: torch.Generator, sizes, batch: int, height: int, width: in
     rows = []
     for _ in range(batch):
         choice = int(torch.randint(0, 6, (1,), generator=gen))
-        pad = (int(torch.randint(1, height // 32 + 1, (1,), generator=gen)) * 32,
-               int(torch.randint(1, width // 32 + 1, (1,), generator=gen)) * 32)
-        flags = valid_flags(sizes, STRIDES[:len(sizes)], [pad])[0]
+        pad = (
+            int(torch.randint(1, height // 32 + 1, (1,), generator=gen)) * 32,
+            int(torch.randint(1, width // 32 + 1, (1,), generator=gen)) * 32,
+        )
+        flags = valid_flags(sizes, STRIDES[: len(sizes)], [pad])[0]
         if choice == 0:
             flags = torch.ones_like(flags)
         elif choice == 1:
@@ -386,7 +414,7 @@ def random_targets(gen: torch.Generator, batch: int, height: int, width: int, pr
     out_labels = torch.full((batch, num), -1)
     mask = torch.zeros(batch, num, dtype=torch.bool)
     for b in range(batch):
-        slots = order[b, :counts[b]]
+        slots = order[b, : counts[b]]
         out_boxes[b, slots] = boxes[b]
         out_labels[b, slots] = labels[b]
         mask[b, slots] = True
@@ -411,10 +439,12 @@ def test_pair_iou_is_bbox_overlaps_bit_for_bit():
     b = mixed_boxes(gen, 4000, 300, 300)
     b[::7] = a[::7]  # identical pairs
     b[1::7, :2] = a[1::7, 2:]  # touching corners
-    a[:4] = torch.tensor([[-5.0, 0.0, -0.0, 10.0], [float("nan"), 0, 1, 1], [0, 0, float("inf"), 1], [-3e38, 0, 3e38, 1]])
+    a[:4] = torch.tensor(
+        [[-5.0, 0.0, -0.0, 10.0], [float("nan"), 0, 1, 1], [0, 0, float("inf"), 1], [-3e38, 0, 3e38, 1]]
+    )
     b[:4] = torch.tensor([[0.0, 0.0, 10.0, 10.0]])  # a -0.0 IoU, NaN, 0 / inf, an overflowing area
     sparse = pair_iou(a.T.contiguous(), b.T.contiguous(), 1e-6)
-    for dense in (bbox_overlaps(a[:, None], b[:, None])[:, 0, 0], pairwise_iou(a, b).diagonal().contiguous()):
+    for dense in (bbox_overlaps(a[:, None], b[:, None])[:, 0, 0], bbox_overlaps(a, b).diagonal().contiguous()):
         nan = torch.isnan(dense)  # NaN payloads depend on the kernel (NaN inputs take the dense path anyway)
         assert torch.equal(torch.isnan(sparse), nan) and nan.sum() == 1
         assert torch.equal(sparse.view(torch.int32)[~nan], dense.view(torch.int32)[~nan])
@@ -448,7 +478,7 @@ def test_windows_hold_every_overlapping_pair_and_every_other_iou_is_plus_zero():
     gen = torch.Generator().manual_seed(11)
     # fractional anchor edges (octave_base_scale 3.3) and GT edges exactly on, or one ulp off, anchor edges
     for scale in (8.0, 3.3):
-        anchors, sizes, grid = small_grid(octave_base_scale=scale)
+        anchors, _sizes, grid = small_grid(octave_base_scale=scale)
         edges = anchors.reshape(-1)[torch.randint(0, anchors.numel(), (600,), generator=gen)]
         nudge = torch.randint(-1, 2, (600,), generator=gen).float()
         edges = torch.where(nudge > 0, torch.nextafter(edges, edges + 1), edges)
@@ -499,7 +529,7 @@ def assert_reductions_match_dense(anchors, grid, targets, valid) -> None:
         return
     pairs = candidate_pairs(grid, anchors, targets.boxes, targets.mask, valid, 1e-6)
     real = targets.mask[:, :, None] & valid[:, None, :]
-    overlaps = torch.where(real, pairwise_iou(targets.boxes, anchors[None]), -1.0)
+    overlaps = torch.where(real, bbox_overlaps(targets.boxes, anchors[None]), -1.0)
     best, best_anchor = gt_max(pairs, valid)
     dense_best, dense_anchor = overlaps.max(dim=2)
     assert torch.equal(best.view(torch.int32)[targets.mask], dense_best.view(torch.int32)[targets.mask])
@@ -518,7 +548,7 @@ def test_sparse_on_the_per_image_transcription_batches():
     valid = valid_flags(sizes, STRIDES, pads)
     for seed, counts in enumerate([[1, 8, 0], [50, 3, 17], [2, 0, 33], [12, 12, 12]]):
         gen = torch.Generator().manual_seed(seed)
-        boxes = [random_gt_boxes(gen, n, h, w, integer=seed % 2 == 1) for n, (h, w) in zip(counts, pads)]
+        boxes = [random_gt_boxes(gen, n, h, w, integer=seed % 2 == 1) for n, (h, w) in zip(counts, pads, strict=False)]
         labels = [torch.randint(0, 80, (n,), generator=gen) for n in counts]
         assigner = MaxIoUAssigner(max_pair_density=1.0)  # small images: many boxes cover much of the grid
         sparse, _ = assert_sparse_matches_dense(assigner, anchors, grid, pad_targets(boxes, labels), valid)
@@ -528,15 +558,18 @@ def test_sparse_on_the_per_image_transcription_batches():
 def test_sparse_ties_and_gts_touching_no_valid_anchor():
     anchors, sizes, grid = small_grid()
     level0 = anchors[:320]
-    boxes = torch.stack([
-        level0[45], level0[45],  # a GT equal to an anchor, twice: IoU 1, a tie between GTs
-        torch.tensor([28.0, 28.0, 36.0, 36.0]),  # centred between anchors: equal IoUs with several
-        torch.tensor([5000.0, 5000.0, 5020.0, 5030.0]),  # far outside: touches no anchor, best IoU 0
-        torch.tensor([10.0, 10.0, 10.0, 40.0]),  # zero width: IoU 0 everywhere
-        torch.tensor([130.0, 100.0, 150.0, 120.0]),  # in image 2 over invalid anchors only
-    ])
+    boxes = torch.stack(
+        [
+            level0[45],
+            level0[45],  # a GT equal to an anchor, twice: IoU 1, a tie between GTs
+            torch.tensor([28.0, 28.0, 36.0, 36.0]),  # centred between anchors: equal IoUs with several
+            torch.tensor([5000.0, 5000.0, 5020.0, 5030.0]),  # far outside: touches no anchor, best IoU 0
+            torch.tensor([10.0, 10.0, 10.0, 40.0]),  # zero width: IoU 0 everywhere
+            torch.tensor([130.0, 100.0, 150.0, 120.0]),  # in image 2 over invalid anchors only
+        ]
+    )
     valid = valid_flags(sizes, STRIDES, [(128, 160), (96, 160)])
-    valid[1] &= pairwise_iou(boxes[5:], anchors)[0] == 0
+    valid[1] &= bbox_overlaps(boxes[5:], anchors)[0] == 0
     valid[1, :3] = False  # without gt_max_assign_all a best-IoU-0 GT takes the first valid anchor, not 0
     targets = pad_targets([boxes, boxes[2:]], [torch.arange(6), torch.arange(4)])
     for variant in ASSIGNER_VARIANTS:
@@ -550,13 +583,14 @@ def test_sparse_ties_and_gts_touching_no_valid_anchor():
 
 
 def test_sparse_without_any_gt_or_valid_anchor():
-    anchors, sizes, grid = small_grid()
+    anchors, _sizes, grid = small_grid()
     assigner = MaxIoUAssigner(max_pair_density=1.0)
     empty = pad_targets([torch.zeros(0, 4), torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)] * 2)
     valid = torch.ones(2, 428, dtype=torch.bool)
     assert_bit_identical(assigner(anchors, empty, valid, grid), assigner(anchors, empty, valid))
-    padding_only = PaddedTargets(torch.full((2, 3, 4), float("nan")), torch.full((2, 3), -1),
-                                 torch.zeros(2, 3, dtype=torch.bool))
+    padding_only = PaddedTargets(
+        torch.full((2, 3, 4), float("nan")), torch.full((2, 3), -1), torch.zeros(2, 3, dtype=torch.bool)
+    )
     assert_sparse_matches_dense(assigner, anchors, grid, padding_only, valid)
     boxes = pad_targets([torch.tensor([[0.0, 0.0, 50.0, 50.0]])], [torch.tensor([3])])
     assert_sparse_matches_dense(assigner, anchors, grid, boxes, torch.zeros(1, 428, dtype=torch.bool))
@@ -566,13 +600,13 @@ def test_a_negative_zero_right_edge_makes_a_negative_zero_iou():
     """Why a GT with a -0.0 right or bottom edge goes dense: IoU -0.0 with an anchor it only touches."""
     gt = torch.tensor([[-5.0, 0.0, -0.0, 10.0]])
     anchor = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    assert torch.signbit(pairwise_iou(gt, anchor)).item()
-    assert not torch.signbit(pairwise_iou(gt.abs() * torch.tensor([-1.0, 1, 1, 1]), anchor)).item()
+    assert torch.signbit(bbox_overlaps(gt, anchor)).item()
+    assert not torch.signbit(bbox_overlaps(gt.abs() * torch.tensor([-1.0, 1, 1, 1]), anchor)).item()
 
 
 @pytest.mark.parametrize("odd", [float("nan"), float("inf"), -float("inf"), "x1", "y1", 3e38])
 def test_odd_gt_coordinates_fall_back_to_dense(odd):
-    anchors, sizes, grid = small_grid()
+    anchors, _sizes, grid = small_grid()
     boxes = torch.tensor([[10.0, 10.0, 60.0, 70.0], [-0.5, 0.0, 30.0, 30.0]])
     if isinstance(odd, str):  # a -0.0 right or bottom edge, touching the anchors' +0.0 edges
         boxes[1] = torch.tensor([-20.0, -20.0, 0.0, 0.0])
@@ -588,7 +622,7 @@ def test_odd_gt_coordinates_fall_back_to_dense(odd):
 
 
 def test_dense_pairs_fall_back_by_density():
-    anchors, sizes, grid = small_grid()
+    anchors, _sizes, grid = small_grid()
     whole = torch.tensor([[-1000.0, -1000.0, 1000.0, 1000.0]] * 3)  # every anchor overlaps each
     targets = pad_targets([whole], [torch.arange(3)])
     valid = torch.ones(1, 428, dtype=torch.bool)
@@ -609,8 +643,10 @@ def test_sparse_assignment_takes_one_host_sync_whatever_the_boxes():
     assigner = MaxIoUAssigner()
     syncs = {}
     for num in (1, 8, 40):
-        targets = pad_targets([random_gt_boxes(gen, num, 256, 192), random_gt_boxes(gen, num, 224, 160)],
-                              [torch.zeros(num, dtype=torch.long)] * 2)
-        syncs[num] = count_device_work(lambda: assigner(anchors, targets, valid, grid)).syncs
-        assert count_device_work(lambda: assigner(anchors, targets, valid)).syncs == 0
+        targets = pad_targets(
+            [random_gt_boxes(gen, num, 256, 192), random_gt_boxes(gen, num, 224, 160)],
+            [torch.zeros(num, dtype=torch.long)] * 2,
+        )
+        syncs[num] = count_device_work(lambda targets=targets: assigner(anchors, targets, valid, grid)).syncs
+        assert count_device_work(lambda targets=targets: assigner(anchors, targets, valid)).syncs == 0
     assert syncs == {1: 1, 8: 1, 40: 1}

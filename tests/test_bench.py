@@ -3,6 +3,7 @@
 Runs are tiny (small presets, 1-2 images per batch, 1-2 iterations) with random weights; the
 timings themselves are not asserted, only that they are sane and consistent.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-import paadet.testing
-from paadet import bench
+import paadet.model.seeded
+from paadet import DetectorSpec, bench
 from paadet.cli import main
+from paadet.data.synthetic import synthetic_image
 from paadet.preprocess import PRESETS, Preset, normalize_pad, resize
-from paadet.testing import synthetic_image
 
 TINY = Preset("tiny", (96, 96), size_divisor=None, fixed_size=(96, 96))
 TINY_DIV = Preset("tinydiv", (96, 64), size_divisor=32)
-_cached_weights = functools.cache(paadet.testing.seeded_state_dict)
+_cached_weights = functools.cache(paadet.model.seeded.seeded_state_dict)
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +30,7 @@ def _isolated(monkeypatch, tmp_path):
     """No official checkpoint is found (empty cache), random weights are made once, tiny presets exist,
     and PyTorch uses one thread (tiny convolutions on a busy machine are many times slower with more)."""
     monkeypatch.setenv("PAADET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(paadet.testing, "seeded_state_dict", _cached_weights)
+    monkeypatch.setattr(paadet.model.seeded, "seeded_state_dict", _cached_weights)
     monkeypatch.setitem(PRESETS, TINY.name, TINY)
     monkeypatch.setitem(PRESETS, TINY_DIV.name, TINY_DIV)
     threads = torch.get_num_threads()
@@ -41,13 +42,35 @@ def _isolated(monkeypatch, tmp_path):
 def _tiny_report(**kwargs):
     options = dict(preset=TINY, device="cpu", batch_size=2, warmup=1, iters=2)
     options.update(kwargs)
-    return bench.run_benchmark(**options)
+    timing = {k: options.pop(k) for k in ("warmup", "iters", "images", "decode", "skip_engine") if k in options}
+    if timing.get("images") is not None:
+        timing["images"] = str(timing["images"])
+    return bench.run_benchmark(DetectorSpec(**options), bench.BenchTiming(**timing))
 
 
 def test_report_has_every_field_with_sane_values():
     report = _tiny_report()
-    for key in ("schema", "tool", "timestamp", "backend", "device", "precision", "batch_size", "preset", "input_size",
-                "weights", "timing_only", "images", "warmup", "iters", "options", "hardware", "versions", "engine", "e2e"):
+    for key in (
+        "schema",
+        "tool",
+        "timestamp",
+        "backend",
+        "device",
+        "precision",
+        "batch_size",
+        "preset",
+        "input_size",
+        "weights",
+        "timing_only",
+        "images",
+        "warmup",
+        "iters",
+        "options",
+        "hardware",
+        "versions",
+        "engine",
+        "e2e",
+    ):
         assert key in report, key
     assert report["backend"] == "torch" and report["device"] == "cpu" and report["precision"] == "fp32"
     assert report["batch_size"] == 2 and report["preset"] == "tiny" and report["timing_only"] is True
@@ -104,18 +127,24 @@ def test_cli_writes_json_and_table(tmp_path, capsys):
     assert report["e2e"]["iterations"] == 1 and report["engine"]["iterations"] == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    # --batch-size 0, --iters 0 and --warmup -1 are refused by argparse: tests/test_robustness.py
-    (["--images", "/no/such/folder"], "no such folder"),
-    (["--backend", "onnxruntime", "--model", "missing.onnx"], "missing.onnx: ONNX model file not found"),
-    (["--backend", "torch", "--model", "x.onnx"], "--model is for --backend onnxruntime"),
-    (["--fp16", "--device", "cpu"], "--fp16 needs a CUDA device"),
-    (["--decode", "gpu", "--device", "cpu"], "--decode gpu needs"),
-    (["--backend", "torch", "--cuda-graphs", "--device", "cpu"], "need a CUDA device"),
-    (["--cuda-graphs", "--device", "cpu"], "options of the torch backend on CUDA"),
-    (["--backend", "torch", "--fold-bn", "--device", "cpu"], "fold_bn need a CUDA device"),
-    (["--fold-bn", "--fp16-weights", "--device", "cpu"], "--fold-bn, --fp16-weights are options of the torch backend"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # --batch-size 0, --iters 0 and --warmup -1 are refused by argparse: tests/test_robustness.py
+        (["--images", "/no/such/folder"], "no such folder"),
+        (["--backend", "onnxruntime", "--model", "missing.onnx"], "missing.onnx: ONNX model file not found"),
+        (["--backend", "torch", "--model", "x.onnx"], "--model is for --backend onnxruntime"),
+        (["--fp16", "--device", "cpu"], "--fp16 needs a CUDA device"),
+        (["--decode", "gpu", "--device", "cpu"], "--decode gpu needs"),
+        (["--backend", "torch", "--cuda-graphs", "--device", "cpu"], "need a CUDA device"),
+        (["--cuda-graphs", "--device", "cpu"], "options of the torch backend on CUDA"),
+        (["--backend", "torch", "--fold-bn", "--device", "cpu"], "fold_bn need a CUDA device"),
+        (
+            ["--fold-bn", "--fp16-weights", "--device", "cpu"],
+            "--fold-bn, --fp16-weights are options of the torch backend",
+        ),
+    ],
+)
 def test_bad_arguments_give_one_line_errors(argv, message, capsys):
     rc = main(["bench", "--preset", "tiny", "--iters", "1", "--warmup", "0", *argv])
     err = capsys.readouterr().err.strip()
@@ -154,7 +183,9 @@ def test_onnxruntime_backend(tmp_path):
     net.load_state_dict(_cached_weights(0))
     model = tmp_path / "tiny.onnx"
     export.export_onnx(net, model, preset=TINY, batch_size=1, verify=False, simplify=False)
-    report = bench.run_benchmark(backend="onnxruntime", model=str(model), preset="tiny", warmup=0, iters=1)
+    report = bench.run_benchmark(
+        DetectorSpec(backend="onnxruntime", model=str(model), preset="tiny"), bench.BenchTiming(warmup=0, iters=1)
+    )
     assert report["backend"] == "onnxruntime" and report["timing_only"] is False
     assert report["batch_size"] == 1 and report["engine"]["images_per_s"] > 0
     assert "onnxruntime backend's 'network' stage" in report["engine"]["definition"]
@@ -164,7 +195,7 @@ def test_onnxruntime_backend(tmp_path):
 def test_auto_backend_on_cpu_probes_the_fp32_backends_and_says_which(tmp_path, capsys):
     """``paadet bench`` with no backend on a CPU times every installed fp32 exported-graph backend on the first
     image, runs the fastest, and names it (in the report and on stderr); never a reduced precision."""
-    from paadet.bench_auto import available_cpu_candidates
+    from paadet.bench.auto import available_cpu_candidates
 
     out = tmp_path / "auto.json"
     assert main(["bench", "--preset", "tiny", "--iters", "1", "--warmup", "0", "--json", str(out)]) == 0
@@ -181,13 +212,13 @@ def test_auto_backend_on_cpu_probes_the_fp32_backends_and_says_which(tmp_path, c
         assert auto["candidates_ms"][auto["chosen"]] == min(auto["candidates_ms"].values())
         assert f"--backend auto: {report['backend']}" in err
     assert report["precision"] in ("fp32", "f32")
-    assert bench.choose_backend("auto", device="cpu", model="x.onnx") == "onnxruntime"
-    assert bench.choose_backend("auto", device="cpu", precision="bf16") == "openvino"
-    assert bench.choose_backend("auto", device="cpu", model="m.xml") == "openvino"
+    assert bench.choose_backend(DetectorSpec(backend="auto", device="cpu", model="x.onnx")) == "onnxruntime"
+    assert bench.choose_backend(DetectorSpec(backend="auto", device="cpu", precision="bf16")) == "openvino"
+    assert bench.choose_backend(DetectorSpec(backend="auto", device="cpu", model="m.xml")) == "openvino"
     with_providers = _tiny_report(backend="auto", batch_size=1, iters=1, warmup=0, providers="CPUExecutionProvider")
     assert with_providers["backend"] == "onnxruntime" and with_providers["auto"] is None  # --providers: ORT, no probe
-    assert bench.choose_backend("auto", device="cpu", fp16=True) == "torch"
-    assert bench.choose_backend("torch", device="cpu") == "torch"
+    assert bench.choose_backend(DetectorSpec(backend="auto", device="cpu", fp16=True)) == "torch"
+    assert bench.choose_backend(DetectorSpec(backend="torch", device="cpu")) == "torch"
 
 
 def test_gpu_decode_resize_and_pad_groups_by_size():
@@ -204,11 +235,15 @@ def test_gpu_decode_resize_and_pad_groups_by_size():
     decoded = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in shapes]
     rgb, metas = resize_pad_decoded(decoded, preset)
     assert rgb.shape == (4, 3, 800, 800) and rgb.dtype == torch.float32
-    for img, out, meta, (h, w) in zip(decoded, rgb, metas, shapes):
+    for img, out, meta, (h, w) in zip(decoded, rgb, metas, shapes, strict=False):
         _, cv_meta = resize(np.zeros((h, w, 3), np.uint8), preset)
         assert meta == cv_meta
         nh, nw = meta.img_shape
-        alone = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", align_corners=False).round().clamp(0, 255)[0]
+        alone = (
+            F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", align_corners=False)
+            .round()
+            .clamp(0, 255)[0]
+        )
         assert torch.equal(out[:, :nh, :nw], alone)
         assert not out[:, nh:, :].any() and not out[:, :, nw:].any()
     with pytest.raises(ValueError, match="one padded size"):
@@ -228,7 +263,7 @@ def test_detections_to_host_packs_one_copy_and_keeps_everything():
     dets = multiclass_nms(Candidates(boxes, scores), PostprocessConfig())
     host = detections_to_host(dets)
     assert dets.num_dets.tolist()[1] < 100
-    for a, b in zip(dets, host):
+    for a, b in zip(dets, host, strict=False):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
@@ -246,12 +281,24 @@ def test_gpu_report_tables_and_targets(tmp_path):
     report["e2e"]["images_per_s"] = 500.0
     report["e2e"]["stages_ms_per_image"]["postprocess"] = 0.125  # 4 ms per batch of 32
     (tmp_path / "bench_b32.json").write_text(json.dumps(report))
-    row = {"weights": "dense", "preset": "800", "variant": "fp16_channels_last", "rule": "iou>=0.95", "reference": 600,
-           "ours": 601, "matched": 597, "extra": 4, "matched_fraction": 597 / 600, "pass": True}
+    row = {
+        "weights": "dense",
+        "preset": "800",
+        "variant": "fp16_channels_last",
+        "rule": "iou>=0.95",
+        "reference": 600,
+        "ours": 601,
+        "matched": 597,
+        "extra": 4,
+        "matched_fraction": 597 / 600,
+        "pass": True,
+    }
     (tmp_path / "parity.json").write_text(json.dumps({"ok": True, "rows": [row]}))
     (tmp_path / "profile_b32.json").write_text(json.dumps({"engine": {"error": "RuntimeError: boom"}}))
-    train_rows = [{"setting": "recipe 1333x800 b2", "amp": "fp32", "s_per_iter": 0.5, "speedup": 1.0, "n": 10},
-                  {"setting": "recipe 1333x800 b2", "amp": "fp16", "s_per_iter": 0.2, "speedup": 2.5, "n": 10}]
+    train_rows = [
+        {"setting": "recipe 1333x800 b2", "amp": "fp32", "s_per_iter": 0.5, "speedup": 1.0, "n": 10},
+        {"setting": "recipe 1333x800 b2", "amp": "fp16", "s_per_iter": 0.2, "speedup": 2.5, "n": 10},
+    ]
     (tmp_path / "train_amp.json").write_text(json.dumps({"device": "cuda", "rows": train_rows}))
     tool = Path(__file__).resolve().parents[1] / "tools" / "gpu_report.py"
     out = subprocess.run([sys.executable, str(tool), str(tmp_path)], capture_output=True, text=True, check=True).stdout
@@ -271,7 +318,7 @@ def test_choose_fastest_takes_the_lower_median(tmp_path):
     """The auto probe picks the backend whose timed calls are faster, and reports every candidate."""
     import time
 
-    from paadet.bench_auto import choose_fastest
+    from paadet.bench.auto import choose_fastest
 
     class Sleeper:
         def __init__(self, seconds):

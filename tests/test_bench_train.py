@@ -2,6 +2,7 @@
 calls per batch, which must stay bounded whatever the number of boxes, and its check of that bound, which
 must catch a loss that syncs once per box. mmdetection is not needed (nor imported).
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """Delta-xywh decoding: identity, a hand-computed example, the dw/dh clamp and per-image clipping."""
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,9 @@ def test_huge_deltas_are_clamped_at_ln_1000_over_16():
 
 def test_deltas_just_inside_the_clamp_are_not_clamped():
     # dw = 20 * 0.2 = 4.0 < 4.135: width = 40 e^4
-    boxes = DeltaXYWHBoxCoder().decode(ANCHOR.double()[None], torch.tensor([[0.0, 0.0, 20.0, 0.0]], dtype=torch.float64))
+    boxes = DeltaXYWHBoxCoder().decode(
+        ANCHOR.double()[None], torch.tensor([[0.0, 0.0, 20.0, 0.0]], dtype=torch.float64)
+    )
     width = boxes[0, 2] - boxes[0, 0]
     assert math.isclose(float(width), 40 * math.exp(4.0), rel_tol=1e-12)
 

@@ -1,4 +1,5 @@
 """Tests for paadet.checkpoint: safe loading, format detection, hash suffixes and strict key checks."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,7 @@ import torch
 
 from paadet.checkpoint import CheckpointError, expected_sha256_prefix, load_state_dict, load_weights, sha256_file
 from paadet.model import PAANet
-from paadet.testing import seeded_state_dict
+from paadet.model.seeded import seeded_state_dict
 
 UNPICKLED: list[str] = []
 
@@ -111,7 +112,9 @@ def test_module_prefix_is_stripped_only_when_every_key_has_it(tmp_path: Path) ->
     assert sorted(load_state_dict(path)) == ["b.bias", "module.a.weight"]
 
 
-def test_missing_keys_are_counted_and_listed(tmp_path: Path, light_state: dict[str, torch.Tensor], model: PAANet) -> None:
+def test_missing_keys_are_counted_and_listed(
+    tmp_path: Path, light_state: dict[str, torch.Tensor], model: PAANet
+) -> None:
     dropped = list(light_state)[:5]
     partial = {k: v for k, v in light_state.items() if k not in dropped}
     path = tmp_path / "missing.pth"
@@ -119,12 +122,14 @@ def test_missing_keys_are_counted_and_listed(tmp_path: Path, light_state: dict[s
     with pytest.raises(CheckpointError) as excinfo:
         load_weights(model, path)
     message = _one_line_error(excinfo, path)
-    assert f"missing keys: 5 ({dropped[0]}, {dropped[1]}, {dropped[2]}, ...)" in message
+    assert f"missing keys: 5 ({dropped[0]}, {dropped[1]}, {dropped[2]} and 2 more)" in message
     assert dropped[3] not in message
     assert "unexpected" not in message and "mis-shaped" not in message
 
 
-def test_unexpected_keys_are_counted_and_listed(tmp_path: Path, light_state: dict[str, torch.Tensor], model: PAANet) -> None:
+def test_unexpected_keys_are_counted_and_listed(
+    tmp_path: Path, light_state: dict[str, torch.Tensor], model: PAANet
+) -> None:
     extra = dict(light_state, **{"backbone.fc.weight": torch.zeros(10, 2048), "backbone.fc.bias": torch.zeros(10)})
     path = tmp_path / "extra.pth"
     torch.save(extra, path)

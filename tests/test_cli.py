@@ -1,4 +1,5 @@
 """The ``paadet`` command dispatcher: commands listed, bad flags, a command whose optional package is missing."""
+
 from __future__ import annotations
 
 import importlib
@@ -23,7 +24,9 @@ def test_unknown_flag_is_refused(capsys: pytest.CaptureFixture) -> None:
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_missing_optional_package_breaks_only_its_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_missing_optional_package_breaks_only_its_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     real_import = importlib.import_module
 
     def fake_import(name: str, *args, **kwargs):

@@ -1,4 +1,5 @@
 """``paadet predict`` end to end: folders and files, JSON format, skipped files, visualisations, errors."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,10 @@ import cv2
 import pytest
 import torch
 
+from paadet.classes import CATEGORY_IDS
 from paadet.cli import main
-from paadet.coco import CATEGORY_IDS
-from paadet.testing import seeded_state_dict, synthetic_image
+from paadet.data.synthetic import synthetic_image
+from paadet.model.seeded import seeded_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,22 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict:
     (folder / "broken.png").write_bytes(b"\x89PNG truncated")
     out = root / "out" / "results.json"
     vis = root / "vis"
-    code = main(["predict", str(folder), "--checkpoint", str(checkpoint), "--preset", "800",
-                 "--output", str(out), "--save-vis", str(vis), "--batch-size", "2"])
+    code = main(
+        [
+            "predict",
+            str(folder),
+            "--checkpoint",
+            str(checkpoint),
+            "--preset",
+            "800",
+            "--output",
+            str(out),
+            "--save-vis",
+            str(vis),
+            "--batch-size",
+            "2",
+        ]
+    )
     return {"code": code, "out": out, "vis": vis, "folder": folder}
 
 
@@ -47,7 +63,7 @@ def test_results_json_is_coco_format(run_dir: dict) -> None:
     for e in entries:
         assert set(e) == {"image_id", "category_id", "bbox", "score", "file_name"}
         assert e["category_id"] in CATEGORY_IDS
-        x, y, w, h = e["bbox"]
+        _x, _y, w, h = e["bbox"]
         assert w >= 0 and h >= 0 and 0.05 < e["score"] <= 1
     # image ids follow the sorted input list: a.png, broken.png (skipped), nested/b.jpg
     assert {e["file_name"]: e["image_id"] for e in entries} == {"a.png": 0, "nested/b.jpg": 2}
@@ -72,7 +88,9 @@ def test_file_given_directly_keeps_its_name(tmp_path: Path, checkpoint: Path) ->
 
 
 def test_missing_input_is_a_one_line_error(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["predict", str(tmp_path / "nope"), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "r.json")])
+    code = main(
+        ["predict", str(tmp_path / "nope"), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "r.json")]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "nope" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r.json").exists()
@@ -92,7 +110,21 @@ def test_bad_flags(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixtu
     img = tmp_path / "x.png"
     cv2.imwrite(str(img), synthetic_image(50, 50, seed=0))
     with pytest.raises(SystemExit) as exc:  # argparse refuses it, naming the flag
-        main(["predict", str(img), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "r.json"), "--batch-size", "0"])
+        main(
+            [
+                "predict",
+                str(img),
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(tmp_path / "r.json"),
+                "--batch-size",
+                "0",
+            ]
+        )
     assert exc.value.code == 2 and "argument --batch-size" in capsys.readouterr().err
-    assert main(["predict", str(img), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "r.json"), "--fp16"]) == 2
+    assert (
+        main(["predict", str(img), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "r.json"), "--fp16"])
+        == 2
+    )
     assert "CUDA" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """The Detector API: inputs, batching by padded size, batch invariance, errors."""
+
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -9,11 +11,13 @@ import pytest
 import torch
 
 from paadet.data.images import ImageReadError
-from paadet.detector import Detector, iter_loaded
+from paadet.data.pipeline import iter_loaded
+from paadet.data.synthetic import synthetic_image
+from paadet.detector import Detector
 from paadet.model import PAANet
+from paadet.model.seeded import seeded_state_dict
 from paadet.preprocess import Preset
 from paadet.runtime.torch_backend import TorchBackend
-from paadet.testing import seeded_state_dict, synthetic_image
 
 # Small inputs keep the network cheap; the batching logic is the same as for the real presets.
 SMALL = Preset("small", (256, 160), size_divisor=32)
@@ -44,7 +48,7 @@ def test_batch_of_8_equals_one_by_one(net: PAANet) -> None:
     assert len(alone) == len(batched) == 8
     padded = {m.meta.pad_shape for m in iter_loaded(imgs, SMALL, workers=0)}
     assert 1 < len(padded) < 8  # the batch really mixes sizes and shares some
-    for a, b in zip(alone, batched):
+    for a, b in zip(alone, batched, strict=False):
         assert a.ori_shape == b.ori_shape
         assert len(a.scores) == len(b.scores) > 0
         np.testing.assert_array_equal(a.labels, b.labels)
@@ -82,7 +86,7 @@ def test_results_are_sorted_and_in_original_pixels(net: PAANet) -> None:
 def test_unreadable_file_raises_naming_it(net: PAANet, tmp_path: Path) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    with pytest.raises(ImageReadError, match="broken.jpg"):
+    with pytest.raises(ImageReadError, match=re.escape("broken.jpg")):
         make_detector(net, 1).predict([bad])
 
 
@@ -143,7 +147,7 @@ def test_a_concurrent_backend_gets_batches_at_once_and_every_result_its_image(co
     inputs = images()
     results = Detector(backend, batch_size=1, workers=0).predict(inputs)
     assert backend.calls == len(inputs) and backend.max_active == concurrency
-    for image, result in zip(inputs, results):
+    for image, result in zip(inputs, results, strict=False):
         np.testing.assert_array_equal(result.boxes, [[0, 0, image.shape[1], image.shape[0]]])
         assert result.ori_shape == image.shape[:2]
 

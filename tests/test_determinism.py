@@ -1,4 +1,5 @@
 """Run-to-run reproducibility of torch's CPU kernels once paadet is imported (MKL's CBWR mode)."""
+
 from __future__ import annotations
 
 import os

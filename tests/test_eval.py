@@ -1,4 +1,6 @@
-"""Tests for COCO scoring (paadet.evaluate), dataset loading (paadet.data.coco) and `paadet eval` without a model."""
+"""Tests for COCO scoring (paadet.evaluation.run), dataset loading (paadet.data.coco) and `paadet eval`
+without a model."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,9 +15,14 @@ from pycocotools.cocoeval import COCOeval
 
 from paadet.cli import main
 from paadet.data.coco import CocoDataset, DatasetError, resolve_layout
-from paadet.evaluate import METRIC_KEYS, ResultsError, evaluate_results_file, format_metrics
+from paadet.evaluation.metrics import METRIC_KEYS, ResultsError, evaluate_results_file, format_metrics
 
-CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}, {"id": 90, "name": "toothbrush"}]
+CATEGORIES = [
+    {"id": 1, "name": "person"},
+    {"id": 3, "name": "car"},
+    {"id": 18, "name": "dog"},
+    {"id": 90, "name": "toothbrush"},
+]
 
 
 def make_annotations(num_images: int = 6, seed: int = 0) -> dict:
@@ -28,19 +35,38 @@ def make_annotations(num_images: int = 6, seed: int = 0) -> dict:
         images.append({"id": image_id, "file_name": f"img_{image_id}.png", "width": 640, "height": 480})
         if i == num_images - 1:
             continue
-        for k in range(int(rng.integers(2, 6))):
+        for _k in range(int(rng.integers(2, 6))):
             w, h = sizes[int(rng.integers(0, len(sizes)))]
             x, y = float(rng.uniform(0, 640 - w)), float(rng.uniform(0, 480 - h))
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": CATEGORIES[int(rng.integers(0, 4))]["id"],
-                         "bbox": [x, y, float(w), float(h)], "area": float(w * h), "iscrowd": 0})
-    anns.append({"id": len(anns) + 1, "image_id": images[0]["id"], "category_id": 1,
-                 "bbox": [300.0, 200.0, 150.0, 150.0], "area": 22500.0, "iscrowd": 1})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": CATEGORIES[int(rng.integers(0, 4))]["id"],
+                    "bbox": [x, y, float(w), float(h)],
+                    "area": float(w * h),
+                    "iscrowd": 0,
+                }
+            )
+    anns.append(
+        {
+            "id": len(anns) + 1,
+            "image_id": images[0]["id"],
+            "category_id": 1,
+            "bbox": [300.0, 200.0, 150.0, 150.0],
+            "area": 22500.0,
+            "iscrowd": 1,
+        }
+    )
     return {"images": images, "annotations": anns, "categories": CATEGORIES}
 
 
 def perfect(ann: dict) -> list[dict]:
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]), "score": 1.0}
-            for a in ann["annotations"] if not a["iscrowd"]]
+    return [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]), "score": 1.0}
+        for a in ann["annotations"]
+        if not a["iscrowd"]
+    ]
 
 
 def perturbed(ann: dict, seed: int) -> list[dict]:
@@ -56,12 +82,25 @@ def perturbed(ann: dict, seed: int) -> list[dict]:
         box = [x + jitter[0], y + jitter[1], max(1.0, w + jitter[2]), max(1.0, h + jitter[3])]
         out.append({"image_id": a["image_id"], "category_id": cat, "bbox": box, "score": float(rng.uniform(0.05, 1))})
         if rng.random() < 0.2:
-            out.append({"image_id": a["image_id"], "category_id": cat, "bbox": [v + 2 for v in box], "score": float(rng.uniform(0.05, 1))})
+            out.append(
+                {
+                    "image_id": a["image_id"],
+                    "category_id": cat,
+                    "bbox": [v + 2 for v in box],
+                    "score": float(rng.uniform(0.05, 1)),
+                }
+            )
     for _ in range(15):
         image = ann["images"][int(rng.integers(0, len(ann["images"])))]
         w, h = rng.uniform(5, 150, 2)
-        out.append({"image_id": image["id"], "category_id": CATEGORIES[int(rng.integers(0, 4))]["id"],
-                    "bbox": [float(rng.uniform(0, 400)), float(rng.uniform(0, 300)), float(w), float(h)], "score": float(rng.uniform(0.05, 0.6))})
+        out.append(
+            {
+                "image_id": image["id"],
+                "category_id": CATEGORIES[int(rng.integers(0, 4))]["id"],
+                "bbox": [float(rng.uniform(0, 400)), float(rng.uniform(0, 300)), float(w), float(h)],
+                "score": float(rng.uniform(0.05, 0.6)),
+            }
+        )
     return out
 
 
@@ -112,7 +151,11 @@ def test_perturbed_detections_equal_pycocotools(tmp_path: Path, seed: int) -> No
         p = precision[:, :, k, 0, -1]
         name = direct.cocoGt.cats[cat_id]["name"]
         expected = float(np.mean(p[p > -1])) if (p > -1).any() else None
-        assert metrics.per_class[name] == pytest.approx(expected, abs=1e-12) if expected is not None else metrics.per_class[name] is None
+        assert (
+            metrics.per_class[name] == pytest.approx(expected, abs=1e-12)
+            if expected is not None
+            else metrics.per_class[name] is None
+        )
 
 
 def test_limit_evaluates_only_the_first_images(tmp_path: Path) -> None:
@@ -144,7 +187,10 @@ def test_cli_results_mode(tmp_path: Path, ann_file: Path, capsys: pytest.Capture
     ann = json.loads(ann_file.read_text())
     results = write_json(tmp_path / "dets.json", perturbed(ann, 5))
     out_dir = tmp_path / "out"
-    assert main(["eval", "--results", str(results), "--ann", str(ann_file), "--output-dir", str(out_dir), "--per-class"]) == 0
+    assert (
+        main(["eval", "--results", str(results), "--ann", str(ann_file), "--output-dir", str(out_dir), "--per-class"])
+        == 0
+    )
     printed = capsys.readouterr().out
     direct = pycocotools_direct(ann_file, results)
     saved = json.loads((out_dir / "metrics.json").read_text())
@@ -158,7 +204,10 @@ def test_cli_results_mode_with_data_root(tmp_path: Path) -> None:
     (tmp_path / "coco" / "annotations").mkdir(parents=True)
     write_json(tmp_path / "coco" / "annotations" / "instances_val2017.json", ann)
     results = write_json(tmp_path / "dets.json", perfect(ann))
-    assert main(["eval", "--results", str(results), "--data", str(tmp_path / "coco"), "--output-dir", str(tmp_path / "o")]) == 0
+    assert (
+        main(["eval", "--results", str(results), "--data", str(tmp_path / "coco"), "--output-dir", str(tmp_path / "o")])
+        == 0
+    )
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["AP"] == pytest.approx(1.0)
 
 
@@ -206,28 +255,68 @@ def dataset_dir(tmp_path: Path, ann: dict | str | None) -> tuple[Path, Path]:
 
 BAD_ANNOTATIONS = [
     (None, "annotation file not found"),
-    ("{\"images\": [", "not valid JSON"),
+    ('{"images": [', "not valid JSON"),
     ("[1, 2]", "not a COCO annotation file"),
     (json.dumps({"images": [], "annotations": []}), "no 'categories' list"),
-    (json.dumps({"images": [{"file_name": "a.png"}], "annotations": [], "categories": CATEGORIES}), "images[0] needs an 'id'"),
-    (json.dumps({"images": [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}], "annotations": [], "categories": CATEGORIES}), "listed twice"),
-    (json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "categories": CATEGORIES,
-                 "annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]}), "annotations[0] has no 'id'"),
-    (json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "categories": CATEGORIES,
-                 "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1]}]}), "four numbers"),
+    (
+        json.dumps({"images": [{"file_name": "a.png"}], "annotations": [], "categories": CATEGORIES}),
+        "images[0] needs an 'id'",
+    ),
+    (
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}],
+                "annotations": [],
+                "categories": CATEGORIES,
+            }
+        ),
+        "listed twice",
+    ),
+    (
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.png"}],
+                "categories": CATEGORIES,
+                "annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}],
+            }
+        ),
+        "annotations[0] has no 'id'",
+    ),
+    (
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.png"}],
+                "categories": CATEGORIES,
+                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1]}],
+            }
+        ),
+        "four numbers",
+    ),
     (json.dumps({"images": [], "annotations": [], "categories": CATEGORIES}), "dataset is empty"),
 ]
 MODEL_ONLY = [
     (json.dumps({"images": [{"id": 1}], "annotations": [], "categories": CATEGORIES}), "image 1 has no 'file_name'"),
-    (json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": [{"id": 91, "name": "x"}, {"id": 200, "name": "y"}]}),
-     "none of the category ids"),
+    (
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.png"}],
+                "annotations": [],
+                "categories": [{"id": 91, "name": "x"}, {"id": 200, "name": "y"}],
+            }
+        ),
+        "none of the category ids",
+    ),
 ]
 
 
 @pytest.mark.parametrize("ann, message", BAD_ANNOTATIONS + MODEL_ONLY)
-def test_bad_annotation_file_is_a_one_line_error(tmp_path: Path, ann, message: str, capsys: pytest.CaptureFixture) -> None:
+def test_bad_annotation_file_is_a_one_line_error(
+    tmp_path: Path, ann, message: str, capsys: pytest.CaptureFixture
+) -> None:
     ann_file, images = dataset_dir(tmp_path, ann)
-    status, _, err = run_cli(["--ann", str(ann_file), "--images", str(images), "--checkpoint", str(tmp_path / "none.pth")], capsys)
+    status, _, err = run_cli(
+        ["--ann", str(ann_file), "--images", str(images), "--checkpoint", str(tmp_path / "none.pth")], capsys
+    )
     assert_one_line_error(status, err, str(ann_file), message)
 
 
@@ -249,7 +338,9 @@ def test_results_mode_is_as_lenient_as_pycocotools(tmp_path: Path, capsys: pytes
     for a in ann["annotations"]:
         a["image_id"] = ids[a["image_id"]]
     results = write_json(tmp_path / "dets.json", perturbed(ann, 4))
-    ann["annotations"].append({"id": 999, "image_id": "elsewhere", "category_id": 1, "bbox": [1, 2, 3, 4], "area": 12, "iscrowd": 0})
+    ann["annotations"].append(
+        {"id": 999, "image_id": "elsewhere", "category_id": 1, "bbox": [1, 2, 3, 4], "area": 12, "iscrowd": 0}
+    )
     ann_file = write_json(tmp_path / "instances.json", ann)
     status, _, err = run_cli(["--results", str(results), "--ann", str(ann_file)], capsys)
     assert status == 0 and "1 annotations are on image or category ids that are not listed (ids 999)" in err
@@ -280,7 +371,7 @@ def test_missing_dataset_options(capsys: pytest.CaptureFixture, tmp_path: Path) 
 
 def test_some_foreign_categories_warn(tmp_path: Path) -> None:
     ann = make_annotations()
-    ann["categories"] = CATEGORIES + [{"id": 300, "name": "widget"}, {"id": 2, "name": "bike"}]
+    ann["categories"] = [*CATEGORIES, {"id": 300, "name": "widget"}, {"id": 2, "name": "bike"}]
     ann_file, images = dataset_dir(tmp_path, ann)
     dataset = CocoDataset.load(ann_file, images)
     assert len(dataset.warnings) == 2
@@ -296,13 +387,16 @@ def test_limit_must_be_positive(tmp_path: Path, ann_file: Path, capsys: pytest.C
     assert "argument --limit: must be >= 1, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("results, message", [
-    (None, "results file not found"),
-    ("[{", "not valid JSON"),
-    (json.dumps({"a": 1}), "not a COCO results file"),
-    (json.dumps([{"image_id": 100, "category_id": 1, "bbox": [1, 2, 3], "score": 0.5}]), "entry 0"),
-    (json.dumps([{"image_id": 5, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]), "image ids are not in"),
-])
+@pytest.mark.parametrize(
+    "results, message",
+    [
+        (None, "results file not found"),
+        ("[{", "not valid JSON"),
+        (json.dumps({"a": 1}), "not a COCO results file"),
+        (json.dumps([{"image_id": 100, "category_id": 1, "bbox": [1, 2, 3], "score": 0.5}]), "entry 0"),
+        (json.dumps([{"image_id": 5, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]), "image ids are not in"),
+    ],
+)
 def test_bad_results_file(tmp_path: Path, ann_file: Path, results, message: str, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "dets.json"
     if results is not None:

@@ -3,11 +3,11 @@
 Library-level runs use a tiny preset (images stay about 100 px) so that they are quick on a CPU; the
 end-to-end CLI runs use the mmdet preset (800 px short side) on two or three 64x96 images.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,34 +20,31 @@ import numpy as np
 import pytest
 import torch
 
+from paadet.classes import CLASS_NAMES, LABEL_OF_CATEGORY
 from paadet.cli import main
-from paadet.coco import CLASS_NAMES, LABEL_OF_CATEGORY
 from paadet.data.coco import CocoDataset
-from paadet.evaluate import (
-    DETECTIONS_NAME,
-    FAULT_ENV,
-    JOURNAL_NAME,
-    METRIC_KEYS,
-    METRICS_NAME,
-    JournalError,
-    evaluate_detector,
-    evaluate_results_file,
-)
-from paadet.testing import seeded_state_dict, synthetic_image
+from paadet.data.synthetic import synthetic_image
+from paadet.evaluation.journal import JOURNAL_NAME, JournalError
+from paadet.evaluation.metrics import METRIC_KEYS, evaluate_results_file
+from paadet.evaluation.run import DETECTIONS_NAME, METRICS_NAME, evaluate_detector
+from paadet.model.seeded import seeded_state_dict
 
 HELPER = textwrap.dedent('''
-    """Builds the tiny-preset seeded detector; run as a script it evaluates ANN IMAGES OUT [resume]."""
+    """Builds the tiny-preset seeded detector; run as a script it evaluates ANN IMAGES OUT [resume | kill=K]
+    (kill=K: SIGKILL itself right after journaling its K-th image, through evaluate_detector's on_record)."""
     import functools
+    import os
+    import signal
     import sys
 
     from paadet.data.coco import CocoDataset
     from paadet.detector import Detector
-    from paadet.evaluate import evaluate_detector
+    from paadet.evaluation.run import evaluate_detector
     from paadet.model import PAANet
     from paadet.postprocess import PostprocessConfig
     from paadet.preprocess import Preset
     from paadet.runtime.torch_backend import TorchBackend
-    from paadet.testing import seeded_state_dict
+    from paadet.model.seeded import seeded_state_dict
 
     TINY = Preset("tiny", (128, 96), size_divisor=32)
 
@@ -60,13 +57,29 @@ HELPER = textwrap.dedent('''
 
 
     def build(seed=0, batch_size=1, score_voting=True):
-        backend = TorchBackend(network(seed), preset=TINY, device="cpu", postprocess=PostprocessConfig(score_voting=score_voting))
+        backend = TorchBackend(
+            network(seed), preset=TINY, device="cpu", postprocess=PostprocessConfig(score_voting=score_voting)
+        )
         return Detector(backend, batch_size=batch_size, workers=2)
+
+
+    def kill_after(count):
+        records = []
+
+        def on_record(record):
+            records.append(record)
+            if len(records) == count:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return on_record
 
 
     if __name__ == "__main__":
         ann, images, out = sys.argv[1:4]
-        evaluate_detector(build(), CocoDataset.load(ann, images), out, resume=len(sys.argv) > 4, weights="seed0", progress=False)
+        extra = sys.argv[4] if len(sys.argv) > 4 else ""
+        kill = kill_after(int(extra[5:])) if extra.startswith("kill=") else None
+        evaluate_detector(build(), CocoDataset.load(ann, images), out, resume=extra == "resume", weights="seed0",
+                          progress=False, on_record=kill)
 ''')
 
 SHAPES = [(64, 96), (64, 96), (96, 64), (64, 96)]
@@ -96,16 +109,35 @@ def write_dataset(root: Path, image_dir: Path, detector, shapes=SHAPES) -> Path:
         files.append(image_dir / name)
     rng = np.random.default_rng(0)
     if detector is not None:
-        for image, result in zip(images, detector.predict(files)):
+        for image, result in zip(images, detector.predict(files), strict=False):
             for entry in result.to_coco(image["id"])[:4]:
                 x, y, bw, bh = entry["bbox"]
-                anns.append({"id": len(anns) + 1, "image_id": image["id"], "category_id": entry["category_id"],
-                             "bbox": [x + float(rng.normal(0, 0.5)), y, bw, bh], "area": bw * bh, "iscrowd": 0})
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image["id"],
+                        "category_id": entry["category_id"],
+                        "bbox": [x + float(rng.normal(0, 0.5)), y, bw, bh],
+                        "area": bw * bh,
+                        "iscrowd": 0,
+                    }
+                )
     else:
         for image in images:
-            anns.append({"id": len(anns) + 1, "image_id": image["id"], "category_id": 1,
-                         "bbox": [5.0, 5.0, 30.0, 20.0], "area": 600.0, "iscrowd": 0})
-    categories = [{"id": cid, "name": CLASS_NAMES[LABEL_OF_CATEGORY[cid]]} for cid in sorted({a["category_id"] for a in anns} | {1})]
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image["id"],
+                    "category_id": 1,
+                    "bbox": [5.0, 5.0, 30.0, 20.0],
+                    "area": 600.0,
+                    "iscrowd": 0,
+                }
+            )
+    categories = [
+        {"id": cid, "name": CLASS_NAMES[LABEL_OF_CATEGORY[cid]]}
+        for cid in sorted({a["category_id"] for a in anns} | {1})
+    ]
     ann_file = root / "instances.json"
     ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
     return ann_file
@@ -121,7 +153,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory, helper: ModuleType) -> t
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory, helper: ModuleType, tiny_data: tuple[Path, Path]):
     out = tmp_path_factory.mktemp("full")
-    report = evaluate_detector(helper.build(), CocoDataset.load(*tiny_data), out, per_class=True, weights="seed0", progress=False)
+    report = evaluate_detector(
+        helper.build(), CocoDataset.load(*tiny_data), out, per_class=True, weights="seed0", progress=False
+    )
     return report, out
 
 
@@ -131,7 +165,7 @@ def test_eval_equals_predict_and_scoring_its_file(helper: ModuleType, tiny_data:
     assert 0.1 < report.metrics.stats["AP"] < 1.0
     dataset = CocoDataset.load(ann_file, image_dir)
     expected = []
-    for entry, result in zip(dataset.images, helper.build().predict([e.path for e in dataset.images])):
+    for entry, result in zip(dataset.images, helper.build().predict([e.path for e in dataset.images]), strict=False):
         expected += [{k: v for k, v in d.items() if k != "file_name"} for d in result.to_coco(entry.image_id)]
     assert json.loads((out / DETECTIONS_NAME).read_text()) == expected
     rescored = evaluate_results_file(out / DETECTIONS_NAME, ann_file, per_class=True)
@@ -144,23 +178,34 @@ def test_eval_equals_predict_and_scoring_its_file(helper: ModuleType, tiny_data:
     assert saved["backend"]["backend"] == "torch"
 
 
-def test_loader_processes_gives_the_same_detections(tmp_path: Path, helper: ModuleType, tiny_data: tuple[Path, Path], full_run) -> None:
-    report = evaluate_detector(helper.build(), CocoDataset.load(*tiny_data), tmp_path, weights="seed0",
-                               loader="processes", progress=False)
+def test_loader_processes_gives_the_same_detections(
+    tmp_path: Path, helper: ModuleType, tiny_data: tuple[Path, Path], full_run
+) -> None:
+    report = evaluate_detector(
+        helper.build(), CocoDataset.load(*tiny_data), tmp_path, weights="seed0", loader="processes", progress=False
+    )
     assert (tmp_path / DETECTIONS_NAME).read_bytes() == (full_run[1] / DETECTIONS_NAME).read_bytes()
     assert report.metrics.stats == full_run[0].metrics.stats
 
 
-def test_batching_changes_detections_only_by_rounding(tmp_path: Path, helper: ModuleType, tiny_data: tuple[Path, Path], full_run) -> None:
+def test_batching_changes_detections_only_by_rounding(
+    tmp_path: Path, helper: ModuleType, tiny_data: tuple[Path, Path], full_run
+) -> None:
     """Batched CPU convolutions round differently from single-image ones (ulps), nothing more."""
-    evaluate_detector(helper.build(batch_size=3), CocoDataset.load(*tiny_data), tmp_path, weights="seed0", progress=False)
+    evaluate_detector(
+        helper.build(batch_size=3), CocoDataset.load(*tiny_data), tmp_path, weights="seed0", progress=False
+    )
     batched = json.loads((tmp_path / DETECTIONS_NAME).read_text())
     single = json.loads((full_run[1] / DETECTIONS_NAME).read_text())
     assert [(d["image_id"], d["category_id"]) for d in batched] == [(d["image_id"], d["category_id"]) for d in single]
-    np.testing.assert_allclose([d["bbox"] + [d["score"]] for d in batched], [d["bbox"] + [d["score"]] for d in single], atol=1e-3)
+    np.testing.assert_allclose(
+        [d["bbox"] + [d["score"]] for d in batched], [d["bbox"] + [d["score"]] for d in single], atol=1e-3
+    )
 
 
-def test_missing_and_unreadable_images_count_as_no_detections(tmp_path: Path, helper: ModuleType, tiny_data: tuple[Path, Path]) -> None:
+def test_missing_and_unreadable_images_count_as_no_detections(
+    tmp_path: Path, helper: ModuleType, tiny_data: tuple[Path, Path]
+) -> None:
     ann_file, image_dir = tiny_data
     images = tmp_path / "images"
     images.mkdir()
@@ -169,7 +214,9 @@ def test_missing_and_unreadable_images_count_as_no_detections(tmp_path: Path, he
         (images / name).write_bytes((image_dir / name).read_bytes())
     (images / names[1]).write_bytes(b"not an image")
     warnings: list[str] = []
-    report = evaluate_detector(helper.build(), CocoDataset.load(ann_file, images), tmp_path / "out", progress=False, log=warnings.append)
+    report = evaluate_detector(
+        helper.build(), CocoDataset.load(ann_file, images), tmp_path / "out", progress=False, log=warnings.append
+    )
     assert report.images["missing"] == 1 and report.images["unreadable"] == 1 and report.images["evaluated"] == 4
     assert report.missing_images == names[:2]
     assert sum(names[0] in w and "no such file" in w for w in warnings) == 1
@@ -197,9 +244,12 @@ class CountingBackend:
 def test_resume_after_sigkill(tmp_path: Path, helper: ModuleType, tiny_data: tuple[Path, Path], full_run) -> None:
     ann_file, image_dir = tiny_data
     out = tmp_path / "out"
-    env = dict(os.environ, **{FAULT_ENV: "2"})
-    proc = subprocess.run([sys.executable, str(helper.PATH), str(ann_file), str(image_dir), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(helper.PATH), str(ann_file), str(image_dir), str(out), "kill=2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     lines = (out / JOURNAL_NAME).read_bytes().splitlines()
     assert len(lines) == 3  # the header and two images
@@ -211,8 +261,16 @@ def test_resume_after_sigkill(tmp_path: Path, helper: ModuleType, tiny_data: tup
     counting = CountingBackend(detector.backend)
     detector.backend = counting
     warnings: list[str] = []
-    report = evaluate_detector(detector, CocoDataset.load(ann_file, image_dir), out, per_class=True, resume=True,
-                               weights="seed0", progress=False, log=warnings.append)
+    report = evaluate_detector(
+        detector,
+        CocoDataset.load(ann_file, image_dir),
+        out,
+        per_class=True,
+        resume=True,
+        weights="seed0",
+        progress=False,
+        log=warnings.append,
+    )
     assert counting.images == 2
     assert report.images["resumed"] == 2 and report.images["computed"] == 2
     assert any("torn last line" in w for w in warnings)
@@ -244,11 +302,17 @@ def test_resume_after_ctrl_c(tmp_path: Path, helper: ModuleType, tiny_data: tupl
     assert (tmp_path / DETECTIONS_NAME).read_bytes() == (full_run[1] / DETECTIONS_NAME).read_bytes()
 
 
-def test_resume_with_a_larger_limit_reuses_the_journal(tmp_path: Path, helper: ModuleType, tiny_data: tuple[Path, Path], full_run) -> None:
+def test_resume_with_a_larger_limit_reuses_the_journal(
+    tmp_path: Path, helper: ModuleType, tiny_data: tuple[Path, Path], full_run
+) -> None:
     ann_file, image_dir = tiny_data
-    first = evaluate_detector(helper.build(), CocoDataset.load(ann_file, image_dir, limit=2), tmp_path, weights="seed0", progress=False)
+    first = evaluate_detector(
+        helper.build(), CocoDataset.load(ann_file, image_dir, limit=2), tmp_path, weights="seed0", progress=False
+    )
     assert first.metrics.num_images == 2
-    again = evaluate_detector(helper.build(), CocoDataset.load(ann_file, image_dir), tmp_path, weights="seed0", resume=True, progress=False)
+    again = evaluate_detector(
+        helper.build(), CocoDataset.load(ann_file, image_dir), tmp_path, weights="seed0", resume=True, progress=False
+    )
     assert again.images["resumed"] == 2 and again.images["computed"] == 2
     assert again.metrics.stats == full_run[0].metrics.stats
 
@@ -292,25 +356,49 @@ def cli_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (data / "annotations").mkdir(parents=True)
     ann = write_dataset(root, data / "val2017", None, shapes=SHAPES[:3])
     ann.rename(data / "annotations" / "instances_val2017.json")
-    return {"checkpoint": checkpoint, "data": data, "ann": data / "annotations" / "instances_val2017.json", "root": root}
+    return {
+        "checkpoint": checkpoint,
+        "data": data,
+        "ann": data / "annotations" / "instances_val2017.json",
+        "root": root,
+    }
 
 
 @pytest.fixture(scope="module")
 def cli_full(cli_data: dict[str, Path]) -> Path:
     out = cli_data["root"] / "full"
-    assert main(["eval", "--checkpoint", str(cli_data["checkpoint"]), "--data", str(cli_data["data"]), "--limit", "2",
-                 "--output-dir", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(cli_data["checkpoint"]),
+                "--data",
+                str(cli_data["data"]),
+                "--limit",
+                "2",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
-def test_cli_eval_then_score_its_detections(cli_data: dict[str, Path], cli_full: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_eval_then_score_its_detections(
+    cli_data: dict[str, Path], cli_full: Path, capsys: pytest.CaptureFixture
+) -> None:
     saved = json.loads((cli_full / METRICS_NAME).read_text())
     assert saved["images"]["evaluated"] == 2 and saved["settings"]["preset"]["name"] == "mmdet"
     detections = json.loads((cli_full / DETECTIONS_NAME).read_text())
     ann = json.loads(cli_data["ann"].read_text())
     # random weights detect none of the annotation file's categories: scoring that file is an error, not AP 0
     assert detections and not {d["category_id"] for d in detections} & {c["id"] for c in ann["categories"]}
-    assert main(["eval", "--results", str(cli_full / DETECTIONS_NAME), "--ann", str(cli_data["ann"]), "--limit", "2"]) == 2
+    assert (
+        main(["eval", "--results", str(cli_full / DETECTIONS_NAME), "--ann", str(cli_data["ann"]), "--limit", "2"]) == 2
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "none of its category ids" in err[0] and DETECTIONS_NAME in err[0]
     # with the annotation file's categories added, the file scores exactly as the run did
@@ -325,10 +413,26 @@ def test_cli_eval_then_score_its_detections(cli_data: dict[str, Path], cli_full:
 
 def test_cli_resume_after_kill(cli_data: dict[str, Path], cli_full: Path, capsys: pytest.CaptureFixture) -> None:
     out = cli_data["root"] / "killed"
-    args = ["eval", "--checkpoint", str(cli_data["checkpoint"]), "--ann", str(cli_data["ann"]),
-            "--images", str(cli_data["data"] / "val2017"), "--limit", "2", "--output-dir", str(out), "--no-progress"]
-    proc = subprocess.run([sys.executable, "-m", "paadet.cli", *args], env=dict(os.environ, **{FAULT_ENV: "1"}),
-                          capture_output=True, text=True, timeout=300)
+    args = [
+        "eval",
+        "--checkpoint",
+        str(cli_data["checkpoint"]),
+        "--ann",
+        str(cli_data["ann"]),
+        "--images",
+        str(cli_data["data"] / "val2017"),
+        "--limit",
+        "2",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("eval_killed.py")), "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert main([*args, "--no-score-voting", "--resume"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("paadet eval: error:")]

@@ -3,22 +3,25 @@
 Small custom presets keep the CPU cost low: a static 256x256 one and a /32 one whose inputs are at
 most 256x320. Each graph is exported once per module.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from fixtures import run_cli_without_torch
 
 from paadet.compare import MatchReport, match_detections
+from paadet.data.synthetic import synthetic_image
 from paadet.detector import Detector
 from paadet.export import ExportError, ExportFormatError, ExportInfo, export_onnx
 from paadet.model import PAANet
+from paadet.model.seeded import seeded_net, seeded_state_dict
 from paadet.postprocess import PostprocessConfig
 from paadet.preprocess import Preset, normalize_pad, resize
 from paadet.runtime.onnxruntime_backend import OnnxModelError, OnnxRuntimeBackend
 from paadet.runtime.torch_backend import TorchBackend
-from paadet.testing import run_cli_without_torch, seeded_net, seeded_state_dict, synthetic_image
 
 FIXED = Preset("fixed256", (256, 256), size_divisor=None, fixed_size=(256, 256))
 DIV32 = Preset("div32", (320, 256), size_divisor=32)
@@ -36,14 +39,22 @@ def images() -> list[np.ndarray]:
     return [synthetic_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
 
 
-def compare(ort_backend: OnnxRuntimeBackend, torch_backend: TorchBackend, images: list[np.ndarray], batch_size: int,
-            iou_thr: float, score_tol: float) -> MatchReport:
+def compare(
+    ort_backend: OnnxRuntimeBackend,
+    torch_backend: TorchBackend,
+    images: list[np.ndarray],
+    batch_size: int,
+    iou_thr: float,
+    score_tol: float,
+) -> MatchReport:
     """Run both backends through :class:`Detector` and match detections image by image."""
     ours = Detector(ort_backend, batch_size=batch_size, workers=0).predict(images)
     ref = Detector(torch_backend, batch_size=batch_size, workers=0).predict(images)
     total = MatchReport()
-    for r, o in zip(ref, ours):
-        total += match_detections(r.boxes, r.scores, r.labels, o.boxes, o.scores, o.labels, iou_thr=iou_thr, score_tol=score_tol)
+    for r, o in zip(ref, ours, strict=False):
+        total += match_detections(
+            r.boxes, r.scores, r.labels, o.boxes, o.scores, o.labels, iou_thr=iou_thr, score_tol=score_tol
+        )
     return total
 
 
@@ -78,7 +89,13 @@ def test_static_fp32_export_report_and_checker(static_fp32):
     assert inputs == {"images": [2, 256, 256, 3], "img_shapes": [2, 2], "scale_factors": [2, 2]}
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     info = ExportInfo.from_metadata({p.key: p.value for p in model.metadata_props}, str(path))
-    assert (info.graph, info.batch, info.input_size, info.precision, info.score_voting) == ("full", 2, (256, 256), "fp32", True)
+    assert (info.graph, info.batch, info.input_size, info.precision, info.score_voting) == (
+        "full",
+        2,
+        (256, 256),
+        "fp32",
+        True,
+    )
     assert str(path) in str(report) and "next:" in str(report)
 
 
@@ -91,7 +108,7 @@ def test_static_fp32_parity_with_voting(static_fp32, net, images):
 
 
 def test_dynamic_batch_and_size_parity_without_voting(dynamic_fp32_novote, net, images):
-    path, report = dynamic_fp32_novote
+    path, _report = dynamic_fp32_novote
     model = onnx.load(str(path), load_external_data=False)
     shape = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert shape == ["batch", "height", "width", 3]
@@ -128,7 +145,7 @@ def test_raw_maps_equal_network(net, tmp_path):
         with torch.inference_mode():
             cls, box, iou = net(x)
         assert len(got) == 15
-        for g, r in zip(got, (*cls, *box, *iou)):
+        for g, r in zip(got, (*cls, *box, *iou), strict=False):
             assert g.shape == tuple(r.shape)
             np.testing.assert_allclose(g, r.numpy(), rtol=1e-3, atol=1e-3)
 
@@ -151,8 +168,12 @@ def one_line_naming(exc: BaseException, path) -> str:
 def test_not_a_paadet_export(tmp_path):
     path = tmp_path / "other.onnx"
     node = onnx.helper.make_node("Relu", ["x"], ["y"])
-    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(ExportFormatError) as err:
         OnnxRuntimeBackend.from_file(path)
@@ -207,8 +228,21 @@ def test_cli_export_real_preset(tmp_path, capsys):
     ckpt = tmp_path / "seeded.pth"
     torch.save({"state_dict": seeded_state_dict(0)}, ckpt)
     out = tmp_path / "paa800.onnx"
-    rc = main(["export", "--checkpoint", str(ckpt), "--preset", "800", "--output", str(out), "--batch-size", "2",
-               "--no-simplify", "--no-verify"])
+    rc = main(
+        [
+            "export",
+            "--checkpoint",
+            str(ckpt),
+            "--preset",
+            "800",
+            "--output",
+            str(out),
+            "--batch-size",
+            "2",
+            "--no-simplify",
+            "--no-verify",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "images         uint8    [2, 800, 800, 3]" in text and "boxes          float32  [2, 100, 4]" in text
@@ -242,20 +276,61 @@ def test_predict_and_eval_on_onnxruntime_import_no_torch(dynamic_fp32_novote, im
         names.append(f"{i}.png")
         cv2.imwrite(str(folder / names[-1]), image)
     out = tmp_path / "r.json"
-    run_cli_without_torch(["predict", str(folder), "--backend", "onnxruntime", "--model", str(path),
-                       "--output", str(out), "--no-progress"])
+    run_cli_without_torch(
+        [
+            "predict",
+            str(folder),
+            "--backend",
+            "onnxruntime",
+            "--model",
+            str(path),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     expected = Detector(OnnxRuntimeBackend.from_file(path), batch_size=1, workers=0).predict(
-        [str(folder / n) for n in names])
+        [str(folder / n) for n in names]
+    )
     assert len(json.loads(out.read_text())) == sum(len(r.scores) for r in expected) > 0
     ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps({
-        "images": [{"id": i + 1, "file_name": n, "height": images[i].shape[0], "width": images[i].shape[1]}
-                   for i, n in enumerate(names)],
-        "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [4, 4, 30, 30], "area": 900,
-                         "iscrowd": 0} for i in range(len(names))],
-        "categories": [{"id": 1, "name": "person"}],
-    }))
-    run_cli_without_torch(["eval", "--backend", "onnxruntime", "--model", str(path), "--ann", str(ann),
-                       "--images", str(folder), "--output-dir", str(tmp_path / "eval"), "--no-progress"])
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": i + 1, "file_name": n, "height": images[i].shape[0], "width": images[i].shape[1]}
+                    for i, n in enumerate(names)
+                ],
+                "annotations": [
+                    {
+                        "id": i + 1,
+                        "image_id": i + 1,
+                        "category_id": 1,
+                        "bbox": [4, 4, 30, 30],
+                        "area": 900,
+                        "iscrowd": 0,
+                    }
+                    for i in range(len(names))
+                ],
+                "categories": [{"id": 1, "name": "person"}],
+            }
+        )
+    )
+    run_cli_without_torch(
+        [
+            "eval",
+            "--backend",
+            "onnxruntime",
+            "--model",
+            str(path),
+            "--ann",
+            str(ann),
+            "--images",
+            str(folder),
+            "--output-dir",
+            str(tmp_path / "eval"),
+            "--no-progress",
+        ]
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["images"]["evaluated"] == 2 and -1 <= metrics["AP"] <= 1

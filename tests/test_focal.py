@@ -1,4 +1,5 @@
 """``paadet.train.focal``: the few-pass focal-loss sum equals mmdetection's formula, value and gradient."""
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ def test_hand_computed():
 def test_equals_mmdetection_formula_with_gradients(seed, gamma):
     gen = torch.Generator().manual_seed(seed)
     num_anchors, num_classes = 300, 80
-    logits = (torch.randn(num_anchors, num_classes, generator=gen, dtype=torch.float64) * 4 - 2)
+    logits = torch.randn(num_anchors, num_classes, generator=gen, dtype=torch.float64) * 4 - 2
     logits[:5] = torch.tensor([30.0, -30.0, 0.0, 15.0, -15.0], dtype=torch.float64)[:, None]  # saturating logits
     labels = torch.randint(0, num_classes + 1, (num_anchors,), generator=gen)
     labels[:5] = torch.tensor([0, 1, 2, num_classes, 3])
@@ -46,7 +47,9 @@ def test_float32_matches_to_rounding_and_all_background():
     logits = torch.randn(2000, 80, generator=gen) * 3 - 4
     labels = torch.randint(0, 81, (2000,), generator=gen)
     weights = torch.ones(2000)
-    torch.testing.assert_close(focal_loss_sum(logits, labels, weights), reference(logits, labels, weights), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        focal_loss_sum(logits, labels, weights), reference(logits, labels, weights), rtol=1e-5, atol=0
+    )
     background = torch.full((2000,), 80)
     x = logits.clone().requires_grad_(True)
     focal_loss_sum(x, background, weights).backward()

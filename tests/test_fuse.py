@@ -1,4 +1,5 @@
 """BatchNorm folding: same function up to float rounding, no BatchNorm left, every ResNet pair folded."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ from torch import nn
 
 from paadet.model import PAANet
 from paadet.model.fuse import fold_batchnorm
-from paadet.testing import seeded_state_dict
+from paadet.model.seeded import seeded_state_dict
 
 
 def test_folded_network_matches_and_has_no_batchnorm():
@@ -22,8 +23,8 @@ def test_folded_network_matches_and_has_no_batchnorm():
     x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref, got = net(x), folded(x)
-    for ref_maps, got_maps in zip(ref, got):
-        for r, g in zip(ref_maps, got_maps):
+    for ref_maps, got_maps in zip(ref, got, strict=False):
+        for r, g in zip(ref_maps, got_maps, strict=False):
             scale = float(r.abs().max())
             torch.testing.assert_close(g, r, rtol=0, atol=1e-4 * max(scale, 1.0))
 

@@ -1,4 +1,5 @@
 """paadet.train.gmm against scikit-learn's GaussianMixture called exactly as mmdetection 3.3's PAAHead calls it."""
+
 from __future__ import annotations
 
 import math
@@ -11,13 +12,21 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from paadet.profiling import count_device_work
+from paadet.bench.profiling import count_device_work
 from paadet.train.gmm import SYNC_EVERY, GMMError, GMMFit, fit_gmm_1d, gmm_positives
 
 NUM_SETS = 1000
 MAX_LEN = 45
-KINDS = ("two_clusters", "one_cluster", "heavy_tails", "lognormal", "identical", "two_samples",
-         "near_duplicates", "pooled_duplicates")
+KINDS = (
+    "two_clusters",
+    "one_cluster",
+    "heavy_tails",
+    "lognormal",
+    "identical",
+    "two_samples",
+    "near_duplicates",
+    "pooled_duplicates",
+)
 
 
 def test_sklearn_has_the_mirrored_diag_formula():
@@ -32,8 +41,12 @@ def _candidate_set(rng: np.random.Generator, kind: str) -> np.ndarray:
     scale = 10.0 ** rng.uniform(-3, 2)
     if kind == "two_clusters":
         n0 = int(rng.integers(1, n))
-        v = np.concatenate([rng.normal(1.0, rng.uniform(0.05, 0.5), n0),
-                            rng.normal(rng.uniform(1.5, 6.0), rng.uniform(0.05, 1.0), n - n0)])
+        v = np.concatenate(
+            [
+                rng.normal(1.0, rng.uniform(0.05, 0.5), n0),
+                rng.normal(rng.uniform(1.5, 6.0), rng.uniform(0.05, 1.0), n - n0),
+            ]
+        )
     elif kind == "one_cluster":
         v = rng.normal(1.0, rng.uniform(0.01, 0.5), n)
     elif kind == "heavy_tails":
@@ -62,8 +75,13 @@ def _sklearn(v: np.ndarray, covariance_type: str = "diag") -> dict | None:
     precisions_init = np.array([1.0, 1.0]).reshape(2, 1, 1)
     if covariance_type == "diag":
         precisions_init = precisions_init.reshape(2, 1)
-    gmm = GaussianMixture(2, weights_init=weights_init, means_init=means_init, precisions_init=precisions_init,
-                          covariance_type=covariance_type)
+    gmm = GaussianMixture(
+        2,
+        weights_init=weights_init,
+        means_init=means_init,
+        precisions_init=precisions_init,
+        covariance_type=covariance_type,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         try:
@@ -71,8 +89,13 @@ def _sklearn(v: np.ndarray, covariance_type: str = "diag") -> dict | None:
         except ValueError as exc:
             assert "ill-defined empirical covariance" in str(exc)
             return None
-    return {"assign": gmm.predict(pos_loss_gmm), "scores": gmm.score_samples(pos_loss_gmm),
-            "proba": gmm.predict_proba(pos_loss_gmm), "n_iter": gmm.n_iter_, "converged": gmm.converged_}
+    return {
+        "assign": gmm.predict(pos_loss_gmm),
+        "scores": gmm.score_samples(pos_loss_gmm),
+        "proba": gmm.predict_proba(pos_loss_gmm),
+        "n_iter": gmm.n_iter_,
+        "converged": gmm.converged_,
+    }
 
 
 def _mmdet_positives(gmm_assignment: np.ndarray, scores: np.ndarray) -> list[int]:
@@ -84,7 +107,7 @@ def _mmdet_positives(gmm_assignment: np.ndarray, scores: np.ndarray) -> list[int
     pos_inds_temp = fgs.new_tensor([], dtype=torch.long)
     if fgs.nonzero().numel():
         _, pos_thr_ind = scores[fgs].topk(1)
-        pos_inds_temp = pos_inds_gmm[fgs][:pos_thr_ind + 1]
+        pos_inds_temp = pos_inds_gmm[fgs][: pos_thr_ind + 1]
     return pos_inds_temp.tolist()
 
 
@@ -92,8 +115,8 @@ def _pad(sets: list[np.ndarray], width: int = MAX_LEN) -> tuple[torch.Tensor, to
     x = torch.zeros(len(sets), width)
     mask = torch.zeros(len(sets), width, dtype=torch.bool)
     for i, v in enumerate(sets):
-        x[i, :len(v)] = torch.from_numpy(v)
-        mask[i, :len(v)] = True
+        x[i, : len(v)] = torch.from_numpy(v)
+        mask[i, : len(v)] = True
     return x, mask
 
 
@@ -104,12 +127,32 @@ def reference():
     sets = [_candidate_set(rng, kind) for kind in kinds]
     x, mask = _pad(sets)
     fit = fit_gmm_1d(x, mask)
-    return {"kinds": kinds, "sets": sets, "x": x, "mask": mask, "fit": fit,
-            "pos": gmm_positives(fit, mask), "sk": [_sklearn(v) for v in sets]}
+    return {
+        "kinds": kinds,
+        "sets": sets,
+        "x": x,
+        "mask": mask,
+        "fit": fit,
+        "pos": gmm_positives(fit, mask),
+        "sk": [_sklearn(v) for v in sets],
+    }
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b))))
+
+
+def _self_discrepancy(v: np.ndarray, r: dict, orderings: int = 3) -> float:
+    """How far scikit-learn's log densities move when the same samples come in other orders (seeded permutations):
+    the size of the float32 rounding noise of a row, one summation order being only one sample of it."""
+    worst = 0.0
+    for seed in range(1, orderings + 1):
+        perm = np.random.default_rng(seed).permutation(len(v))
+        other = _sklearn(v[perm].copy())
+        if other is None:
+            return float("inf")
+        worst = max(worst, _rel_err(other["scores"][np.argsort(perm)], r["scores"]))
+    return worst
 
 
 def test_agrees_with_sklearn_on_1000_sets(reference):
@@ -119,14 +162,16 @@ def test_agrees_with_sklearn_on_1000_sets(reference):
     Ties: samples whose predict_proba is 0.5 to 1e-9 may go either way. Rounding-chaotic rows: near-duplicate
     losses whose spread is below the float32 rounding of x * x, so the diag formula's variance is rounding
     noise; scikit-learn run on the same samples in reverse order (a different BLAS summation order) then
-    differs from itself. There we only require log densities within 10x scikit-learn's own discrepancy.
+    differs from itself. There we only require log densities within 10x scikit-learn's own discrepancy, the
+    largest over the reversed order and a few seeded permutations (one order is one sample of the noise: on an
+    AMD EPYC a chaotic row was 11x the reversed order's discrepancy, 1.6x the permutations').
     """
     fit, sets, sk, pos = reference["fit"], reference["sets"], reference["sk"], reference["pos"]
     ill_sk = torch.tensor([r is None for r in sk])
     assert torch.equal(fit.ill_defined, ill_sk)
     assert 50 <= int(ill_sk.sum()) <= 200  # the degenerate path is exercised, the rest is the bulk
     exact, tie_rows, chaotic, ties_at_best, max_rel = 0, 0, 0, 0, 0.0
-    for i, (v, r) in enumerate(zip(sets, sk)):
+    for i, (v, r) in enumerate(zip(sets, sk, strict=False)):
         if r is None:
             continue
         n = len(v)
@@ -146,9 +191,13 @@ def test_agrees_with_sklearn_on_1000_sets(reference):
         else:
             rev = _sklearn(v[::-1].copy())
             self_rel = _rel_err(rev["scores"][::-1], r["scores"]) if rev is not None else float("inf")
-            assert (rev is None or rev["n_iter"] != r["n_iter"] or self_rel > 1e-7
-                    or not np.array_equal(rev["assign"][::-1], r["assign"])), i
-            assert rel <= max(1e-6, 10 * self_rel), i
+            assert (
+                rev is None
+                or rev["n_iter"] != r["n_iter"]
+                or self_rel > 1e-7
+                or not np.array_equal(rev["assign"][::-1], r["assign"])
+            ), i
+            assert rel <= max(1e-6, 10 * max(self_rel, _self_discrepancy(v, r))), i
             chaotic += 1
     assert exact >= 860 and tie_rows + chaotic <= 15  # measured: 875 exact, 8 tie or chaotic rows
     assert max_rel < 1e-6
@@ -157,7 +206,7 @@ def test_agrees_with_sklearn_on_1000_sets(reference):
 
 def test_ill_defined_rows_follow_full_covariance_in_float64(reference):
     fit, sets, sk = reference["fit"], reference["sets"], reference["sk"]
-    for i, (v, r) in enumerate(zip(sets, sk)):
+    for i, (v, r) in enumerate(zip(sets, sk, strict=False)):
         if r is not None:
             continue
         n = len(v)
@@ -202,19 +251,40 @@ def test_hand_computed_two_pairs():
 
 def test_gmm_positives_hand_cases():
     inf = float("inf")
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 1, 1, 0]],
-                        dtype=torch.bool)
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 1, 1, 0]], dtype=torch.bool
+    )
     assign = torch.tensor([[0, 1, 0, 0, 1], [1, 1, 1, 1, 1], [0, -1, -1, -1, -1], [0, 0, 0, 0, 0], [0, -1, 0, 1, -1]])
-    log_density = torch.tensor([[1.0, 5.0, 3.0, 2.0, 0.0], [1.0, 2.0, 3.0, 4.0, 5.0], [7.0, -inf, -inf, -inf, -inf],
-                                [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, -inf, 1.0, 9.0, -inf]], dtype=torch.float64)
+    log_density = torch.tensor(
+        [
+            [1.0, 5.0, 3.0, 2.0, 0.0],
+            [1.0, 2.0, 3.0, 4.0, 5.0],
+            [7.0, -inf, -inf, -inf, -inf],
+            [1.0, 2.0, 3.0, 4.0, 5.0],
+            [2.0, -inf, 1.0, 9.0, -inf],
+        ],
+        dtype=torch.float64,
+    )
     zeros = torch.zeros(5, 2, dtype=torch.float64)
-    fit = GMMFit(assign=assign, log_density=log_density, means=zeros, variances=zeros, weights=zeros,
-                 n_iter=torch.zeros(5, dtype=torch.int64), converged=torch.zeros(5, dtype=torch.bool),
-                 ill_defined=torch.zeros(5, dtype=torch.bool))
+    fit = GMMFit(
+        assign=assign,
+        log_density=log_density,
+        means=zeros,
+        variances=zeros,
+        weights=zeros,
+        n_iter=torch.zeros(5, dtype=torch.int64),
+        converged=torch.zeros(5, dtype=torch.bool),
+        ill_defined=torch.zeros(5, dtype=torch.bool),
+    )
     # row 0: fg = {0, 2, 3} with scores 1, 3, 2 -> peak at fg index 1 -> the first 2 fg; row 1: no fg;
     # row 2: fewer than 2 candidates (mmdetection skips it); row 3: peak at the last; row 4: padding between
-    assert gmm_positives(fit, mask).int().tolist() == [[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0],
-                                                       [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert gmm_positives(fit, mask).int().tolist() == [
+        [1, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0],
+    ]
 
 
 def test_rows_with_fewer_than_two_samples():
@@ -266,11 +336,11 @@ def test_padding_and_other_rows_do_not_change_a_row(reference):
 
 def test_host_syncs_and_ops_do_not_grow_with_rows(reference):
     # rows without exact ties, so gmm_positives takes its single-sync path
-    base = [v for v, kind in zip(reference["sets"], reference["kinds"]) if kind == "two_clusters"][:8]
+    base = [v for v, kind in zip(reference["sets"], reference["kinds"], strict=False) if kind == "two_clusters"][:8]
     counts = []
     for copies in (1, 100):
         x, mask = _pad(base * copies)
-        counts.append(count_device_work(lambda: gmm_positives(fit_gmm_1d(x, mask), mask)))
+        counts.append(count_device_work(lambda x=x, mask=mask: gmm_positives(fit_gmm_1d(x, mask), mask)))
     assert counts[0].syncs == counts[1].syncs
     assert abs(counts[0].ops - counts[1].ops) <= 4  # ~320 ops for 8 rows and for 800: no work per row
     assert counts[0].syncs <= math.ceil(100 / SYNC_EVERY) + 2

@@ -1,4 +1,5 @@
 """Tests for paadet.hub: cache location, atomic verified downloads from a local HTTP server, resolution."""
+
 from __future__ import annotations
 
 import functools
@@ -130,7 +131,9 @@ def test_download_success_with_hash_check(server: Server, tmp_path: Path, capsys
     assert name in capsys.readouterr().err
 
 
-def test_download_without_progress_is_silent(server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_download_without_progress_is_silent(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     name, data, _ = _serve_hashed(server)
     dest = tmp_path / "plain.pth"
     download(f"{server.url}/{name}", dest, progress=False)

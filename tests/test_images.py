@@ -1,10 +1,12 @@
 """Tests for paadet.data.images: mmcv-identical decoding, error reporting and image listing."""
+
 from __future__ import annotations
 
 import io
 import os
 import pathlib
 import pickle
+import re
 
 import cv2
 import numpy as np
@@ -163,7 +165,7 @@ def test_empty_file(tmp_path: pathlib.Path) -> None:
 
 
 def test_empty_bytes() -> None:
-    with pytest.raises(ImageReadError, match="nothing.jpg.*empty"):
+    with pytest.raises(ImageReadError, match=r"nothing\.jpg.*empty"):
         decode_image(b"", "nothing.jpg")
 
 
@@ -227,7 +229,7 @@ def tree(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 def test_extensions() -> None:
-    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+    assert {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"} == IMAGE_EXTENSIONS
 
 
 def test_list_folder_recursive_sorted_relative(tree: pathlib.Path) -> None:
@@ -291,7 +293,7 @@ def test_list_single_path_and_empty(tree: pathlib.Path) -> None:
 
 def test_list_missing_input(tree: pathlib.Path) -> None:
     missing = tree / "nope.jpg"
-    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+    with pytest.raises(FileNotFoundError, match=re.escape("nope.jpg")):
         list_images([tree, missing])
 
 

@@ -2,22 +2,22 @@
 assigner, PseudoSampler, unmap, get_pos_loss, paa_reassign with scikit-learn, the final losses): same
 reassigned labels, same num_pos, losses within 1e-5; the zero-positive graph; gradients to all three
 head outputs; host syncs that do not grow with the number of boxes."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_assign import STRIDES, mmdet_assign, mmdet_valid_flags, random_gt_boxes
+from test_reassign import mmdet_giou, mmdet_paa_reassign, mmdet_pos_loss
 
 import paadet.train.reassign as reassign_module
+from paadet.bench.profiling import count_device_work
 from paadet.errors import PaadetError
 from paadet.model.anchors import AnchorGenerator, feature_sizes
 from paadet.model.box_coder import DeltaXYWHBoxCoder
-from paadet.profiling import count_device_work
 from paadet.train import gmm
 from paadet.train.loss import LossOutput, PAALoss, PAALossConfig, flatten_levels
-
-from test_assign import STRIDES, mmdet_assign, mmdet_valid_flags, random_gt_boxes
-from test_reassign import mmdet_giou, mmdet_paa_reassign, mmdet_pos_loss
 
 EPS32 = torch.finfo(torch.float32).eps
 BATCH_SHAPE = (256, 192)  # padded batch input
@@ -25,6 +25,7 @@ PAD_SHAPES = [(256, 192), (224, 160)]  # each image's own pad_shape
 
 
 # ---------------------------------------------------------------- the transcription
+
 
 def levels_to_images(mlvl: list[torch.Tensor]) -> list[torch.Tensor]:
     batch, channels = mlvl[0].shape[:2]
@@ -82,8 +83,9 @@ def mmdet_loss_by_feat(cls_scores, bbox_preds, iou_preds, gt_boxes, gt_labels, p
         targets = torch.zeros(num_anchors, 4)
         targets[valid] = targets_v
         pos_inds = ((labels >= 0) & (labels < num_classes)).nonzero().view(-1)
-        pos_loss = mmdet_pos_loss(cls_imgs[i][pos_inds], labels[pos_inds], flat_anchors[pos_inds],
-                                  bbox_imgs[i][pos_inds], targets[pos_inds])
+        pos_loss = mmdet_pos_loss(
+            cls_imgs[i][pos_inds], labels[pos_inds], flat_anchors[pos_inds], bbox_imgs[i][pos_inds], targets[pos_inds]
+        )
         with torch.no_grad():
             kept = mmdet_paa_reassign(pos_loss, pos_inds, pos_assigned, num_level_anchors)
         demote = (pos_inds.unsqueeze(1) != kept).all(1)
@@ -125,6 +127,7 @@ def mmdet_loss_by_feat(cls_scores, bbox_preds, iou_preds, gt_boxes, gt_labels, p
 
 # ---------------------------------------------------------------- inputs
 
+
 def head_outputs(seed: int, batch: int = 2, num_classes: int = 80, shape: tuple[int, int] = BATCH_SHAPE):
     """Random raw head outputs for a padded batch (leaf tensors with grad)."""
     gen = torch.Generator().manual_seed(seed)
@@ -137,7 +140,7 @@ def head_outputs(seed: int, batch: int = 2, num_classes: int = 80, shape: tuple[
 
 def ground_truths(seed: int, counts: list[int], pads=PAD_SHAPES, num_classes: int = 80):
     gen = torch.Generator().manual_seed(seed + 1000)
-    boxes = [random_gt_boxes(gen, n, h, w) for n, (h, w) in zip(counts, pads)]
+    boxes = [random_gt_boxes(gen, n, h, w) for n, (h, w) in zip(counts, pads, strict=False)]
     labels = [torch.randint(0, num_classes, (n,), generator=gen) for n in counts]
     return boxes, labels
 
@@ -148,6 +151,7 @@ def assert_losses_close(out: LossOutput, ref: dict) -> None:
 
 
 # ---------------------------------------------------------------- agreement with the transcription
+
 
 @pytest.mark.parametrize("seed,counts", [(0, [1, 0]), (1, [8, 3]), (2, [50, 12]), (3, [0, 20]), (4, [5, 5])])
 def test_matches_mmdetection_transcription(seed, counts):
@@ -177,14 +181,21 @@ def test_batch_of_one_equals_each_image_alone():
     loss = PAALoss()
     both = loss.targets(cls, box, iou, boxes, labels, PAD_SHAPES)
     for i in range(2):
-        one = loss.targets([c[i:i + 1] for c in cls], [b[i:i + 1] for b in box], [t[i:i + 1] for t in iou],
-                           boxes[i:i + 1], labels[i:i + 1], PAD_SHAPES[i:i + 1])
+        one = loss.targets(
+            [c[i : i + 1] for c in cls],
+            [b[i : i + 1] for b in box],
+            [t[i : i + 1] for t in iou],
+            boxes[i : i + 1],
+            labels[i : i + 1],
+            PAD_SHAPES[i : i + 1],
+        )
         num = one.labels.shape[0]
-        assert torch.equal(one.labels, both.labels[i * num:(i + 1) * num])
+        assert torch.equal(one.labels, both.labels[i * num : (i + 1) * num])
         assert one.num_pos.item() == both.num_pos[i].item()
 
 
 # ---------------------------------------------------------------- zero positives and gradients
+
 
 def test_zero_positive_batch_keeps_the_graph():
     cls, box, iou = head_outputs(5)
@@ -245,8 +256,14 @@ def test_half_precision_outputs_give_float32_losses():
     boxes, labels = ground_truths(12, [4, 6])
     half = [[t.detach().bfloat16().requires_grad_() for t in outputs] for outputs in (cls, box, iou)]
     out = PAALoss()(*half, boxes, labels, PAD_SHAPES)
-    ref = PAALoss()([t.float() for t in half[0]], [t.float() for t in half[1]], [t.float() for t in half[2]],
-                    boxes, labels, PAD_SHAPES)
+    ref = PAALoss()(
+        [t.float() for t in half[0]],
+        [t.float() for t in half[1]],
+        [t.float() for t in half[2]],
+        boxes,
+        labels,
+        PAD_SHAPES,
+    )
     assert out.loss.dtype == torch.float32
     assert out.num_pos.tolist() == ref.num_pos.tolist()
     torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
@@ -256,15 +273,22 @@ def test_half_precision_outputs_give_float32_losses():
 
 # ---------------------------------------------------------------- host syncs
 
+
 def sync_free_gmm(monkeypatch):
     """Stand-ins for the GMM without host syncs: component 0 everywhere, the density peaking at the first
     candidate (one positive per GT). They isolate the syncs of the code around the GMM."""
+
     def fit(x, mask, **kwargs):
         assign = torch.where(mask, 0, -1)
         density = torch.where(mask, -torch.arange(x.shape[1], dtype=torch.float64)[None, :], -float("inf"))
-        return gmm.GMMFit(assign, density, *(torch.zeros(x.shape[0], 2, dtype=torch.float64),) * 3,
-                          torch.ones(x.shape[0], dtype=torch.long), torch.ones(x.shape[0], dtype=torch.bool),
-                          torch.zeros(x.shape[0], dtype=torch.bool))
+        return gmm.GMMFit(
+            assign,
+            density,
+            *(torch.zeros(x.shape[0], 2, dtype=torch.float64),) * 3,
+            torch.ones(x.shape[0], dtype=torch.long),
+            torch.ones(x.shape[0], dtype=torch.bool),
+            torch.zeros(x.shape[0], dtype=torch.bool),
+        )
 
     def positives(fit_result, mask):
         return mask & (mask.cumsum(1) == 1) & (mask.sum(1, keepdim=True) >= 2)
@@ -302,6 +326,7 @@ def test_host_syncs_do_not_grow_with_the_number_of_boxes(monkeypatch):
 
 
 # ---------------------------------------------------------------- settings and checks
+
 
 def test_defaults_are_mmdetections_config():
     cfg = PAALoss().config

@@ -1,4 +1,5 @@
 """PAANet (state-dict names, outputs, eval mode) and PAAPostprocess end to end on tiny random head outputs."""
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,11 @@ def expected_keys() -> set[str]:
         keys |= {f"neck.fpn_convs.{i}.conv.weight", f"neck.fpn_convs.{i}.conv.bias"}
     for tower in ("cls_convs", "reg_convs"):
         for i in range(4):
-            keys |= {f"bbox_head.{tower}.{i}.conv.weight", f"bbox_head.{tower}.{i}.gn.weight", f"bbox_head.{tower}.{i}.gn.bias"}
+            keys |= {
+                f"bbox_head.{tower}.{i}.conv.weight",
+                f"bbox_head.{tower}.{i}.gn.weight",
+                f"bbox_head.{tower}.{i}.gn.bias",
+            }
     for conv in ("atss_cls", "atss_reg", "atss_centerness"):
         keys |= {f"bbox_head.{conv}.weight", f"bbox_head.{conv}.bias"}
     keys |= {f"bbox_head.scales.{i}.scale" for i in range(5)}
@@ -75,13 +80,13 @@ def test_forward_outputs_and_eval_mode():
         alone = model(images[1:])
     assert len(outputs) == 3
     sizes = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
-    for out, channels in zip(outputs, (80, 4, 1)):
+    for out, channels in zip(outputs, (80, 4, 1), strict=False):
         assert len(out) == 5
         assert [tuple(t.shape) for t in out] == [(2, channels, h, w) for h, w in sizes]
         assert all(torch.isfinite(t).all() for t in out)
     # BatchNorm with running statistics and per-sample GroupNorm: an image's outputs do not depend on its batch
-    for out, out_alone in zip(outputs, alone):
-        for level, level_alone in zip(out, out_alone):
+    for out, out_alone in zip(outputs, alone, strict=False):
+        for level, level_alone in zip(out, out_alone, strict=False):
             torch.testing.assert_close(level[1:], level_alone, rtol=1e-4, atol=1e-4)
 
 
@@ -161,7 +166,13 @@ def test_postprocess_batch_of_two_equals_each_image_alone():
     batched = post(cls, deltas, iou, IMG_SHAPES, SCALE_FACTORS)
     for i in range(2):
         pick = slice(i, i + 1)
-        alone = post([c[pick] for c in cls], [d[pick] for d in deltas], [u[pick] for u in iou], IMG_SHAPES[pick], SCALE_FACTORS[pick])
+        alone = post(
+            [c[pick] for c in cls],
+            [d[pick] for d in deltas],
+            [u[pick] for u in iou],
+            IMG_SHAPES[pick],
+            SCALE_FACTORS[pick],
+        )
         assert torch.equal(batched.num_dets[pick], alone.num_dets)
         assert torch.equal(batched.labels[pick], alone.labels)
         assert torch.equal(batched.scores[pick], alone.scores)
@@ -171,7 +182,9 @@ def test_postprocess_batch_of_two_equals_each_image_alone():
 def test_postprocess_accepts_fp16_logits():
     cls, deltas, iou = head_outputs(1, seed=3, cls_mean=-4.0)
     post = PAAPostprocess()
-    dets = post([c.half() for c in cls], [d.half() for d in deltas], [u.half() for u in iou], IMG_SHAPES[:1], SCALE_FACTORS[:1])
+    dets = post(
+        [c.half() for c in cls], [d.half() for d in deltas], [u.half() for u in iou], IMG_SHAPES[:1], SCALE_FACTORS[:1]
+    )
     assert dets.boxes.dtype == torch.float32
     check_detections(dets, 1, voted=True)
 
@@ -185,7 +198,7 @@ def test_select_candidates_topk_decode_and_rescale_against_reference():
     assert cand.nms_scores.shape == (2, 29, 5)
     for i in range(2):
         ref_boxes, ref_scores = [], []
-        for c, d, u, a in zip(cls, deltas, iou, anchors):
+        for c, d, u, a in zip(cls, deltas, iou, anchors, strict=False):
             s = c[i].reshape(5, -1).T.double().sigmoid()  # [A, C], row-major anchors
             q = u[i].reshape(-1).double().sigmoid()
             dd = d[i].reshape(4, -1).T.double()
@@ -196,17 +209,28 @@ def test_select_candidates_topk_decode_and_rescale_against_reference():
                 pw, ph = x2 - x1, y2 - y1
                 px, py = x1 + pw / 2, y1 + ph / 2
                 dx, dy, dw, dh = (dd[j] * torch.tensor([0.1, 0.1, 0.2, 0.2], dtype=torch.float64)).tolist()
-                dw, dh = max(-4.135166556742356, min(4.135166556742356, dw)), max(-4.135166556742356, min(4.135166556742356, dh))
+                dw, dh = (
+                    max(-4.135166556742356, min(4.135166556742356, dw)),
+                    max(-4.135166556742356, min(4.135166556742356, dh)),
+                )
                 gx, gy = px + pw * dx, py + ph * dy
                 gw, gh = pw * torch.tensor(dw).exp().item(), ph * torch.tensor(dh).exp().item()
                 h_img, w_img = IMG_SHAPES[i].tolist()
-                box = [min(max(gx - gw / 2, 0), w_img), min(max(gy - gh / 2, 0), h_img),
-                       min(max(gx + gw / 2, 0), w_img), min(max(gy + gh / 2, 0), h_img)]
+                box = [
+                    min(max(gx - gw / 2, 0), w_img),
+                    min(max(gy - gh / 2, 0), h_img),
+                    min(max(gx + gw / 2, 0), w_img),
+                    min(max(gy + gh / 2, 0), h_img),
+                ]
                 ws, hs = SCALE_FACTORS[i].double().tolist()
                 ref_boxes.append([box[0] / ws, box[1] / hs, box[2] / ws, box[3] / hs])
                 ref_scores.append(nms[j].tolist())
-        torch.testing.assert_close(cand.boxes[i].double(), torch.tensor(ref_boxes, dtype=torch.float64), rtol=1e-5, atol=1e-3)
-        torch.testing.assert_close(cand.nms_scores[i].double(), torch.tensor(ref_scores, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            cand.boxes[i].double(), torch.tensor(ref_boxes, dtype=torch.float64), rtol=1e-5, atol=1e-3
+        )
+        torch.testing.assert_close(
+            cand.nms_scores[i].double(), torch.tensor(ref_scores, dtype=torch.float64), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_default_box_coder_is_papers():

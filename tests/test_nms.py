@@ -1,4 +1,5 @@
 """Multi-class NMS: the batched fixed-point implementation against a plain greedy loop."""
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,9 @@ def reference_nms(boxes: torch.Tensor, scores: torch.Tensor, score_thr: float, i
     return dets[:max_per_img], len(dets)
 
 
-def random_candidates(batch: int, anchors: int, classes: int, seed: int, empty_images: tuple[int, ...] = ()) -> Candidates:
+def random_candidates(
+    batch: int, anchors: int, classes: int, seed: int, empty_images: tuple[int, ...] = ()
+) -> Candidates:
     """Boxes in a few tight clusters (long suppression chains), scores with many below 0.05."""
     gen = torch.Generator().manual_seed(seed)
     centres = torch.rand(batch, 6, 2, generator=gen) * 200 + 30
@@ -63,7 +66,7 @@ def assert_well_posed(cand: Candidates, config: PostprocessConfig) -> None:
     """Preconditions that make the float64 reference exact: no score ties among candidates, and no
     same-class IoU within 2e-5 of the threshold (mmcv's float32 IoU on class-offset boxes, coordinates
     below ~2e3 here, differs from the float64 IoU by less than that)."""
-    for boxes, scores in zip(cand.boxes, cand.nms_scores):
+    for boxes, scores in zip(cand.boxes, cand.nms_scores, strict=False):
         valid = scores > config.score_thr
         vals = scores[valid]
         assert vals.unique().numel() == vals.numel()
@@ -85,7 +88,9 @@ def check_against_reference(cand: Candidates, config: PostprocessConfig) -> list
     assert dets.labels.shape == (batch, config.max_per_img)
     totals = []
     for i in range(batch):
-        ref, total = reference_nms(cand.boxes[i], cand.nms_scores[i], config.score_thr, config.iou_thr, config.max_per_img)
+        ref, total = reference_nms(
+            cand.boxes[i], cand.nms_scores[i], config.score_thr, config.iou_thr, config.max_per_img
+        )
         totals.append(total)
         n = len(ref)
         assert int(dets.num_dets[i]) == n
@@ -133,7 +138,7 @@ def test_small_chunks_give_the_same_result():
     cand = random_candidates(batch=2, anchors=150, classes=5, seed=4)
     full = multiclass_nms(cand, NO_VOTING)
     chunked = multiclass_nms(cand, PostprocessConfig(score_voting=False, nms_chunk_elements=1))
-    for a, b in zip(full, chunked):
+    for a, b in zip(full, chunked, strict=False):
         assert torch.equal(a, b)
 
 
@@ -143,13 +148,14 @@ def test_any_tile_and_sweep_setting_is_exact():
     for tile in (1, 2, 7, 64):
         for max_per_img in (5, 100):
             for sweeps in (1, 3):
-                config = PostprocessConfig(score_voting=False, nms_tile=tile, max_per_img=max_per_img,
-                                           nms_sweeps_per_check=sweeps)
+                config = PostprocessConfig(
+                    score_voting=False, nms_tile=tile, max_per_img=max_per_img, nms_sweeps_per_check=sweeps
+                )
                 assert_well_posed(cand, config)
                 check_against_reference(cand, config)
     voted_short = multiclass_nms(cand, PostprocessConfig(nms_tile=2))
     voted_full = multiclass_nms(cand, PostprocessConfig(nms_tile=10**6))
-    for a, b in zip(voted_short, voted_full):
+    for a, b in zip(voted_short, voted_full, strict=False):
         assert torch.equal(a, b)
 
 
@@ -195,9 +201,9 @@ def test_batch_equals_each_image_alone():
     cand = random_candidates(batch=3, anchors=200, classes=4, seed=5, empty_images=(2,))
     batched = multiclass_nms(cand, NO_VOTING)
     for i in range(3):
-        alone = multiclass_nms(Candidates(cand.boxes[i:i + 1], cand.nms_scores[i:i + 1]), NO_VOTING)
-        for a, b in zip(batched, alone):
-            assert torch.equal(a[i:i + 1], b)
+        alone = multiclass_nms(Candidates(cand.boxes[i : i + 1], cand.nms_scores[i : i + 1]), NO_VOTING)
+        for a, b in zip(batched, alone, strict=False):
+            assert torch.equal(a[i : i + 1], b)
 
 
 def test_no_candidates_at_all():
@@ -226,9 +232,9 @@ def test_nms_is_class_aware_and_iou_threshold_is_strict():
     scores = torch.tensor([[[0.9, 0.04], [0.7, 0.8], [0.5, 0.04]]])
     dets = multiclass_nms(Candidates(boxes, scores), NO_VOTING)
     n = int(dets.num_dets[0])
-    got = list(zip(dets.scores[0, :n].tolist(), dets.labels[0, :n].tolist(), dets.boxes[0, :n].tolist()))
+    got = list(zip(dets.scores[0, :n].tolist(), dets.labels[0, :n].tolist(), dets.boxes[0, :n].tolist(), strict=False))
     expected = [(0.9, 0, a), (0.8, 1, b), (0.5, 0, c)]
-    assert [(round(s, 6), l, bx) for s, l, bx in got] == [(s, l, bx) for s, l, bx in expected]
+    assert [(round(s, 6), label, bx) for s, label, bx in got] == [(s, label, bx) for s, label, bx in expected]
 
 
 def chain_boxes(n: int, step: float = 2.0) -> torch.Tensor:
@@ -251,13 +257,17 @@ def test_greedy_nms_sorted_long_chain_needs_many_sweeps():
 
 def test_greedy_nms_sorted_groups_and_padding():
     chain = chain_boxes(4)
-    apart = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0], [60.0, 0.0, 70.0, 10.0]])
+    apart = torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0], [60.0, 0.0, 70.0, 10.0]]
+    )
     boxes = torch.stack([chain, apart, chain])
-    valid = torch.tensor([
-        [True, True, True, True],
-        [True, True, True, False],  # padding row is never kept
-        [False, True, True, True],  # A is padding: it suppresses nothing, so B is kept and suppresses C
-    ])
+    valid = torch.tensor(
+        [
+            [True, True, True, True],
+            [True, True, True, False],  # padding row is never kept
+            [False, True, True, True],  # A is padding: it suppresses nothing, so B is kept and suppresses C
+        ]
+    )
     keep = greedy_nms_sorted(boxes, valid, 0.6)
     assert keep.tolist() == [
         [True, False, True, False],

@@ -4,6 +4,7 @@ static graphs, IR files, bad models, the CLI.
 Two small random-weight graphs are exported once for the module: a dynamic one (batch, height, width;
 score voting inside) at a /32 preset of at most 96x128 and a static 64x64 one with batch 1.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,21 +13,22 @@ import sys
 import cv2
 import numpy as np
 import onnx
+import openvino  # noqa: F401 (`.[test]` installs it: a missing OpenVINO fails here, it does not skip)
 import pytest
 import torch
+from fixtures import run_cli_without_torch
 
-pytest.importorskip("openvino")
-
-from paadet.compare import MatchReport, match_detections  # noqa: E402
-from paadet.detector import Detector  # noqa: E402
-from paadet.errors import PaadetError  # noqa: E402
-from paadet.export import ExportFormatError, export_onnx  # noqa: E402
-from paadet.model import PAANet  # noqa: E402
-from paadet.preprocess import Preset, resize  # noqa: E402
-from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
-from paadet.runtime.openvino_backend import OpenVinoBackend, OpenVinoModelError, import_openvino  # noqa: E402
-from paadet.runtime.torch_backend import TorchBackend  # noqa: E402
-from paadet.testing import run_cli_without_torch, seeded_net, synthetic_image  # noqa: E402
+from paadet.compare import MatchReport, match_detections
+from paadet.data.synthetic import synthetic_image
+from paadet.detector import Detector
+from paadet.errors import PaadetError
+from paadet.export import ExportFormatError, export_onnx
+from paadet.model import PAANet
+from paadet.model.seeded import seeded_net
+from paadet.preprocess import Preset, resize
+from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from paadet.runtime.openvino_backend import OpenVinoBackend, OpenVinoModelError, import_openvino
+from paadet.runtime.torch_backend import TorchBackend
 
 DIV32 = Preset("div32", (128, 96), size_divisor=32)
 FIXED = Preset("fixed64", (64, 64), size_divisor=None, fixed_size=(64, 64))
@@ -70,8 +72,10 @@ def run(backend, images, batch_size=2):
 
 def match(ref, ours, iou_thr=0.99, score_tol=1e-4) -> MatchReport:
     total = MatchReport()
-    for r, o in zip(ref, ours):
-        total += match_detections(r.boxes, r.scores, r.labels, o.boxes, o.scores, o.labels, iou_thr=iou_thr, score_tol=score_tol)
+    for r, o in zip(ref, ours, strict=False):
+        total += match_detections(
+            r.boxes, r.scores, r.labels, o.boxes, o.scores, o.labels, iou_thr=iou_thr, score_tol=score_tol
+        )
     return total
 
 
@@ -90,7 +94,11 @@ def one_line_naming(exc: BaseException, path) -> str:
 
 def test_f32_equals_onnxruntime_and_torch(ov_f32, dynamic_graph, net, images):
     described = ov_f32.describe()
-    assert (described["backend"], described["precision"], described["inference_precision"]) == ("openvino", "fp32", "f32")
+    assert (described["backend"], described["precision"], described["inference_precision"]) == (
+        "openvino",
+        "fp32",
+        "f32",
+    )
     assert described["batch"] == "dynamic" and described["shapes"] == "dynamic, compiled once"
     assert ov_f32.fixed_batch is None and ov_f32.preset == DIV32 and len(ov_f32.classes.names) == 80
     ours = run(ov_f32, images)
@@ -132,12 +140,13 @@ def test_static_graph(static_graph, dynamic_graph, images):
     with pytest.raises(OpenVinoModelError) as err:
         OpenVinoBackend.from_file(static_graph, preset="mmdet")
     assert "preset" in one_line_naming(err.value, static_graph)
-    from paadet.commands.common import build_detector
+    from paadet import DetectorSpec
+    from paadet.detector import Detector
 
     with pytest.raises(ValueError, match="static batch of 1"):
-        build_detector(backend="openvino", model=str(static_graph), batch_size=2)
+        Detector.from_spec(DetectorSpec(backend="openvino", model=str(static_graph), batch_size=2))
     with pytest.raises(ValueError, match="--precision is for --backend openvino"):
-        build_detector(backend="onnxruntime", model=str(dynamic_graph), precision="bf16")
+        Detector.from_spec(DetectorSpec(backend="onnxruntime", model=str(dynamic_graph), precision="bf16"))
 
 
 def test_ir_file_and_shape_cache(ov_f32, dynamic_graph, images, tmp_path):
@@ -146,9 +155,10 @@ def test_ir_file_and_shape_cache(ov_f32, dynamic_graph, images, tmp_path):
     ov.save_model(ov.Core().read_model(str(dynamic_graph)), str(xml), compress_to_fp16=False)
     from_ir = OpenVinoBackend.from_file(xml, shape_cache=2)
     assert from_ir.preset == DIV32 and from_ir.describe()["shapes"] == "compiled per input shape, 2 kept"
-    from paadet.runtime.classes import model_classes
+    from paadet import DetectorSpec
+    from paadet.runtime.registry import model_classes
 
-    assert model_classes("openvino", model=str(xml)).names == ov_f32.classes.names
+    assert model_classes(DetectorSpec(backend="openvino", model=str(xml))).names == ov_f32.classes.names
     assert_parity(match(run(ov_f32, images[:2]), run(from_ir, images[:2])))
 
 
@@ -160,8 +170,12 @@ def test_bad_models_are_one_line_errors(tmp_path):
     assert "cannot be read" in one_line_naming(err.value, text)
     other = tmp_path / "other.onnx"
     node = onnx.helper.make_node("Relu", ["x"], ["y"])
-    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(other))
     with pytest.raises(ExportFormatError) as err:
         OpenVinoBackend.from_file(other)
@@ -191,8 +205,20 @@ def test_cli_predict(dynamic_graph, tmp_path, capsys):
     img = tmp_path / "000000000042.png"
     cv2.imwrite(str(img), synthetic_image(90, 120, seed=0))
     out = tmp_path / "r.json"
-    rc = main(["predict", str(img), "--backend", "openvino", "--model", str(dynamic_graph), "--precision", "f32",
-               "--output", str(out)])
+    rc = main(
+        [
+            "predict",
+            str(img),
+            "--backend",
+            "openvino",
+            "--model",
+            str(dynamic_graph),
+            "--precision",
+            "f32",
+            "--output",
+            str(out),
+        ]
+    )
     first = capsys.readouterr()
     assert rc == 0, first.err
     entries = json.loads(out.read_text())
@@ -205,10 +231,19 @@ def test_cli_predict(dynamic_graph, tmp_path, capsys):
 
 
 def test_bench(dynamic_graph):
-    from paadet.bench import run_benchmark
+    from paadet import DetectorSpec
+    from paadet.bench import BenchTiming, run_benchmark
 
-    report = run_benchmark(backend="openvino", model=str(dynamic_graph), warmup=0, iters=1, skip_engine=True)
-    assert (report["backend"], report["device"], report["precision"], report["preset"]) == ("openvino", "cpu", "fp32", "div32")
+    report = run_benchmark(
+        DetectorSpec(backend="openvino", model=str(dynamic_graph), device=None),
+        BenchTiming(warmup=0, iters=1, skip_engine=True),
+    )
+    assert (report["backend"], report["device"], report["precision"], report["preset"]) == (
+        "openvino",
+        "cpu",
+        "fp32",
+        "div32",
+    )
     assert report["e2e"]["images"] == 1 and report["versions"]["openvino"]
 
 
@@ -220,8 +255,19 @@ def test_predict_on_openvino_imports_no_torch(dynamic_graph, images, tmp_path):
     for i, image in enumerate(images[:2]):
         cv2.imwrite(str(folder / f"{i}.png"), image)
     out = tmp_path / "r.json"
-    run_cli_without_torch(["predict", str(folder), "--backend", "openvino", "--model", str(dynamic_graph),
-                       "--output", str(out), "--no-progress"])
+    run_cli_without_torch(
+        [
+            "predict",
+            str(folder),
+            "--backend",
+            "openvino",
+            "--model",
+            str(dynamic_graph),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     expected = run(OpenVinoBackend.from_file(dynamic_graph), [str(folder / "0.png"), str(folder / "1.png")])
     assert len(json.loads(out.read_text())) == sum(len(r.scores) for r in expected) > 0
 
@@ -265,17 +311,18 @@ def test_streams_run_batches_at_once_with_the_same_detections(ov_f32, dynamic_gr
     for t in threads:
         t.join()
     assert not barrier.broken
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=False):
         np.testing.assert_array_equal(a.num_dets, b.num_dets)
         np.testing.assert_array_equal(a.scores, b.scores)
     # a shape cache with streams: static copies compiled (and evicted) while requests are in use
     cached = OpenVinoBackend.from_file(dynamic_graph, preset=DIV32, streams=2, threads=2, shape_cache=1)
     assert_parity(match(run(ov_f32, images, batch_size=1), run(cached, images, batch_size=1)))
+    from paadet import DetectorSpec
     from paadet.cli import main
-    from paadet.commands.common import build_detector
+    from paadet.detector import Detector
 
     with pytest.raises(ValueError, match="--streams is for --backend openvino"):
-        build_detector(backend="onnxruntime", model=str(dynamic_graph), streams=2)
+        Detector.from_spec(DetectorSpec(backend="onnxruntime", model=str(dynamic_graph), streams=2))
     with pytest.raises(ValueError, match="streams"):
         OpenVinoBackend.from_file(dynamic_graph, streams=0)
     capsys.readouterr()

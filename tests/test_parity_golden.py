@@ -5,10 +5,11 @@
 reference detection is matched by one of ours with the same label, box IoU >= 0.99 and
 |score difference| <= 1e-4, and we output no extra ones.
 """
+
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import cv2
@@ -16,19 +17,20 @@ import numpy as np
 import pytest
 import torch
 
+from paadet.classes import LABEL_OF_CATEGORY
 from paadet.cli import main
-from paadet.coco import LABEL_OF_CATEGORY
 from paadet.compare import match_detections
+from paadet.data.synthetic import synthetic_image
 from paadet.model import PAANet
+from paadet.model.seeded import seeded_state_dict
 from paadet.postprocess import PAAPostprocess, PostprocessConfig
-from paadet.runtime.torch_backend import TorchBackend
 from paadet.preprocess import collate, get_preset, preprocess, resize
-from paadet.testing import seeded_state_dict, synthetic_image
+from paadet.runtime.torch_backend import TorchBackend
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "mmdet_golden.json").read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def network(case: str) -> PAANet:
     spec = GOLDEN["cases"][case]
     net = PAANet()
@@ -36,7 +38,7 @@ def network(case: str) -> PAANet:
     return net
 
 
-@lru_cache(maxsize=None)
+@cache
 def raw_outputs(case: str, preset: str, height: int, width: int, seed: int):
     tensor, meta = preprocess(synthetic_image(height, width, seed=seed), get_preset(preset))
     images, img_shapes, scale_factors = collate([tensor], [meta])
@@ -52,12 +54,16 @@ def result_id(r: dict) -> str:
 @pytest.mark.parametrize("ref", GOLDEN["results"], ids=[result_id(r) for r in GOLDEN["results"]])
 def test_matches_mmdetection(ref: dict) -> None:
     im = ref["image"]
-    (cls, box, iou), img_shapes, scale_factors, meta = raw_outputs(ref["case"], ref["preset"], im["height"], im["width"], im["seed"])
+    (cls, box, iou), img_shapes, scale_factors, meta = raw_outputs(
+        ref["case"], ref["preset"], im["height"], im["width"], im["seed"]
+    )
     assert list(meta.img_shape) == ref["img_shape"][:2]
     post = PAAPostprocess(PostprocessConfig(score_voting=ref["score_voting"]))
     dets = post(cls, box, iou, img_shapes, scale_factors)
     n = int(dets.num_dets[0])
-    report = match_detections(ref["boxes"], ref["scores"], ref["labels"], dets.boxes[0, :n], dets.scores[0, :n], dets.labels[0, :n])
+    report = match_detections(
+        ref["boxes"], ref["scores"], ref["labels"], dets.boxes[0, :n], dets.scores[0, :n], dets.labels[0, :n]
+    )
     assert report.reference == len(ref["scores"])
     assert report.matched == report.reference, str(report)
     assert report.extra == 0, str(report)
@@ -72,7 +78,9 @@ def test_optimized_cpu_network_keeps_parity() -> None:
         resized, meta = resize(synthetic_image(im["height"], im["width"], seed=im["seed"]), "mmdet")
         dets = backend.infer([resized], [meta])
         n = int(dets.num_dets[0])
-        report = match_detections(ref["boxes"], ref["scores"], ref["labels"], dets.boxes[0, :n], dets.scores[0, :n], dets.labels[0, :n])
+        report = match_detections(
+            ref["boxes"], ref["scores"], ref["labels"], dets.boxes[0, :n], dets.scores[0, :n], dets.labels[0, :n]
+        )
         assert report.matched == report.reference and report.extra == 0, str(report)
     assert backend.describe()["optimize"]
 
@@ -120,7 +128,9 @@ def test_predict_cli_json_matches_mmdetection(tmp_path: Path) -> None:
     refs = [r for r in GOLDEN["results"] if r["case"] == "sparse" and r["score_voting"]]
     folder = write_images(refs, tmp_path / "images")
     out = tmp_path / "results.json"
-    assert main(["predict", str(folder), "--checkpoint", str(checkpoint), "--output", str(out), "--batch-size", "2"]) == 0
+    assert (
+        main(["predict", str(folder), "--checkpoint", str(checkpoint), "--output", str(out), "--batch-size", "2"]) == 0
+    )
     assert_results_json_matches(out, refs)
 
 
@@ -128,8 +138,22 @@ def test_onnxruntime_export_and_predict_match_mmdetection(tmp_path: Path) -> Non
     """``paadet export`` (full graph, FP32) then ``paadet predict --backend onnxruntime``: the same parity rule."""
     checkpoint = save_checkpoint("dense", tmp_path / "dense.pth")
     model = tmp_path / "paa.onnx"
-    assert main(["export", "--checkpoint", str(checkpoint), "--preset", "mmdet", "--dynamic-batch",
-                 "--output", str(model), "--no-verify"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--preset",
+                "mmdet",
+                "--dynamic-batch",
+                "--output",
+                str(model),
+                "--no-verify",
+            ]
+        )
+        == 0
+    )
     refs = [r for r in GOLDEN["results"] if r["case"] == "dense" and r["preset"] == "mmdet" and r["score_voting"]]
     folder = write_images(refs, tmp_path / "images")
     out = tmp_path / "results.json"

@@ -1,4 +1,5 @@
 """Tests for paadet.preprocess against hand-computed mmdetection geometry and normalisation."""
+
 from __future__ import annotations
 
 import cv2
@@ -128,7 +129,9 @@ def test_padded_shape() -> None:
         ("800", (1001, 1600), (501, 800), (800, 800)),
     ],
 )
-def test_resize_is_opencv_bilinear(preset: str, size: tuple[int, int], new_size: tuple[int, int], pad: tuple[int, int]) -> None:
+def test_resize_is_opencv_bilinear(
+    preset: str, size: tuple[int, int], new_size: tuple[int, int], pad: tuple[int, int]
+) -> None:
     image = random_bgr(*size)
     resized, meta = resize(image, preset)
     new_h, new_w = new_size
@@ -203,7 +206,9 @@ def test_normalize_pad_is_bit_exact_in_float32() -> None:
 
 def test_normalize_pad_accepts_tensors() -> None:
     bgr = random_bgr(5, 6, seed=5)
-    torch.testing.assert_close(normalize_pad(torch.from_numpy(bgr), (32, 32)), normalize_pad(bgr, (32, 32)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        normalize_pad(torch.from_numpy(bgr), (32, 32)), normalize_pad(bgr, (32, 32)), rtol=0, atol=0
+    )
 
 
 def test_normalize_pad_refuses_smaller_pad_shape() -> None:

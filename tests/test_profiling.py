@@ -1,13 +1,13 @@
 """count_device_work, and the post-processing's device work: a fixed number of operator calls and
 host syncs per batch, whatever the batch size and the number of classes (what makes it fast on a GPU)."""
+
 from __future__ import annotations
 
 import torch
-
-from paadet.postprocess import PostprocessConfig, multiclass_nms
-from paadet.profiling import count_device_work
-
 from test_nms import random_candidates
+
+from paadet.bench.profiling import count_device_work
+from paadet.postprocess import PostprocessConfig, multiclass_nms
 
 
 def test_counts_syncs_and_ops():
@@ -42,7 +42,7 @@ def test_postprocess_work_does_not_grow_with_batch_or_classes():
         cand = random_candidates(batch=batch, anchors=400, classes=classes, seed=3)
         dets = multiclass_nms(cand, PostprocessConfig())
         assert int(dets.num_dets.min()) > 0
-        results[batch, classes] = count_device_work(lambda: multiclass_nms(cand, PostprocessConfig()))
+        results[batch, classes] = count_device_work(lambda cand=cand: multiclass_nms(cand, PostprocessConfig()))
     for work in results.values():
         assert work.syncs <= 10, work.sync_ops
         assert work.ops <= 250

@@ -4,31 +4,31 @@ Runtime, calibrated on a folder (bad files skipped and reported), and one-line e
 One small random-weight graph (static 64x64, batch 1) is exported for the module; its quantised copies are
 made once per method.
 """
+
 from __future__ import annotations
 
 import json
 
 import cv2
-import numpy as np
+import nncf  # noqa: F401 (`.[test]` installs nncf and openvino: missing ones fail here, they do not skip)
 import onnx
+import openvino  # noqa: F401
 import pytest
 import torch
 
-pytest.importorskip("nncf")
-pytest.importorskip("openvino")
-
-from paadet.cli import main  # noqa: E402
-from paadet.compare import MatchReport, match_detections  # noqa: E402
-from paadet.detector import Detector  # noqa: E402
-from paadet.export import export_onnx  # noqa: E402
-from paadet.export.metadata import read_export_info  # noqa: E402
-from paadet.export.quantize import NETWORK_PREFIX, QUANTIZATION_KEY, QuantizeError, quantize_export  # noqa: E402
-from paadet.fileio import OutputPathError  # noqa: E402
-from paadet.model import PAANet  # noqa: E402
-from paadet.preprocess import Preset  # noqa: E402
-from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
-from paadet.runtime.openvino_backend import OpenVinoBackend  # noqa: E402
-from paadet.testing import seeded_net, synthetic_image  # noqa: E402
+from paadet.cli import main
+from paadet.compare import MatchReport, match_detections
+from paadet.data.synthetic import synthetic_image
+from paadet.detector import Detector
+from paadet.export import export_onnx
+from paadet.export.quantize import NETWORK_PREFIX, QUANTIZATION_KEY, QuantizeError, quantize_export
+from paadet.fileio import OutputPathError
+from paadet.model import PAANet
+from paadet.model.seeded import seeded_net
+from paadet.preprocess import Preset
+from paadet.runtime.graph_info import read_export_info
+from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from paadet.runtime.openvino_backend import OpenVinoBackend
 
 FIXED = Preset("fixed64", (64, 64), size_divisor=None, fixed_size=(64, 64))
 
@@ -80,7 +80,9 @@ def test_only_the_network_is_quantised(quantized, method):
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert dq, "no DequantizeLinear: nothing was quantised"
     for node in dq:  # every dequantised tensor feeds the network only: post-processing stays float32
-        assert all(c.name.startswith(NETWORK_PREFIX) or c.op_type == "DequantizeLinear" for c in uses[node.output[0]]), node.name
+        assert all(
+            c.name.startswith(NETWORK_PREFIX) or c.op_type == "DequantizeLinear" for c in uses[node.output[0]]
+        ), node.name
     assert report.convolutions == sum(n.op_type == "Conv" for n in model.graph.node) == 116
     assert report.quantized_convolutions >= 100
     assert report.float_nodes > 100
@@ -116,8 +118,8 @@ def test_ort_method_writes_nothing_beside_the_input(graph, calib, tmp_path):
 
 def test_static_batch_calibrates_on_full_batches(net, calib, tmp_path):
     """A graph with a static batch of 2 is calibrated on batches of real images, never blank rows."""
-    from paadet.export.metadata import load_export
     from paadet.export.quantize import _read_calibration, calibration_files, calibration_layout
+    from paadet.runtime.graph_info import load_export
 
     path = tmp_path / "b2.onnx"
     export_onnx(net, path, FIXED, batch_size=2, simplify=False, verify=False)
@@ -141,9 +143,10 @@ def test_dynamic_simplified_graph_quantises_and_runs(net, calib, tmp_path):
     ref = _detections(OpenVinoBackend.from_file(path, preset=div32), images)
     ours = _detections(OpenVinoBackend.from_file(out, preset=div32), images)
     total = MatchReport()
-    for r, o in zip(ref, ours):
-        total += match_detections(r.boxes[:10], r.scores[:10], r.labels[:10], o.boxes, o.scores, o.labels,
-                                  iou_thr=0.7, score_tol=0.03)
+    for r, o in zip(ref, ours, strict=False):
+        total += match_detections(
+            r.boxes[:10], r.scores[:10], r.labels[:10], o.boxes, o.scores, o.labels, iou_thr=0.7, score_tol=0.03
+        )
     assert total.reference >= 8 and total.matched_fraction >= 0.8, total
 
 
@@ -157,7 +160,12 @@ def test_metadata_says_int8_and_how(quantized, graph, method):
     path, report = quantized[method]
     info, source = read_export_info(path), read_export_info(graph)
     assert info.precision == "int8" and source.precision == "fp32"
-    assert (info.preset, info.input_size, info.batch, info.classes) == (source.preset, source.input_size, source.batch, source.classes)
+    assert (info.preset, info.input_size, info.batch, info.classes) == (
+        source.preset,
+        source.input_size,
+        source.batch,
+        source.classes,
+    )
     props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
     details = json.loads(props[QUANTIZATION_KEY])
     assert details["method"] == method and details["calibration_images"] == report.calibration_images == 6
@@ -180,10 +188,11 @@ def test_int8_graph_runs_and_keeps_the_best_detections(graph, quantized, runtime
     ref = _detections(open_(graph), images)
     ours = _detections(open_(quantized["nncf"][0]), images)
     total = MatchReport()
-    for r, o in zip(ref, ours):
+    for r, o in zip(ref, ours, strict=False):
         top = slice(0, 10)  # the 10 best fp32 detections (these weights give 6-8 per image above 0.05)
-        total += match_detections(r.boxes[top], r.scores[top], r.labels[top], o.boxes, o.scores, o.labels,
-                                  iou_thr=0.7, score_tol=0.03)
+        total += match_detections(
+            r.boxes[top], r.scores[top], r.labels[top], o.boxes, o.scores, o.labels, iou_thr=0.7, score_tol=0.03
+        )
     assert total.reference >= 15
     assert total.matched_fraction >= 0.8, total
     assert all(len(o.scores) <= 100 for o in ours)
@@ -221,12 +230,32 @@ def test_refuses_bad_inputs_before_work(graph, calib, tmp_path, net):
 
 
 def test_cli_one_line_error_and_success(graph, calib, tmp_path, capsys):
-    assert main(["quantize", "--model", str(graph), "--calib", str(tmp_path / "nope"), "--output", str(tmp_path / "o.onnx")]) == 2
+    assert (
+        main(
+            ["quantize", "--model", str(graph), "--calib", str(tmp_path / "nope"), "--output", str(tmp_path / "o.onnx")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope" in err and "folder" in err
     out = tmp_path / "cli_int8.onnx"
-    assert main(["quantize", "--model", str(graph), "--calib", str(calib), "--output", str(out), "--max-images", "3",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(graph),
+                "--calib",
+                str(calib),
+                "--output",
+                str(out),
+                "--max-images",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out  # 3 of the 7 sorted files, evenly spread: broken.jpg, img1.jpg, img3.jpg
     assert "calibrated on 2 images" in printed and "skipped 1 unreadable" in printed and "--backend openvino" in printed
     assert read_export_info(out).precision == "int8"

@@ -2,6 +2,7 @@
 transcription of mmdetection 3.3's ``PAAHead.get_pos_loss`` / ``paa_reassign`` / ``gmm_separation_scheme``
 with scikit-learn's GaussianMixture (as mmdetection calls it), on random inputs: several seeds, 1-50 GTs,
 GTs with 0 or 1 candidates, and exact ties."""
+
 from __future__ import annotations
 
 import math
@@ -16,11 +17,17 @@ from sklearn.mixture import GaussianMixture
 
 from paadet.errors import PaadetError
 from paadet.model.box_coder import DeltaXYWHBoxCoder
-from paadet.train.reassign import (candidate_table, paa_anchor_scores, paa_reassign, rank_in_runs,
-                                   sigmoid_focal_loss, sigmoid_focal_row_sums)
-
+from paadet.train.reassign import (
+    candidate_table,
+    paa_anchor_scores,
+    paa_reassign,
+    rank_in_runs,
+    sigmoid_focal_loss,
+    sigmoid_focal_row_sums,
+)
 
 # ---------------------------------------------------------------- plain transcriptions of mmdetection 3.3
+
 
 def mmdet_focal(pred: torch.Tensor, label: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
     """FocalLoss on the CPU path with reduction 'none' and weight 1: one_hot, then ``py_sigmoid_focal_loss``."""
@@ -71,8 +78,9 @@ def mmdet_gmm_positives(pos_inds_gmm: torch.Tensor, pos_loss_gmm: torch.Tensor) 
     means_init = np.array([min_loss, max_loss]).reshape(2, 1)
     weights_init = np.array([0.5, 0.5])
     precisions_init = np.array([1.0, 1.0]).reshape(2, 1, 1).reshape(2, 1)  # diag
-    gmm = GaussianMixture(2, weights_init=weights_init, means_init=means_init, precisions_init=precisions_init,
-                          covariance_type="diag")
+    gmm = GaussianMixture(
+        2, weights_init=weights_init, means_init=means_init, precisions_init=precisions_init, covariance_type="diag"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         gmm.fit(x)
@@ -90,7 +98,7 @@ def mmdet_paa_reassign(pos_losses, pos_inds, pos_gt_inds, num_level_anchors, top
     if not len(pos_inds):
         return pos_inds.new_zeros(0)
     num_gt = int(pos_gt_inds.max()) + 1
-    interval = np.cumsum([0] + list(num_level_anchors))
+    interval = np.cumsum([0, *list(num_level_anchors)])
     level_masks = [(pos_inds >= interval[i]) & (pos_inds < interval[i + 1]) for i in range(len(num_level_anchors))]
     after = [pos_inds.new_tensor([])]
     for gt_ind in range(num_gt):
@@ -122,7 +130,7 @@ def random_positives(gen: torch.Generator, num_gts: list[int], ties: bool = Fals
     scores come from two clusters, or with ``ties`` from three exactly representable values.
     Returns per image (pos_inds, pos_gt_inds, scores) and the batched (scores, gt_rows, levels).
     """
-    starts = np.cumsum((0,) + LEVELS)
+    starts = np.cumsum((0, *LEVELS))
     per_image = []
     m_max = max(num_gts)
     for m in num_gts:
@@ -144,8 +152,9 @@ def random_positives(gen: torch.Generator, num_gts: list[int], ties: bool = Fals
             scores = torch.tensor([1.0, 1.25, 3.0])[torch.randint(0, 3, (len(inds),), generator=gen)]
         else:
             fg = torch.rand(len(inds), generator=gen) < 0.4
-            scores = torch.where(fg, 0.8 + 0.3 * torch.randn(len(inds), generator=gen),
-                                 2.5 + 0.7 * torch.randn(len(inds), generator=gen)).abs()
+            scores = torch.where(
+                fg, 0.8 + 0.3 * torch.randn(len(inds), generator=gen), 2.5 + 0.7 * torch.randn(len(inds), generator=gen)
+            ).abs()
         per_image.append((inds, gts, scores.float()))
     levels = [torch.bucketize(inds, torch.tensor(starts[1:]), right=True) for inds, _, _ in per_image]
     rows = [gts + i * m_max for i, (_, gts, _) in enumerate(per_image)]
@@ -158,12 +167,13 @@ def batched_positive_inds(per_image, batched, m_max):
     result = paa_reassign(scores, rows, levels, len(per_image) * m_max, len(LEVELS))
     out, offset = [], 0
     for inds, _, _ in per_image:
-        out.append(inds[result.positive[offset:offset + len(inds)]])
+        out.append(inds[result.positive[offset : offset + len(inds)]])
         offset += len(inds)
     return out, result
 
 
 # ---------------------------------------------------------------- focal loss and the anchor score
+
 
 def test_sigmoid_focal_loss_hand_computed():
     # logit 0 -> p = 1/2, BCE = ln 2 for either target; pt = 1/2
@@ -186,8 +196,9 @@ def test_anchor_score_hand_computed():
     focal = (0.0625 + 0.1875) * math.log(2)
     # second: disjoint neighbours, GIoU = 0 - (8192 - 8192) / 8192 = 0 -> 1.3 * 1
     torch.testing.assert_close(score, torch.tensor([focal, focal + 1.3]), rtol=0, atol=1e-6)
-    weighted = paa_anchor_scores(torch.zeros(2, 2), torch.tensor([1, 1]), anchors, torch.zeros(2, 4), gts,
-                                 cls_weight=2.0)
+    weighted = paa_anchor_scores(
+        torch.zeros(2, 2), torch.tensor([1, 1]), anchors, torch.zeros(2, 4), gts, cls_weight=2.0
+    )
     torch.testing.assert_close(weighted, torch.tensor([2 * focal, 2 * focal + 1.3]), rtol=0, atol=1e-6)
 
 
@@ -208,6 +219,7 @@ def test_anchor_score_matches_get_pos_loss():
 
 # ---------------------------------------------------------------- the candidate table
 
+
 def test_rank_in_runs():
     assert rank_in_runs(torch.tensor([3, 3, 5, 7, 7, 7])).tolist() == [0, 1, 0, 0, 1, 2]
     assert rank_in_runs(torch.tensor([4])).tolist() == [0]
@@ -226,20 +238,42 @@ def test_candidate_table_by_hand():
     assert table.scores[2, 0].item() == 4.5
     width = 6
     dropped = table.slot == 3 * width
-    assert dropped.tolist() == [True, False, True, False, True, True, True, True, True, False, True, True,
-                                False, False, False]
+    assert dropped.tolist() == [
+        True,
+        False,
+        True,
+        False,
+        True,
+        True,
+        True,
+        True,
+        True,
+        False,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
     assert table.slot[13].item() == 0 and table.slot[9].item() == 1 and table.slot[14].item() == 2 * width
 
 
 def test_candidate_table_breaks_ties_by_input_order():
     # 5 equal scores on one level, topk 3: the first three entries (lowest anchor index) are the candidates,
     # in input order
-    table = candidate_table(torch.ones(5), torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long),
-                            num_gts=1, num_levels=1, topk=3)
+    table = candidate_table(
+        torch.ones(5),
+        torch.zeros(5, dtype=torch.long),
+        torch.zeros(5, dtype=torch.long),
+        num_gts=1,
+        num_levels=1,
+        topk=3,
+    )
     assert table.slot.tolist() == [0, 1, 2, 3, 3]
 
 
 # ---------------------------------------------------------------- against the plain loop
+
 
 @pytest.mark.parametrize("seed,num_gts", [(0, [1, 3]), (1, [8, 2]), (2, [50, 17]), (3, [5, 40]), (4, [20, 1])])
 def test_matches_mmdetection_loop(seed, num_gts):
@@ -250,7 +284,7 @@ def test_matches_mmdetection_loop(seed, num_gts):
     for i, (inds, gts, scores) in enumerate(per_image):
         ref = mmdet_paa_reassign(scores, inds, gts, LEVELS)
         assert torch.equal(ours[i], ref.sort().values), f"image {i}"
-        counts = result.num_candidates[i * m_max:i * m_max + num_gts[i]]
+        counts = result.num_candidates[i * m_max : i * m_max + num_gts[i]]
         checked_gmm += int((counts >= 2).sum())
     assert checked_gmm > 0
     # some GTs have 0 or 1 candidates; none of them keeps a positive
@@ -269,7 +303,7 @@ def test_ties_keep_the_same_values():
         ours, _ = batched_positive_inds(per_image, batched, m_max)
         for i, (inds, gts, scores) in enumerate(per_image):
             ref = mmdet_paa_reassign(scores, inds, gts, LEVELS)
-            lookup = dict(zip(inds.tolist(), zip(gts.tolist(), scores.tolist())))
+            lookup = dict(zip(inds.tolist(), zip(gts.tolist(), scores.tolist(), strict=False), strict=False))
             for g in range(int(gts.max()) + 1 if len(gts) else 0):
                 mine = sorted(lookup[a][1] for a in ours[i].tolist() if lookup[a][0] == g)
                 theirs = sorted(lookup[a][1] for a in ref.tolist() if lookup[a][0] == g)

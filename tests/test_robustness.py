@@ -1,4 +1,5 @@
 """Bad input and interruptions, as a new user meets them: nothing lost, nothing overwritten, errors early."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,10 @@ import torch
 from paadet import cli
 from paadet.cli import main
 from paadet.data.images import list_images
+from paadet.data.synthetic import synthetic_image
 from paadet.detector import Detector
 from paadet.fileio import atomic_write_json
-from paadet.testing import seeded_state_dict, synthetic_image
+from paadet.model.seeded import seeded_state_dict
 from paadet.visualize import draw_detections, safe_relative
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -58,8 +60,24 @@ def test_save_vis_keeps_inputs_and_writes_under_the_folder(tmp_path: Path, check
     before = {p: p.read_bytes() for p in (abs_input, tmp_path / "rel" / "b.jpg")}
     monkeypatch.chdir(rel_root)
     out = tmp_path / "results.json"
-    code = main(["predict", str(abs_input), "../rel/b.jpg", "--checkpoint", str(checkpoint), "--preset", "800",
-                 "--output", str(out), "--save-vis", "vis/", "--vis-score-thr", "0", "--no-progress"])
+    code = main(
+        [
+            "predict",
+            str(abs_input),
+            "../rel/b.jpg",
+            "--checkpoint",
+            str(checkpoint),
+            "--preset",
+            "800",
+            "--output",
+            str(out),
+            "--save-vis",
+            "vis/",
+            "--vis-score-thr",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert {p: p.read_bytes() for p in before} == before  # the photos are byte-identical
     written = sorted(p.relative_to(rel_root / "vis").as_posix() for p in (rel_root / "vis").rglob("*") if p.is_file())
@@ -74,8 +92,25 @@ def test_inputs_sharing_a_name_get_distinct_files_and_names(tmp_path: Path, chec
     _image(tmp_path / "a" / "y.jpg", 3)
     _image(tmp_path / "a" / "y.png", 4)
     out, vis = tmp_path / "r.json", tmp_path / "vis"
-    assert main(["predict", str(tmp_path / "a"), str(tmp_path / "b"), "--checkpoint", str(checkpoint), "--preset", "800",
-                 "--output", str(out), "--save-vis", str(vis), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--checkpoint",
+                str(checkpoint),
+                "--preset",
+                "800",
+                "--output",
+                str(out),
+                "--save-vis",
+                str(vis),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     names = {e["file_name"] for e in json.loads(out.read_text())}
     sources = list_images([tmp_path / "a", tmp_path / "b"])
     assert len({s.file_name for s in sources}) == 4  # a/x.jpg and b/x.jpg told apart
@@ -86,8 +121,18 @@ def test_inputs_sharing_a_name_get_distinct_files_and_names(tmp_path: Path, chec
 def test_save_vis_onto_the_input_folder_is_refused_before_work(tmp_path: Path, capsys) -> None:
     photos = tmp_path / "photos"
     original = _image(photos / "a.jpg", 1).read_bytes()
-    code = main(["predict", str(photos), "--checkpoint", str(tmp_path / "absent.pth"), "--output", str(tmp_path / "r.json"),
-                 "--save-vis", str(photos)])
+    code = main(
+        [
+            "predict",
+            str(photos),
+            "--checkpoint",
+            str(tmp_path / "absent.pth"),
+            "--output",
+            str(tmp_path / "r.json"),
+            "--save-vis",
+            str(photos),
+        ]
+    )
     line = _one_error(capsys.readouterr().err, "predict")
     assert code == 2 and "overwrite the input" in line and "absent.pth" not in line  # refused before the model loads
     assert (photos / "a.jpg").read_bytes() == original
@@ -96,13 +141,21 @@ def test_save_vis_onto_the_input_folder_is_refused_before_work(tmp_path: Path, c
 # --- 2. output paths are checked before any work -----------------------------------------------------
 
 
-@pytest.mark.parametrize("command, flag", [
-    ("predict", "--output"), ("export", "--output"), ("eval", "--output-dir"), ("bench", "--json")])
+@pytest.mark.parametrize(
+    "command, flag", [("predict", "--output"), ("export", "--output"), ("eval", "--output-dir"), ("bench", "--json")]
+)
 def test_bad_output_paths_fail_before_the_model_loads(tmp_path: Path, capsys, command: str, flag: str) -> None:
     image = _image(tmp_path / "in" / "a.jpg", 1)
     ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 128, "height": 96}],
-                               "annotations": [], "categories": [{"id": 1, "name": "person"}]}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.jpg", "width": 128, "height": 96}],
+                "annotations": [],
+                "categories": [{"id": 1, "name": "person"}],
+            }
+        )
+    )
     existing_dir = tmp_path / "a_folder"
     existing_dir.mkdir()
     a_file = tmp_path / "a_file"
@@ -112,7 +165,17 @@ def test_bad_output_paths_fail_before_the_model_loads(tmp_path: Path, capsys, co
     argv = {
         "predict": ["predict", str(image), "--checkpoint", missing, "--output", str(target)],
         "export": ["export", "--checkpoint", missing, "--output", str(target)],
-        "eval": ["eval", "--ann", str(ann), "--images", str(image.parent), "--checkpoint", missing, "--output-dir", str(target)],
+        "eval": [
+            "eval",
+            "--ann",
+            str(ann),
+            "--images",
+            str(image.parent),
+            "--checkpoint",
+            missing,
+            "--output-dir",
+            str(target),
+        ],
         "bench": ["bench", "--checkpoint", missing, "--json", str(target)],
     }[command]
     assert main(argv) == 2
@@ -132,7 +195,9 @@ def test_unwritable_parent_is_refused(tmp_path: Path, checkpoint: Path, capsys) 
     image = _image(tmp_path / "a.jpg", 1)
     blocker = tmp_path / "plain_file"
     blocker.write_text("x")
-    assert main(["predict", str(image), "--checkpoint", str(checkpoint), "--output", str(blocker / "sub" / "r.json")]) == 2
+    assert (
+        main(["predict", str(image), "--checkpoint", str(checkpoint), "--output", str(blocker / "sub" / "r.json")]) == 2
+    )
     assert "is a file, not a folder" in _one_error(capsys.readouterr().err, "predict")
 
 
@@ -156,8 +221,19 @@ def test_symlink_loop_and_unlistable_folder_are_skipped(tmp_path: Path, checkpoi
 
     monkeypatch.setattr(os, "scandir", scandir)
     out = tmp_path / "r.json"
-    code = main(["predict", str(photos), "--checkpoint", str(checkpoint), "--preset", "800", "--output", str(out),
-                 "--no-progress"])
+    code = main(
+        [
+            "predict",
+            str(photos),
+            "--checkpoint",
+            str(checkpoint),
+            "--preset",
+            "800",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1  # something was skipped
     assert "locked" in err and "Permission denied" in err
@@ -178,10 +254,17 @@ def test_predict_on_folders_without_images_fails(tmp_path: Path, capsys) -> None
 
 def test_eval_with_every_image_missing_fails(tmp_path: Path, capsys) -> None:
     ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "gone.jpg", "width": 64, "height": 64}],
-                               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9],
-                                                "area": 81, "iscrowd": 0}],
-                               "categories": [{"id": 1, "name": "person"}]}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "gone.jpg", "width": 64, "height": 64}],
+                "annotations": [
+                    {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9], "area": 81, "iscrowd": 0}
+                ],
+                "categories": [{"id": 1, "name": "person"}],
+            }
+        )
+    )
     (tmp_path / "imgs").mkdir()
     assert main(["eval", "--ann", str(ann), "--images", str(tmp_path / "imgs")]) == 2
     assert "none of the 1 images" in _one_error(capsys.readouterr().err, "eval")
@@ -189,8 +272,15 @@ def test_eval_with_every_image_missing_fails(tmp_path: Path, capsys) -> None:
 
 def test_eval_results_with_foreign_categories_fails(tmp_path: Path, capsys) -> None:
     ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64}],
-                               "annotations": [], "categories": [{"id": 1, "name": "cat"}]}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64}],
+                "annotations": [],
+                "categories": [{"id": 1, "name": "cat"}],
+            }
+        )
+    )
     results = tmp_path / "det.json"
     results.write_text(json.dumps([{"image_id": 1, "category_id": 7, "bbox": [1, 1, 5, 5], "score": 0.9}]))
     assert main(["eval", "--results", str(results), "--ann", str(ann)]) == 2
@@ -201,18 +291,21 @@ def test_eval_results_with_foreign_categories_fails(tmp_path: Path, capsys) -> N
 # --- 9. flags are validated by argparse, naming the flag ---------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["predict", "x.jpg", "--output", "r.json", "--batch-size", "0"], "--batch-size"),
-    (["predict", "x.jpg", "--output", "r.json", "--workers", "-1"], "--workers"),
-    (["predict", "x.jpg", "--output", "r.json", "--vis-score-thr", "1.5"], "--vis-score-thr"),
-    (["eval", "--ann", "a.json", "--images", "d", "--limit", "0"], "--limit"),
-    (["export", "--batch-size", "0"], "--batch-size"),
-    (["export", "--opset", "-3"], "--opset"),
-    (["export", "--input-size", "0x320"], "--input-size"),
-    (["bench", "--iters", "0"], "--iters"),
-    (["bench", "--warmup", "-1"], "--warmup"),
-    (["bench", "--batch-size", "two"], "--batch-size"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["predict", "x.jpg", "--output", "r.json", "--batch-size", "0"], "--batch-size"),
+        (["predict", "x.jpg", "--output", "r.json", "--workers", "-1"], "--workers"),
+        (["predict", "x.jpg", "--output", "r.json", "--vis-score-thr", "1.5"], "--vis-score-thr"),
+        (["eval", "--ann", "a.json", "--images", "d", "--limit", "0"], "--limit"),
+        (["export", "--batch-size", "0"], "--batch-size"),
+        (["export", "--opset", "-3"], "--opset"),
+        (["export", "--input-size", "0x320"], "--input-size"),
+        (["bench", "--iters", "0"], "--iters"),
+        (["bench", "--warmup", "-1"], "--warmup"),
+        (["bench", "--batch-size", "two"], "--batch-size"),
+    ],
+)
 def test_numeric_flags_are_validated(argv: list[str], flag: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -236,8 +329,19 @@ def test_interrupted_predict_writes_partial_results(tmp_path: Path, checkpoint: 
 
     monkeypatch.setattr(Detector, "run", run_then_interrupt)
     out = tmp_path / "r.json"
-    code = main(["predict", str(tmp_path / "photos"), "--checkpoint", str(checkpoint), "--preset", "800",
-                 "--output", str(out), "--no-progress"])
+    code = main(
+        [
+            "predict",
+            str(tmp_path / "photos"),
+            "--checkpoint",
+            str(checkpoint),
+            "--preset",
+            "800",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 130
     assert "partial results of 1 of 3 images" in err
@@ -258,11 +362,13 @@ def test_outputs_get_the_users_umask(tmp_path: Path) -> None:
 
 
 def test_help_and_version_do_not_import_torch() -> None:
-    code = ("import sys; from paadet.cli import main\n"
-            "for argv in (['--help'], ['--version']):\n"
-            "    try: main(argv)\n"
-            "    except SystemExit: pass\n"
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from paadet.cli import main\n"
+        "for argv in (['--help'], ['--version']):\n"
+        "    try: main(argv)\n"
+        "    except SystemExit: pass\n"
+        "print('torch' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"
@@ -279,8 +385,26 @@ def test_labels_stay_inside_the_image_and_boxes_are_counted() -> None:
 
 def test_save_vis_reports_how_many_boxes_it_drew(tmp_path: Path, checkpoint: Path, capsys) -> None:
     image = _image(tmp_path / "a.jpg", 1)
-    assert main(["predict", str(image), "--checkpoint", str(checkpoint), "--preset", "800", "--output",
-                 str(tmp_path / "r.json"), "--save-vis", str(tmp_path / "vis"), "--vis-score-thr", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(image),
+                "--checkpoint",
+                str(checkpoint),
+                "--preset",
+                "800",
+                "--output",
+                str(tmp_path / "r.json"),
+                "--save-vis",
+                str(tmp_path / "vis"),
+                "--vis-score-thr",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert re.search(r"drew \d+ boxes \(score >= 0\) on 1 images under", capsys.readouterr().out)
 
 
@@ -326,23 +450,29 @@ def exported(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> tupl
     model = folder / "paa.onnx"
     buffer = io.StringIO()
     with redirect_stdout(buffer):
-        code = main(["export", "--checkpoint", str(checkpoint), "--output", str(model),
-                     "--no-simplify", "--no-verify"])
+        code = main(["export", "--checkpoint", str(checkpoint), "--output", str(model), "--no-simplify", "--no-verify"])
     assert code == 0, buffer.getvalue()
     lines = buffer.getvalue().splitlines()
     start = lines.index("  next:")
-    return model, [line.strip() for line in lines[start + 1:] if line.strip().startswith("paadet ")]
+    return model, [line.strip() for line in lines[start + 1 :] if line.strip().startswith("paadet ")]
 
 
 def test_export_next_commands_run_as_printed(exported, tmp_path: Path, monkeypatch, capsys) -> None:
-    model, commands = exported
+    _model, commands = exported
     assert [c.split()[1] for c in commands] == ["predict", "eval", "bench"]
     _image(tmp_path / "IMAGE.jpg", 1)
     _image(tmp_path / "IMAGES_DIR" / "a.jpg", 2)
-    (tmp_path / "ANNOTATIONS.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.jpg", "width": 128, "height": 96}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0}],
-        "categories": [{"id": 1, "name": "person"}]}))
+    (tmp_path / "ANNOTATIONS.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.jpg", "width": 128, "height": 96}],
+                "annotations": [
+                    {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0}
+                ],
+                "categories": [{"id": 1, "name": "person"}],
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)
     for command in commands:
         assert main(shlex.split(command)[1:]) == 0, command
@@ -352,18 +482,34 @@ def test_export_next_commands_run_as_printed(exported, tmp_path: Path, monkeypat
 
 
 def test_bench_takes_the_graphs_preset_and_batch(exported) -> None:
-    from paadet.bench import run_benchmark
+    from paadet import DetectorSpec
+    from paadet.bench import BenchTiming, run_benchmark
 
     model, _ = exported
-    report = run_benchmark(backend="onnxruntime", model=str(model), iters=1, warmup=0, skip_engine=True)
+    report = run_benchmark(
+        DetectorSpec(backend="onnxruntime", model=str(model), device=None),
+        BenchTiming(iters=1, warmup=0, skip_engine=True),
+    )
     assert (report["preset"], report["batch_size"]) == ("mmdet", 1)
 
 
 def test_static_batch_graph_refuses_a_larger_batch_at_start(exported, tmp_path: Path, capsys) -> None:
     model, _ = exported
     image = _image(tmp_path / "a.jpg", 1)
-    code = main(["predict", str(image), "--backend", "onnxruntime", "--model", str(model), "--batch-size", "4",
-                 "--output", str(tmp_path / "r.json")])
+    code = main(
+        [
+            "predict",
+            str(image),
+            "--backend",
+            "onnxruntime",
+            "--model",
+            str(model),
+            "--batch-size",
+            "4",
+            "--output",
+            str(tmp_path / "r.json"),
+        ]
+    )
     line = _one_error(capsys.readouterr().err, "predict")
     assert code == 2 and "--batch-size 4" in line and "static batch of 1" in line
     assert not (tmp_path / "r.json").exists()

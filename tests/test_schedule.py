@@ -1,4 +1,5 @@
 """The lr schedule: mmengine's LinearLR warm-up by iteration and MultiStepLR by epoch, hand-computed."""
+
 from __future__ import annotations
 
 import math
@@ -11,15 +12,18 @@ from paadet.train.schedule import LRSchedule, set_lr
 RECIPE = LRSchedule()  # lr 0.01, warm-up 500 iterations from 0.001, x0.1 after epochs 8 and 11
 
 
-@pytest.mark.parametrize(("iteration", "expected"), [
-    (0, 1e-5),                                   # 0.01 * 0.001
-    (1, 0.01 * (0.001 + 0.999 / 499)),           # 3.002004008e-05
-    (250, 0.01 * (0.001 + 0.999 * 250 / 499)),   # 5.01501002e-03
-    (498, 0.01 * (0.001 + 0.999 * 498 / 499)),
-    (499, 0.01),                                 # total_iters = end - begin - 1 = 499: full lr at t = 499
-    (500, 0.01),
-    (7329, 0.01),
-])
+@pytest.mark.parametrize(
+    ("iteration", "expected"),
+    [
+        (0, 1e-5),  # 0.01 * 0.001
+        (1, 0.01 * (0.001 + 0.999 / 499)),  # 3.002004008e-05
+        (250, 0.01 * (0.001 + 0.999 * 250 / 499)),  # 5.01501002e-03
+        (498, 0.01 * (0.001 + 0.999 * 498 / 499)),
+        (499, 0.01),  # total_iters = end - begin - 1 = 499: full lr at t = 499
+        (500, 0.01),
+        (7329, 0.01),
+    ],
+)
 def test_warmup_values(iteration, expected):
     assert RECIPE.lr_at(iteration, 0) == pytest.approx(expected, rel=1e-12)
 
@@ -70,7 +74,7 @@ def test_matches_mmengine_recurrence():
     per_epoch, epochs = 60, 12
     chained = _mmengine_chain(0.01, 500, 0.001, [8, 11], 0.1, per_epoch, epochs)
     closed = [RECIPE.lr_at(t, t // per_epoch) for t in range(per_epoch * epochs)]
-    worst = max(abs(a - b) / b for a, b in zip(chained, closed))
+    worst = max(abs(a - b) / b for a, b in zip(chained, closed, strict=False))
     assert worst < 1e-12
     assert math.isclose(closed[-1], 1e-4, rel_tol=1e-12)
 
@@ -89,5 +93,10 @@ def test_set_lr_and_state():
     optimizer = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.5)
     set_lr(optimizer, 0.125)
     assert [g["lr"] for g in optimizer.param_groups] == [0.125, 0.125]
-    assert RECIPE.state_dict() == {"base_lr": 0.01, "warmup_iters": 500, "warmup_ratio": 0.001,
-                                   "milestones": [8, 11], "gamma": 0.1}
+    assert RECIPE.state_dict() == {
+        "base_lr": 0.01,
+        "warmup_iters": 500,
+        "warmup_ratio": 0.001,
+        "milestones": [8, 11],
+        "gamma": 0.1,
+    }

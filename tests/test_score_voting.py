@@ -1,4 +1,5 @@
 """PAA score voting against a per-detection Python loop following the formula of the spec."""
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,9 @@ def iou_eps(a: list[float], b: list[float], eps: float = 1e-6) -> float:
     return inter / max(union, eps)
 
 
-def reference_vote(det_box: list[float], label: int, boxes: torch.Tensor, scores: torch.Tensor, score_thr: float) -> list[float]:
+def reference_vote(
+    det_box: list[float], label: int, boxes: torch.Tensor, scores: torch.Tensor, score_thr: float
+) -> list[float]:
     """One detection: weighted mean of the same-class candidates (score > thr) with IoU > 0.01."""
     valid = (scores[:, label] > score_thr).tolist()  # float32 comparison, as mmdetection
     num = [0.0] * 4
@@ -31,7 +34,7 @@ def reference_vote(det_box: list[float], label: int, boxes: torch.Tensor, scores
         u = iou_eps(det_box, box)
         if u > 0.01:
             w = math.exp(-((1 - u) ** 2) / 0.025) * float(scores[a, label])
-            num = [n + w * x for n, x in zip(num, box)]
+            num = [n + w * x for n, x in zip(num, box, strict=False)]
             den += w
     return [n / den for n in num]
 
@@ -60,10 +63,19 @@ def test_voting_matches_reference_loop():
     for i in range(2):
         n = int(plain.num_dets[i])
         assert n > 20
-        expected = torch.tensor([
-            reference_vote(plain.boxes[i, j].double().tolist(), int(plain.labels[i, j]), cand.boxes[i], cand.nms_scores[i], 0.05)
-            for j in range(n)
-        ], dtype=torch.float64)
+        expected = torch.tensor(
+            [
+                reference_vote(
+                    plain.boxes[i, j].double().tolist(),
+                    int(plain.labels[i, j]),
+                    cand.boxes[i],
+                    cand.nms_scores[i],
+                    0.05,
+                )
+                for j in range(n)
+            ],
+            dtype=torch.float64,
+        )
         torch.testing.assert_close(voted.boxes[i, :n].double(), expected, rtol=0, atol=2e-4)
         assert torch.all(voted.boxes[i, n:] == 0)
         moved = max(moved, float((expected - plain.boxes[i, :n].double()).abs().max()))
@@ -77,10 +89,15 @@ def test_voting_with_truncation_to_max_per_img():
     voted = multiclass_nms(cand, config)
     assert int(voted.num_dets[0]) == 15
     # voting uses all candidates of the class, not only the 15 kept detections
-    expected = torch.tensor([
-        reference_vote(plain.boxes[0, j].double().tolist(), int(plain.labels[0, j]), cand.boxes[0], cand.nms_scores[0], 0.05)
-        for j in range(15)
-    ], dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            reference_vote(
+                plain.boxes[0, j].double().tolist(), int(plain.labels[0, j]), cand.boxes[0], cand.nms_scores[0], 0.05
+            )
+            for j in range(15)
+        ],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(voted.boxes[0].double(), expected, rtol=0, atol=2e-4)
 
 
@@ -89,7 +106,9 @@ def test_hand_computed_two_boxes():
     # Voting for A: w_A = e^0 * 0.9, w_B = e^(-(1 - 0.5)^2 / 0.025) * 0.4 = 0.4 e^-10.
     # Voting for B: w_A = 0.9 e^-10, w_B = 0.4.
     # B's box in class 1 (0.7) and D = [0, 0, 10, 30] (class 0, score 0.04 <= 0.05, IoU 1/3 with A) do not vote.
-    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 10.0, 30.0]]], dtype=torch.float64)
+    boxes = torch.tensor(
+        [[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 10.0, 30.0]]], dtype=torch.float64
+    )
     scores = torch.tensor([[[0.9, 0.0], [0.4, 0.7], [0.04, 0.0]]], dtype=torch.float64)
     dets = multiclass_nms(Candidates(boxes, scores), VOTING)
     assert dets.num_dets.tolist() == [3]
@@ -98,8 +117,12 @@ def test_hand_computed_two_boxes():
     e = math.exp(-10)
     y2_a = (0.9 * 10 + 0.4 * e * 20) / (0.9 + 0.4 * e)
     y2_b = (0.9 * e * 10 + 0.4 * 20) / (0.9 * e + 0.4)
-    torch.testing.assert_close(dets.boxes[0, 0], torch.tensor([0.0, 0.0, 10.0, y2_a], dtype=torch.float64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(dets.boxes[0, 2], torch.tensor([0.0, 0.0, 10.0, y2_b], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        dets.boxes[0, 0], torch.tensor([0.0, 0.0, 10.0, y2_a], dtype=torch.float64), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        dets.boxes[0, 2], torch.tensor([0.0, 0.0, 10.0, y2_b], dtype=torch.float64), rtol=0, atol=1e-12
+    )
     # class 1 has a single candidate: its box is unchanged
     assert dets.boxes[0, 1].tolist() == [0.0, 0.0, 10.0, 20.0]
 
@@ -108,8 +131,8 @@ def test_batch_of_three_equals_each_image_alone():
     cand = random_candidates(batch=3, anchors=150, classes=4, seed=2)
     batched = multiclass_nms(cand, VOTING)
     for i in range(3):
-        alone = multiclass_nms(Candidates(cand.boxes[i:i + 1], cand.nms_scores[i:i + 1]), VOTING)
-        assert torch.equal(batched.num_dets[i:i + 1], alone.num_dets)
-        assert torch.equal(batched.labels[i:i + 1], alone.labels)
-        assert torch.equal(batched.scores[i:i + 1], alone.scores)
-        torch.testing.assert_close(batched.boxes[i:i + 1], alone.boxes, rtol=1e-6, atol=1e-5)
+        alone = multiclass_nms(Candidates(cand.boxes[i : i + 1], cand.nms_scores[i : i + 1]), VOTING)
+        assert torch.equal(batched.num_dets[i : i + 1], alone.num_dets)
+        assert torch.equal(batched.labels[i : i + 1], alone.labels)
+        assert torch.equal(batched.scores[i : i + 1], alone.scores)
+        torch.testing.assert_close(batched.boxes[i : i + 1], alone.boxes, rtol=1e-6, atol=1e-5)

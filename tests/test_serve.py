@@ -4,6 +4,7 @@ Parity with ``paadet predict`` (exact floats), 16 concurrent clients, every erro
 after each), an overload answered with 200s and 503s only, a timeout, and a SIGTERM drain that exits 0.
 Images are small (mmdet preset; wide strips keep the network input small on a 2-core machine).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,7 +26,8 @@ import torch
 
 from paadet.cli import main
 from paadet.compare import match_detections
-from paadet.testing import seeded_state_dict, synthetic_image
+from paadet.data.synthetic import synthetic_image
+from paadet.model.seeded import seeded_state_dict
 
 API_KEY = "test-key-123"
 READY_TIMEOUT_S = 120
@@ -44,11 +46,26 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        self._log_file = open(log, "wb") if log else subprocess.DEVNULL
+        # kept open for the server's whole life, closed by close()
+        self._log_file = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "paadet", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "warning", *args],
-            env={**os.environ, **(env or {})}, stdout=self._log_file, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "paadet",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *args,
+            ],
+            env={**os.environ, **(env or {})},
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             assert self.proc.poll() is None, f"server exited with {self.proc.returncode}: {self.output()}"
@@ -81,11 +98,14 @@ class ServerProcess:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose header says ``width x height`` (RGB), with one tiny (truncated) IDAT: a bomb's header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +123,28 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(files: dict):
-    srv = ServerProcess(["--checkpoint", str(files["checkpoint"]), "--preset", "mmdet", "--device", "cpu",
-                         "--max-batch", "4", "--max-wait-ms", "50", "--max-queue", "32", "--max-bytes", "3000000",
-                         "--timeout-s", "120"],
-                        env={"PAADET_API_KEY": API_KEY}, log=files["root"] / "server.log")
+    srv = ServerProcess(
+        [
+            "--checkpoint",
+            str(files["checkpoint"]),
+            "--preset",
+            "mmdet",
+            "--device",
+            "cpu",
+            "--max-batch",
+            "4",
+            "--max-wait-ms",
+            "50",
+            "--max-queue",
+            "32",
+            "--max-bytes",
+            "3000000",
+            "--timeout-s",
+            "120",
+        ],
+        env={"PAADET_API_KEY": API_KEY},
+        log=files["root"] / "server.log",
+    )
     yield srv
     code = srv.stop()
     assert code == 0, srv.output()
@@ -117,8 +155,22 @@ def predicted(files: dict) -> dict[str, list[dict]]:
     """``paadet predict`` on the same files: entries by file name."""
     out = files["root"] / "predict.json"
     paths = [str(p) for p in files["images"].values()]
-    assert main(["predict", *paths, "--checkpoint", str(files["checkpoint"]), "--preset", "mmdet",
-                 "--output", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                *paths,
+                "--checkpoint",
+                str(files["checkpoint"]),
+                "--preset",
+                "mmdet",
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     by_file: dict[str, list[dict]] = {str(p): [] for p in paths}
     for entry in json.loads(out.read_text()):
         by_file[entry["file_name"]].append(entry)
@@ -131,8 +183,14 @@ def headers(key: str = API_KEY) -> dict[str, str]:
 
 def as_predict_entries(answer: dict) -> list[tuple]:
     """The served detections in ``paadet predict``'s terms: (category_id, [x, y, w, h], score), sorted."""
-    return sorted((d["category_id"], [d["bbox"][0], d["bbox"][1], d["bbox"][2] - d["bbox"][0], d["bbox"][3] - d["bbox"][1]],
-                   d["score"]) for d in answer["detections"])
+    return sorted(
+        (
+            d["category_id"],
+            [d["bbox"][0], d["bbox"][1], d["bbox"][2] - d["bbox"][0], d["bbox"][3] - d["bbox"][1]],
+            d["score"],
+        )
+        for d in answer["detections"]
+    )
 
 
 def predict_entries(entries: list[dict]) -> list[tuple]:
@@ -143,6 +201,7 @@ def assert_same_detections(served: list[tuple], expected: list[tuple], name: str
     """The parity rule of the core issue: every detection of ``predict`` matched (same category id,
     IoU >= 0.99, |score difference| <= 1e-4) and none extra. Exact equality is too strict: batched
     convolutions (the server batches requests) round differently at the 1e-6 level."""
+
     def unpack(entries):
         boxes = [[x, y, x + w, y + h] for _, (x, y, w, h), _ in entries]
         return boxes, [e[2] for e in entries], [e[0] for e in entries]
@@ -169,15 +228,24 @@ def test_parity_with_predict(server: ServerProcess, files: dict, predicted: dict
 
 def test_multipart_and_query_options(server: ServerProcess, files: dict, predicted: dict) -> None:
     path = files["images"]["photo.png"]
-    r = httpx.post(server.url + "/v1/detect", files={"image": ("x.png", path.read_bytes(), "image/png")},
-                   headers=headers(), timeout=60)
+    r = httpx.post(
+        server.url + "/v1/detect",
+        files={"image": ("x.png", path.read_bytes(), "image/png")},
+        headers=headers(),
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     full = r.json()
     assert_same_detections(as_predict_entries(full), predict_entries(predicted[str(path)]), "photo.png")
     assert "network;dur=" in r.headers["server-timing"]
     thr = full["detections"][len(full["detections"]) // 2]["score"]
-    r = httpx.post(server.url + "/v1/detect", params={"score_thr": thr, "max_dets": 3}, content=path.read_bytes(),
-                   headers={"X-API-Key": API_KEY}, timeout=60)
+    r = httpx.post(
+        server.url + "/v1/detect",
+        params={"score_thr": thr, "max_dets": 3},
+        content=path.read_bytes(),
+        headers={"X-API-Key": API_KEY},
+        timeout=60,
+    )
     assert r.status_code == 200
     expected = [d for d in full["detections"] if d["score"] >= thr][:3]
     assert r.json()["detections"] == expected
@@ -206,13 +274,33 @@ def test_sixteen_concurrent_clients(server: ServerProcess, files: dict, predicte
     assert "paadet_queue_depth" in metrics
 
 
-@pytest.mark.parametrize("case", ["zero_bytes", "text_file", "truncated_png", "huge_png_header", "too_many_bytes",
-                                  "wrong_key", "no_key", "multipart_without_image", "bad_score_thr"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "zero_bytes",
+        "text_file",
+        "truncated_png",
+        "huge_png_header",
+        "too_many_bytes",
+        "wrong_key",
+        "no_key",
+        "multipart_without_image",
+        "bad_score_thr",
+    ],
+)
 def test_errors_are_one_line_json_and_the_server_lives(server: ServerProcess, files: dict, case: str) -> None:
     body, hdrs, params, files_arg = b"", headers(), None, None
-    expected = {"zero_bytes": 400, "text_file": 400, "truncated_png": 400, "huge_png_header": 413,
-                "too_many_bytes": 413, "wrong_key": 401, "no_key": 401, "multipart_without_image": 400,
-                "bad_score_thr": 400}[case]
+    expected = {
+        "zero_bytes": 400,
+        "text_file": 400,
+        "truncated_png": 400,
+        "huge_png_header": 413,
+        "too_many_bytes": 413,
+        "wrong_key": 401,
+        "no_key": 401,
+        "multipart_without_image": 400,
+        "bad_score_thr": 400,
+    }[case]
     if case == "text_file":
         body = b"this is a text file, not an image\n" * 20
     elif case == "truncated_png":
@@ -260,9 +348,23 @@ def test_health_ready_openapi_page(server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def small_queue_server(files: dict):
     """Queue of 2, batches of 1: easy to overload."""
-    srv = ServerProcess(["--checkpoint", str(files["checkpoint"]), "--preset", "mmdet", "--max-batch", "1",
-                         "--max-queue", "2", "--max-wait-ms", "0", "--timeout-s", "120"],
-                        log=files["root"] / "small.log")
+    srv = ServerProcess(
+        [
+            "--checkpoint",
+            str(files["checkpoint"]),
+            "--preset",
+            "mmdet",
+            "--max-batch",
+            "1",
+            "--max-queue",
+            "2",
+            "--max-wait-ms",
+            "0",
+            "--timeout-s",
+            "120",
+        ],
+        log=files["root"] / "small.log",
+    )
     yield srv
     srv.stop()
 
@@ -294,7 +396,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(small_queue_server: Serve
 
     async def drain():
         async with httpx.AsyncClient(timeout=120) as client:
-            tasks = [asyncio.create_task(client.post(small_queue_server.url + "/v1/detect", content=body)) for _ in range(2)]
+            tasks = [
+                asyncio.create_task(client.post(small_queue_server.url + "/v1/detect", content=body)) for _ in range(2)
+            ]
             await asyncio.sleep(0.3)  # both admitted and in flight
             small_queue_server.proc.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)
@@ -309,8 +413,21 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(small_queue_server: Serve
 
 def test_timeout_is_504_and_the_server_lives(files: dict) -> None:
     # batches of 8 that wait up to 10 s to fill: a lone request is past --timeout-s 0.5 long before that
-    srv = ServerProcess(["--checkpoint", str(files["checkpoint"]), "--preset", "mmdet", "--max-batch", "8",
-                         "--max-wait-ms", "10000", "--timeout-s", "0.5"], log=files["root"] / "timeout.log")
+    srv = ServerProcess(
+        [
+            "--checkpoint",
+            str(files["checkpoint"]),
+            "--preset",
+            "mmdet",
+            "--max-batch",
+            "8",
+            "--max-wait-ms",
+            "10000",
+            "--timeout-s",
+            "0.5",
+        ],
+        log=files["root"] / "timeout.log",
+    )
     try:
         started = time.perf_counter()
         r = httpx.post(srv.url + "/v1/detect", content=files["images"]["wide.png"].read_bytes(), timeout=30)

@@ -4,6 +4,7 @@ Needs the system packages ``chromium`` and ``chromium-driver`` (Debian: ``apt-ge
 chromium-driver``); without them this test fails, it does not skip. Uploads a generated image, checks that
 the page drew exactly the detections ``POST /v1/detect`` returns for it, and saves a screenshot.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from test_serve import ServerProcess
 
-from paadet.testing import seeded_state_dict, synthetic_image
+from paadet.data.synthetic import synthetic_image
+from paadet.model.seeded import seeded_state_dict
 
 
 def find(*names: str) -> str:
@@ -30,8 +32,9 @@ def find(*names: str) -> str:
         path = shutil.which(name)
         if path:
             return path
-    raise AssertionError(f"none of {names} on PATH: install the system packages (Debian: "
-                         "apt-get install -y chromium chromium-driver)")
+    raise AssertionError(
+        f"none of {names} on PATH: install the system packages (Debian: apt-get install -y chromium chromium-driver)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +60,18 @@ def test_page_draws_the_detections_of_the_api(tmp_path: Path, browser) -> None:
         assert len(api["detections"]) >= 2, "the check needs detections to draw"
         browser.get(srv.url + "/")
         browser.find_element(By.ID, "file").send_keys(str(image))
-        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
-                                         in ("done", "error"))
-        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", \
-            browser.find_element(By.ID, "status").text
+        WebDriverWait(browser, 60).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error")
+        )
+        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", browser.find_element(
+            By.ID, "status"
+        ).text
 
         def set_threshold(value: float) -> list[dict]:
-            browser.execute_script("const s = document.getElementById('thr'); s.value = arguments[0];"
-                                   "s.dispatchEvent(new Event('input'));", str(value))
+            browser.execute_script(
+                "const s = document.getElementById('thr'); s.value = arguments[0];s.dispatchEvent(new Event('input'));",
+                str(value),
+            )
             return json.loads(browser.find_element(By.ID, "drawn").get_attribute("data-boxes"))
 
         def canvas_pixels() -> str:

@@ -5,6 +5,7 @@ with ``paadet predict``, one replica SIGKILLed under a bounded concurrent load (
 the right detections, or a 503), requests answered after Ray restarts the replica, and SIGTERM exits 0
 with the Ray processes gone. Wide strips keep the network input small on a 2-core machine.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,16 +16,16 @@ import time
 from pathlib import Path
 
 import cv2
+import grpc  # noqa: F401 (Ray Serve's proxy needs it; `.[test]` installs ray[serve]: a missing one fails here)
 import httpx
 import pytest
+import ray.serve  # noqa: F401
 import torch
+from test_serve import ServerProcess, as_predict_entries, assert_same_detections, predict_entries
 
-pytest.importorskip("ray.serve", reason="needs `pip install \"paadet[ray-serve]\"`")
-pytest.importorskip("grpc", reason="needs `pip install \"paadet[ray-serve]\"` (ray[serve])")
-
-from paadet.cli import main  # noqa: E402
-from paadet.testing import seeded_state_dict, synthetic_image  # noqa: E402
-from test_serve import ServerProcess, as_predict_entries, assert_same_detections, predict_entries  # noqa: E402
+from paadet.cli import main
+from paadet.data.synthetic import synthetic_image
+from paadet.model.seeded import seeded_state_dict
 
 REPLICA_TITLE = "ray::ServeReplica:paadet:"
 RECOVERY_TIMEOUT_S = 90
@@ -55,8 +56,22 @@ def predicted(files: dict) -> dict[str, list[tuple]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["predict", *paths, "--checkpoint", str(files["checkpoint"]), "--preset", "mmdet",
-                     "--output", str(out), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    *paths,
+                    "--checkpoint",
+                    str(files["checkpoint"]),
+                    "--preset",
+                    "mmdet",
+                    "--output",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     by_file: dict[str, list[dict]] = {p: [] for p in paths}
@@ -110,14 +125,38 @@ def wait_for(predicate, timeout: float, what: str, server: ServerProcess) -> Non
 
 @pytest.fixture(scope="module")
 def server(files: dict):
-    srv = ServerProcess(["--ray", "--replicas", "2", "--cpus-per-replica", "1", "--checkpoint", str(files["checkpoint"]),
-                         "--preset", "mmdet", "--device", "cpu", "--max-batch", "4", "--max-wait-ms", "20",
-                         "--max-queue", "16", "--timeout-s", "60"],
-                        log=files["root"] / "server.log")
+    srv = ServerProcess(
+        [
+            "--ray",
+            "--replicas",
+            "2",
+            "--cpus-per-replica",
+            "1",
+            "--checkpoint",
+            str(files["checkpoint"]),
+            "--preset",
+            "mmdet",
+            "--device",
+            "cpu",
+            "--max-batch",
+            "4",
+            "--max-wait-ms",
+            "20",
+            "--max-queue",
+            "16",
+            "--timeout-s",
+            "60",
+        ],
+        log=files["root"] / "server.log",
+    )
     try:
         # /readyz answers as soon as one replica is up: wait for the CLI's line, printed once both are running
-        wait_for(lambda: "2 replica(s) on Ray Serve" in srv.output() and len(replica_pids(srv)) == 2, 120,
-                 "both replicas", srv)
+        wait_for(
+            lambda: "2 replica(s) on Ray Serve" in srv.output() and len(replica_pids(srv)) == 2,
+            120,
+            "both replicas",
+            srv,
+        )
     except BaseException:
         srv.stop()
         raise
@@ -184,8 +223,11 @@ def test_replica_killed_under_load(server: ServerProcess, files: dict, predicted
 
     asyncio.run(load())
     statuses = [status for _, status, _ in answers]
-    print(f"replica {killed[0]} killed: {len(statuses)} answers, {statuses.count(200)} x 200, {statuses.count(503)} x 503",
-          sorted({text[:100] for _, status, text in answers if status != 200}))
+    print(
+        f"replica {killed[0]} killed: {len(statuses)} answers, "
+        f"{statuses.count(200)} x 200, {statuses.count(503)} x 503",
+        sorted({text[:100] for _, status, text in answers if status != 200}),
+    )
     assert set(statuses) <= {200, 503}, [(s, text[:200]) for _, s, text in answers if s not in (200, 503)]
     assert statuses.count(200) >= 12
     for name, status, text in answers:
@@ -197,8 +239,12 @@ def test_replica_killed_under_load(server: ServerProcess, files: dict, predicted
     assert killed[0] not in now
 
     # after recovery: two replicas again, and every request answered correctly
-    wait_for(lambda: len(replica_pids(server)) == 2 and killed[0] not in replica_pids(server), RECOVERY_TIMEOUT_S,
-             "a replacement replica", server)
+    wait_for(
+        lambda: len(replica_pids(server)) == 2 and killed[0] not in replica_pids(server),
+        RECOVERY_TIMEOUT_S,
+        "a replacement replica",
+        server,
+    )
     for k in range(6):
         name = names[k % len(names)]
         r = detect(server.url, files["images"][name])

@@ -1,4 +1,5 @@
 """``paadet.data.synthetic``: seeded images whose boxes are the tight boxes of the visible object pixels."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +11,7 @@ import pytest
 
 from paadet.data.coco import CocoDataset
 from paadet.data.synthetic import SHAPES, SyntheticSpec, _shape_mask, generate_split, render_image
-from paadet.train.data import CocoTrainDataset
+from paadet.train.dataset import CocoTrainDataset
 
 SPEC = SyntheticSpec(size=128, min_size=12, max_size=90, max_objects=5)
 
@@ -33,7 +34,7 @@ def test_boxes_are_inside_the_image_and_respect_the_spec():
         counts.append(len(anns))
         for ann in anns:
             x, y, w, h = ann["bbox"]
-            assert 0 <= x and 0 <= y and x + w <= 128 and y + h <= 128 and w >= 1 and h >= 1
+            assert x >= 0 and y >= 0 and x + w <= 128 and y + h <= 128 and w >= 1 and h >= 1
             assert 1 <= ann["category_id"] <= len(SHAPES)
             assert 0 < ann["area"] <= w * h
             sizes.append(max(w, h))
@@ -63,7 +64,9 @@ def test_generate_split_writes_a_coco_file_both_loaders_read(tmp_path):
     first = data["images"][0]
     image = cv2.imread(str(image_dir / first["file_name"]))
     expected, anns = render_image(SPEC, 1, "val", 0)
-    encoded = cv2.imdecode(cv2.imencode(".jpg", expected, [cv2.IMWRITE_JPEG_QUALITY, SPEC.jpeg_quality])[1], cv2.IMREAD_COLOR)
+    encoded = cv2.imdecode(
+        cv2.imencode(".jpg", expected, [cv2.IMWRITE_JPEG_QUALITY, SPEC.jpeg_quality])[1], cv2.IMREAD_COLOR
+    )
     assert np.array_equal(image, encoded)
     assert [a["bbox"] for a in data["annotations"] if a["image_id"] == first["id"]] == [a["bbox"] for a in anns]
     assert len(CocoDataset.load(ann_file, image_dir).image_ids) == 6
@@ -76,10 +79,15 @@ def test_generate_split_writes_a_coco_file_both_loaders_read(tmp_path):
     assert digest(tmp_path / "again" / "images" / "val_000003.jpg") == digest(image_dir / "val_000003.jpg")
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"size": 16}, "size"), ({"min_objects": 3, "max_objects": 2}, "min_objects"),
-    ({"min_size": 100, "max_size": 50}, "min_size"), ({"min_visible": 0}, "min_visible"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"size": 16}, "size"),
+        ({"min_objects": 3, "max_objects": 2}, "min_objects"),
+        ({"min_size": 100, "max_size": 50}, "min_size"),
+        ({"min_visible": 0}, "min_visible"),
+    ],
+)
 def test_bad_specs_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
         SyntheticSpec(**kwargs)

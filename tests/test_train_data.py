@@ -1,4 +1,6 @@
-"""paadet.train.data: mmdetection 3.3's COCO training data path, on tiny generated datasets."""
+"""paadet.train.annotations, dataset and loader: mmdetection 3.3's COCO training data path,
+on tiny generated datasets."""
+
 from __future__ import annotations
 
 import json
@@ -10,19 +12,11 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from paadet.data.coco import DatasetError
+from paadet.data.synthetic import synthetic_image
 from paadet.preprocess import normalize_numpy, normalize_pad
-from paadet.testing import synthetic_image
-from paadet.train.data import (
-    DROP_NO_ANNOTATIONS,
-    DROP_TOO_SMALL,
-    CocoTrainDataset,
-    TrainSample,
-    build_train_loader,
-    collate_train,
-    epoch_indices,
-    flip_decision,
-    group_batches,
-)
+from paadet.train.annotations import DROP_NO_ANNOTATIONS, DROP_TOO_SMALL
+from paadet.train.dataset import CocoTrainDataset, TrainSample, flip_decision
+from paadet.train.loader import build_train_loader, collate_train, epoch_indices, group_batches
 
 CATS = [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}, {"id": 42, "name": "forty-two"}]
 
@@ -63,54 +57,67 @@ def box_dataset(tmp_path, n=6, **kwargs):
 
 def test_parsing_filter_rules(tmp_path):
     # image 5 (listed first, 64 wide x 48 high) carries one annotation per rule
-    images = [(5, "a.png", 64, 48), (2, "crowd_only.png", 40, 40), (9, "empty.png", 40, 40),
-              (4, "small.png", 40, 31), (8, "exact32.png", 32, 40), (6, "unlisted_cat.png", 40, 40),
-              (3, "degenerate_only.png", 40, 40)]
+    images = [
+        (5, "a.png", 64, 48),
+        (2, "crowd_only.png", 40, 40),
+        (9, "empty.png", 40, 40),
+        (4, "small.png", 40, 31),
+        (8, "exact32.png", 32, 40),
+        (6, "unlisted_cat.png", 40, 40),
+        (3, "degenerate_only.png", 40, 40),
+    ]
     a = [
-        {"bbox": [10, 5, 20, 10]},                   # kept -> [10, 5, 30, 15], label of 7 = 0
-        {"bbox": [70, 5, 10, 10]},                   # starts right of the image: no overlap
-        {"bbox": [64, 0, 5, 5]},                     # touches the right edge only: inter_w = 0
+        {"bbox": [10, 5, 20, 10]},  # kept -> [10, 5, 30, 15], label of 7 = 0
+        {"bbox": [70, 5, 10, 10]},  # starts right of the image: no overlap
+        {"bbox": [64, 0, 5, 5]},  # touches the right edge only: inter_w = 0
         {"bbox": [-5, -5, 10, 10], "category_id": 42},  # partly outside: kept unclipped, label 2
-        {"bbox": [1, 1, 5, 5], "area": 0},           # area <= 0
-        {"bbox": [1, 1, 0.5, 5]},                    # w < 1
-        {"bbox": [1, 1, 5, 0.99]},                   # h < 1
-        {"bbox": [0, 0, 1, 1], "category_id": 3},    # w = h = 1: kept, label 1
-        {"bbox": [2, 2, 8, 8], "ignore": True},      # mmdet's 'ignore' key
-        {"bbox": [3, 3, 9, 9], "iscrowd": 1},        # crowd: not a target
-        {"bbox": [4, 4, 9, 9], "category_id": 99},   # category not listed
+        {"bbox": [1, 1, 5, 5], "area": 0},  # area <= 0
+        {"bbox": [1, 1, 0.5, 5]},  # w < 1
+        {"bbox": [1, 1, 5, 0.99]},  # h < 1
+        {"bbox": [0, 0, 1, 1], "category_id": 3},  # w = h = 1: kept, label 1
+        {"bbox": [2, 2, 8, 8], "ignore": True},  # mmdet's 'ignore' key
+        {"bbox": [3, 3, 9, 9], "iscrowd": 1},  # crowd: not a target
+        {"bbox": [4, 4, 9, 9], "category_id": 99},  # category not listed
         {"bbox": [20.5, 10.25, 3.5, 7.125], "area": 0.5},  # fractional, area from the file
     ]
     anns = [{"image_id": 5, "category_id": 7, **x} for x in a]
-    anns += [{"image_id": 2, "category_id": 7, "bbox": [1, 1, 10, 10], "iscrowd": 1},
-             {"image_id": 4, "category_id": 7, "bbox": [1, 1, 10, 10]},
-             {"image_id": 8, "category_id": 3, "bbox": [1, 1, 10, 10]},
-             {"image_id": 6, "category_id": 99, "bbox": [1, 1, 10, 10]},
-             {"image_id": 3, "category_id": 3, "bbox": [1, 1, 0.5, 10]},
-             {"image_id": 77, "category_id": 3, "bbox": [1, 1, 10, 10]}]  # on an unlisted image
+    anns += [
+        {"image_id": 2, "category_id": 7, "bbox": [1, 1, 10, 10], "iscrowd": 1},
+        {"image_id": 4, "category_id": 7, "bbox": [1, 1, 10, 10]},
+        {"image_id": 8, "category_id": 3, "bbox": [1, 1, 10, 10]},
+        {"image_id": 6, "category_id": 99, "bbox": [1, 1, 10, 10]},
+        {"image_id": 3, "category_id": 3, "bbox": [1, 1, 0.5, 10]},
+        {"image_id": 77, "category_id": 3, "bbox": [1, 1, 10, 10]},
+    ]  # on an unlisted image
     ann_file, image_dir = write_dataset(tmp_path, images, anns, write=False)
     ds = CocoTrainDataset(ann_file, image_dir)
 
     assert ds.file_names == ["a.png", "crowd_only.png", "exact32.png", "degenerate_only.png"]
-    assert ds.dropped == [("empty.png", DROP_NO_ANNOTATIONS), ("small.png", DROP_TOO_SMALL),
-                          ("unlisted_cat.png", DROP_NO_ANNOTATIONS)]
+    assert ds.dropped == [
+        ("empty.png", DROP_NO_ANNOTATIONS),
+        ("small.png", DROP_TOO_SMALL),
+        ("unlisted_cat.png", DROP_NO_ANNOTATIONS),
+    ]
     a_img = ds.images[0]
     assert a_img.image_id == 5 and (a_img.width, a_img.height) == (64, 48)
-    np.testing.assert_array_equal(a_img.boxes, np.array(
-        [[10, 5, 30, 15], [-5, -5, 5, 5], [0, 0, 1, 1], [20.5, 10.25, 24.0, 17.375]], np.float32))
+    np.testing.assert_array_equal(
+        a_img.boxes, np.array([[10, 5, 30, 15], [-5, -5, 5, 5], [0, 0, 1, 1], [20.5, 10.25, 24.0, 17.375]], np.float32)
+    )
     assert a_img.boxes.dtype == np.float32
     np.testing.assert_array_equal(a_img.labels, [0, 2, 1, 0])
     assert a_img.labels.dtype == np.int64 and a_img.num_crowd == 1
-    assert ds.images[1].boxes.shape == (0, 4) and ds.images[1].num_crowd == 1   # crowd-only survives, 0 GT
-    assert ds.images[3].boxes.shape == (0, 4) and ds.images[3].num_crowd == 0   # degenerate-only survives
+    assert ds.images[1].boxes.shape == (0, 4) and ds.images[1].num_crowd == 1  # crowd-only survives, 0 GT
+    assert ds.images[3].boxes.shape == (0, 4) and ds.images[3].num_crowd == 0  # degenerate-only survives
     np.testing.assert_array_equal(ds.images[2].labels, [1])
     assert [e.index for e in ds.images] == [0, 1, 2, 3]
-    assert len(ds.warnings) == 1 and "3 annotations" in ds.warnings[0]          # category 99 (twice) and image 77
+    assert len(ds.warnings) == 1 and "3 annotations" in ds.warnings[0]  # category 99 (twice) and image 77
 
 
 def test_filters_can_be_turned_off(tmp_path):
     images = [(1, "a.png", 40, 40), (2, "b.png", 20, 40)]
-    ann_file, image_dir = write_dataset(tmp_path, images, [{"image_id": 2, "category_id": 3, "bbox": [1, 1, 4, 4]}],
-                                        write=False)
+    ann_file, image_dir = write_dataset(
+        tmp_path, images, [{"image_id": 2, "category_id": 3, "bbox": [1, 1, 4, 4]}], write=False
+    )
     ds = CocoTrainDataset(ann_file, image_dir, min_size=0, filter_empty_gt=False)
     assert ds.file_names == ["a.png", "b.png"] and ds.dropped == []
     with pytest.raises(DatasetError, match="no training image left: 2 listed, 1 without annotations, 1 smaller"):
@@ -132,9 +139,11 @@ def test_labels_follow_file_category_order_with_noncontiguous_ids(tmp_path):
 def test_resize_scales_and_clips_boxes(tmp_path):
     # 67 wide x 50 high, scale (100, 60): factor min(100/67, 60/50) = 1.2 -> 60 x int(80.4 + 0.5) = 80
     images = [(1, "a.png", 67, 50)]
-    anns = [{"image_id": 1, "category_id": 7, "bbox": [10, 10, 10, 10]},
-            {"image_id": 1, "category_id": 7, "bbox": [-5, -4, 10, 10]},    # clipped at 0
-            {"image_id": 1, "category_id": 7, "bbox": [60, 45, 20, 20]}]    # clipped at (80, 60)
+    anns = [
+        {"image_id": 1, "category_id": 7, "bbox": [10, 10, 10, 10]},
+        {"image_id": 1, "category_id": 7, "bbox": [-5, -4, 10, 10]},  # clipped at 0
+        {"image_id": 1, "category_id": 7, "bbox": [60, 45, 20, 20]},
+    ]  # clipped at (80, 60)
     ann_file, image_dir = write_dataset(tmp_path, images, anns)
     ds = CocoTrainDataset(ann_file, image_dir, scale=(100, 60), flip_prob=0.0)
     s = ds[0]
@@ -142,9 +151,9 @@ def test_resize_scales_and_clips_boxes(tmp_path):
     assert s.ori_shape == (50, 67) and s.img_shape == (60, 80)
     assert s.scale_factor == (80 / 67, 60 / 50)
     sw, sh = np.float32(80 / 67), np.float32(1.2)
-    expected = np.array([[10 * sw, 10 * sh, 20 * sw, 20 * sh],
-                         [0, 0, 5 * sw, 6 * sh],
-                         [60 * sw, 45 * sh, 80, 60]], np.float32)
+    expected = np.array(
+        [[10 * sw, 10 * sh, 20 * sw, 20 * sh], [0, 0, 5 * sw, 6 * sh], [60 * sw, 45 * sh, 80, 60]], np.float32
+    )
     assert s.boxes.dtype == torch.float32
     np.testing.assert_array_equal(s.boxes.numpy(), expected)
     np.testing.assert_allclose(s.boxes[0].numpy(), [11.940299, 12.0, 23.880597, 24.0], rtol=1e-6)
@@ -156,8 +165,10 @@ def test_resize_scales_and_clips_boxes(tmp_path):
 
 def test_flip_mirrors_boxes_and_pixels(tmp_path):
     images = [(1, "a.png", 67, 50)]
-    anns = [{"image_id": 1, "category_id": 7, "bbox": [10, 10, 10, 10]},
-            {"image_id": 1, "category_id": 3, "bbox": [60, 5, 20, 20]}]
+    anns = [
+        {"image_id": 1, "category_id": 7, "bbox": [10, 10, 10, 10]},
+        {"image_id": 1, "category_id": 3, "bbox": [60, 5, 20, 20]},
+    ]
     ann_file, image_dir = write_dataset(tmp_path, images, anns)
     plain = CocoTrainDataset(ann_file, image_dir, scale=(100, 60), flip_prob=0.0)[0]
     flipped = CocoTrainDataset(ann_file, image_dir, scale=(100, 60), flip_prob=1.0)[0]
@@ -184,8 +195,9 @@ def test_order_and_flips_deterministic_per_seed_and_epoch(tmp_path):
     ds = box_dataset(tmp_path, n=8, seed=3)
 
     def run(epoch, **kw):
-        batches = list(build_train_loader(ds, batch_size=1, seed=5, epoch=epoch, workers=0,
-                                          aspect_ratio_grouping=False, **kw))
+        batches = list(
+            build_train_loader(ds, batch_size=1, seed=5, epoch=epoch, workers=0, aspect_ratio_grouping=False, **kw)
+        )
         return [b.indices[0] for b in batches], [b.flipped[0] for b in batches], batches
 
     order0, flips0, batches0 = run(0)
@@ -193,7 +205,7 @@ def test_order_and_flips_deterministic_per_seed_and_epoch(tmp_path):
     assert flips0 == [flip_decision(3, 0, i, 0.5) for i in order0]
     order0b, flips0b, batches0b = run(0, loader="threads")
     assert (order0b, flips0b) == (order0, flips0)
-    for x, y in zip(batches0, batches0b):
+    for x, y in zip(batches0, batches0b, strict=False):
         torch.testing.assert_close(x.images, y.images, rtol=0, atol=0)
         torch.testing.assert_close(x.gt_boxes[0], y.gt_boxes[0], rtol=0, atol=0)
     order1, flips1, _ = run(1)
@@ -213,7 +225,7 @@ def test_start_batch_skips_done_batches(tmp_path):
     assert resumed.batches == full.batches[2:]
     got_full, got_resumed = list(full), list(resumed)
     assert len(got_resumed) == 2
-    for x, y in zip(got_full[2:], got_resumed):
+    for x, y in zip(got_full[2:], got_resumed, strict=False):
         assert x.file_names == y.file_names and x.flipped == y.flipped
         torch.testing.assert_close(x.images, y.images, rtol=0, atol=0)
     assert list(build_train_loader(ds, batch_size=2, seed=1, epoch=2, start_batch=4)) == []
@@ -233,8 +245,9 @@ def test_ddp_ranks_split_the_set(tmp_path):
         sampler = DistributedSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=4)
         sampler.set_epoch(1)
         assert list(sampler) == ranks[r]
-        loader = build_train_loader(ds, batch_size=1, seed=4, epoch=1, rank=r, world_size=2,
-                                    aspect_ratio_grouping=False, workers=0)
+        loader = build_train_loader(
+            ds, batch_size=1, seed=4, epoch=1, rank=r, world_size=2, aspect_ratio_grouping=False, workers=0
+        )
         assert [b[0] for b in loader.batches] == ranks[r]
     with pytest.raises(ValueError, match="rank"):
         build_train_loader(ds, batch_size=1, rank=2, world_size=2)
@@ -260,11 +273,28 @@ def test_loader_groups_by_aspect_ratio(tmp_path):
 
 def test_collate_pads_to_32_with_zeros_and_own_pad_shapes():
     def sample(h, w, value, name):
-        return TrainSample(image=torch.full((3, h, w), value), boxes=torch.zeros((1, 4)),
-                           labels=torch.zeros(1, dtype=torch.int64), file_name=name, img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0), flipped=False)
+        return TrainSample(
+            image=torch.full((3, h, w), value),
+            boxes=torch.zeros((1, 4)),
+            labels=torch.zeros(1, dtype=torch.int64),
+            file_name=name,
+            img_shape=(h, w),
+            ori_shape=(h, w),
+            scale_factor=(1.0, 1.0),
+            flipped=False,
+        )
 
-    bad = TrainSample(image=None, boxes=torch.zeros((0, 4)), labels=torch.zeros(0, dtype=torch.int64), file_name="bad.png",
-                      img_shape=(0, 0), ori_shape=(0, 0), scale_factor=(1.0, 1.0), flipped=False, error="cannot read bad.png")
+    bad = TrainSample(
+        image=None,
+        boxes=torch.zeros((0, 4)),
+        labels=torch.zeros(0, dtype=torch.int64),
+        file_name="bad.png",
+        img_shape=(0, 0),
+        ori_shape=(0, 0),
+        scale_factor=(1.0, 1.0),
+        flipped=False,
+        error="cannot read bad.png",
+    )
     batch = collate_train([sample(33, 50, -1.5, "a"), bad, sample(64, 20, 2.0, "b")])
     assert batch.images.shape == (2, 3, 64, 64) and batch.batch_input_shape == (64, 64) and len(batch) == 2
     assert batch.pad_shapes == [(64, 64), (64, 32)]
@@ -299,16 +329,33 @@ def test_unreadable_image_is_reported_not_raised(tmp_path):
     assert [len(b) for b in alone] == [1, 0, 0] and alone[1].images is None
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "is not valid JSON"),
-    (json.dumps([1, 2]), "not a COCO annotation file"),
-    (json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 40}],
-                 "annotations": [{"id": 1, "image_id": 1, "category_id": 7}], "categories": CATS}), "needs a 'bbox'"),
-    (json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 40}],
-                 "annotations": [], "categories": CATS}), "image 1 needs a positive 'height'"),
-    (json.dumps({"images": [{"id": 1, "width": 40, "height": 40}], "annotations": [], "categories": CATS}),
-     "has no 'file_name'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "is not valid JSON"),
+        (json.dumps([1, 2]), "not a COCO annotation file"),
+        (
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 40}],
+                    "annotations": [{"id": 1, "image_id": 1, "category_id": 7}],
+                    "categories": CATS,
+                }
+            ),
+            "needs a 'bbox'",
+        ),
+        (
+            json.dumps(
+                {"images": [{"id": 1, "file_name": "a.png", "width": 40}], "annotations": [], "categories": CATS}
+            ),
+            "image 1 needs a positive 'height'",
+        ),
+        (
+            json.dumps({"images": [{"id": 1, "width": 40, "height": 40}], "annotations": [], "categories": CATS}),
+            "has no 'file_name'",
+        ),
+    ],
+)
 def test_malformed_annotation_file_is_one_line_error(tmp_path, content, message):
     ann_file = tmp_path / "bad.json"
     ann_file.write_text(content)
@@ -329,10 +376,10 @@ def test_process_workers_give_the_same_batches(tmp_path):
     threads = list(build_train_loader(ds, batch_size=2, seed=2, workers=2))
     procs = list(build_train_loader(ds, batch_size=2, seed=2, workers=1, loader="processes"))
     assert [b.file_names for b in procs] == [b.file_names for b in threads]
-    for x, y in zip(threads, procs):
+    for x, y in zip(threads, procs, strict=False):
         assert x.flipped == y.flipped and x.pad_shapes == y.pad_shapes
         torch.testing.assert_close(x.images, y.images, rtol=0, atol=0)
-        for bx, by in zip(x.gt_boxes, y.gt_boxes):
+        for bx, by in zip(x.gt_boxes, y.gt_boxes, strict=False):
             torch.testing.assert_close(bx, by, rtol=0, atol=0)
 
 

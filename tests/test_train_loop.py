@@ -1,4 +1,6 @@
-"""The trainer on a tiny generated set (64 x 80 images, CPU): loss goes down, resume is bit-exact, bad losses stop it."""
+"""The trainer on a tiny generated set (64 x 80 images, CPU): loss goes down, resume is bit-exact,
+bad losses stop it."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +17,7 @@ import cv2
 import pytest
 import torch
 
-from paadet.testing import synthetic_image
+from paadet.data.synthetic import synthetic_image
 from paadet.train import TrainConfig, TrainingError, train
 from paadet.train import loss as loss_module
 from paadet.train.checkpointer import read_checkpoint
@@ -37,17 +39,44 @@ def write_tiny_set(folder: Path, num_images: int, file_names: list[str] | None =
             cv2.imwrite(str(image_dir / name), synthetic_image(HEIGHT, WIDTH, seed=i))
         images.append({"id": i + 1, "file_name": name, "height": HEIGHT, "width": WIDTH})
         for j, (cat, box) in enumerate(((5, [6 + 4 * i, 5, 30, 26]), (9, [40, 28 - 3 * i, 32, 30]))):
-            anns.append({"id": 2 * i + j + 1, "image_id": i + 1, "category_id": cat, "bbox": box,
-                         "area": box[2] * box[3], "iscrowd": 0})
+            anns.append(
+                {
+                    "id": 2 * i + j + 1,
+                    "image_id": i + 1,
+                    "category_id": cat,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
     ann = folder / "ann.json"
-    ann.write_text(json.dumps({"images": images, "annotations": anns,
-                               "categories": [{"id": 5, "name": "cat_a"}, {"id": 9, "name": "cat_b"}]}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": anns,
+                "categories": [{"id": 5, "name": "cat_a"}, {"id": 9, "name": "cat_b"}],
+            }
+        )
+    )
     return ann, image_dir
 
 
 def tiny_config(ann: Path, image_dir: Path, out: Path, **overrides) -> TrainConfig:
-    settings = dict(ann_file=ann, image_dir=image_dir, output_dir=out, init="scratch", scale=(WIDTH, HEIGHT),
-                    batch_size=1, epochs=2, warmup_iters=2, lr=0.002, lr_steps=(1,), workers=1, progress=False)
+    settings = dict(
+        ann_file=ann,
+        image_dir=image_dir,
+        output_dir=out,
+        init="scratch",
+        scale=(WIDTH, HEIGHT),
+        batch_size=1,
+        epochs=2,
+        warmup_iters=2,
+        lr=0.002,
+        lr_steps=(1,),
+        workers=1,
+        progress=False,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -62,7 +91,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert (ca["meta"]["iter"], ca["meta"]["epoch"]) == (cb["meta"]["iter"], cb["meta"]["epoch"])
     different = [k for k, v in ca["state_dict"].items() if not torch.equal(v, cb["state_dict"][k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values(), strict=False):
         assert sa.keys() == sb.keys()
         for key in sa:  # SGD's momentum_buffer; AdamW's step, exp_avg, exp_avg_sq
             assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
@@ -131,8 +160,11 @@ CHILD = textwrap.dedent("""
 def test_sigkill_then_resume_is_bit_identical(dataset, reference, tmp_path):
     out = tmp_path / "killed"
     code = CHILD.format(w=WIDTH, h=HEIGHT, threads=torch.get_num_threads())
-    child = subprocess.Popen([sys.executable, "-c", code, str(dataset[0]), str(dataset[1]), str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(dataset[0]), str(dataset[1]), str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     try:
         while not (out / "latest.pth").exists():  # written atomically after iteration 1
@@ -153,8 +185,11 @@ def test_sigkill_then_resume_is_bit_identical(dataset, reference, tmp_path):
 def test_loss_goes_down_on_a_repeated_batch(tmp_path):
     ann, images = write_tiny_set(tmp_path / "same", num_images=3, file_names=["one.png"] * 3)
     out = tmp_path / "out"
-    summary = train(tiny_config(ann, images, out, epochs=1, warmup_iters=0, flip_prob=0.0, shuffle=False,
-                                val_ann=ann, val_images=images))
+    summary = train(
+        tiny_config(
+            ann, images, out, epochs=1, warmup_iters=0, flip_prob=0.0, shuffle=False, val_ann=ann, val_images=images
+        )
+    )
     rows = read_rows(out / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and summary.images == 3
@@ -237,7 +272,7 @@ def test_channels_last_follows_the_nchw_run(dataset, reference, tmp_path):
     train(tiny_config(*dataset, out, channels_last=True))
     rows, ref_rows = read_rows(out / "metrics.jsonl"), read_rows(reference / "metrics.jsonl")
     assert [r["files"] for r in rows] == [r["files"] for r in ref_rows]
-    for row, ref in zip(rows, ref_rows):
+    for row, ref in zip(rows, ref_rows, strict=False):
         for key in ("loss", "loss_cls", "loss_bbox", "loss_iou"):
             assert row[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-6), (row["iter"], key)
     ckpt, ref_ckpt = final_state(out), final_state(reference)
@@ -248,8 +283,9 @@ def test_channels_last_follows_the_nchw_run(dataset, reference, tmp_path):
     assert any(not b.is_contiguous() for b in buffers)
     # the weights' drift from the NCHW run against how far the 4 steps moved them (measured: 0.15 %; PAA's
     # assignment can flip a candidate on a rounding difference, so it is more than rounding alone)
-    init = build_train_model(2, "scratch", None, seed=0, frozen_stages=1, norm_eval=True,
-                             class_names=["cat_a", "cat_b"])[0].state_dict()
+    init = build_train_model(
+        2, "scratch", None, seed=0, frozen_stages=1, norm_eval=True, class_names=["cat_a", "cat_b"]
+    )[0].state_dict()
     floats = [k for k, v in ref_ckpt["state_dict"].items() if v.is_floating_point()]
     drift = math.sqrt(sum(float((ckpt["state_dict"][k] - ref_ckpt["state_dict"][k]).square().sum()) for k in floats))
     update = math.sqrt(sum(float((ref_ckpt["state_dict"][k] - init[k]).square().sum()) for k in floats))
@@ -318,15 +354,19 @@ def test_initialisation_and_freezing():
         assert abs(float(conv.weight.detach().std()) - 0.01) < 0.002
     assert torch.all(head.atss_reg.bias == 0) and all(float(s.scale.detach()) == 1.0 for s in head.scales)
     lateral = neck.lateral_convs[0].conv.weight  # Xavier uniform: |w| <= sqrt(6 / (fan_in + fan_out))
-    assert float(lateral.detach().abs().max()) <= math.sqrt(6 / (512 + 256)) and torch.all(neck.lateral_convs[0].conv.bias == 0)
+    assert float(lateral.detach().abs().max()) <= math.sqrt(6 / (512 + 256)) and torch.all(
+        neck.lateral_convs[0].conv.bias == 0
+    )
     conv1 = backbone.layer2[0].conv2.weight  # Kaiming normal, fan_out: std sqrt(2 / (128 * 9))
     assert float(conv1.detach().std()) == pytest.approx(math.sqrt(2 / (128 * 9)), rel=0.05)
     assert torch.all(backbone.layer2[0].bn3.weight == 0) and torch.all(backbone.layer2[0].bn1.weight == 1)
     again, _ = build_train_model(2, "scratch", seed=3)
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values(), strict=False))
 
     frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
-    assert frozen == {n for n, _ in net.named_parameters() if n.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1."))}
+    assert frozen == {
+        n for n, _ in net.named_parameters() if n.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1."))
+    }
     net.train()
     assert net.training and net.bbox_head.training and net.backbone.layer2.training
     assert not net.backbone.layer1.training and not net.backbone.bn1.training
@@ -351,7 +391,7 @@ def test_torchvision_backbone_loads_strictly(tmp_path):
     assert torch.all(net.bbox_head.atss_cls.bias == torch.tensor(cls_bias_init()))
     del torchvision_like["layer4.2.bn3.running_var"]
     torch.save(torchvision_like, tmp_path / "broken.pth")
-    with pytest.raises(CheckpointError, match="broken.pth: not torchvision's ResNet-50.*missing keys: 1"):
+    with pytest.raises(CheckpointError, match=r"broken\.pth: not torchvision's ResNet-50.*missing keys: 1"):
         build_train_model(2, "backbone", tmp_path / "broken.pth")
 
 

@@ -1,4 +1,5 @@
 """paadet.train.optim: the optimiser choice, one step of each checked by hand."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,8 +38,11 @@ def test_adamw_is_fused_on_the_cpu_and_steps_as_the_loop_does():
     weights = {}
     for fused in (True, False):
         params = [torch.nn.Parameter(t.clone()) for t in start]
-        opt = build_optimizer("adamw", params, lr=0.01, weight_decay=0.05) if fused else \
-            torch.optim.AdamW(params, lr=0.01, weight_decay=0.05, foreach=False)
+        opt = (
+            build_optimizer("adamw", params, lr=0.01, weight_decay=0.05)
+            if fused
+            else torch.optim.AdamW(params, lr=0.01, weight_decay=0.05, foreach=False)
+        )
         assert opt.defaults["fused"] is (True if fused else None)
         gen = torch.Generator().manual_seed(1)
         for _ in range(5):
@@ -46,7 +50,7 @@ def test_adamw_is_fused_on_the_cpu_and_steps_as_the_loop_does():
                 p.grad = torch.randn(p.shape, generator=gen)
             opt.step()
         weights[fused] = [p.detach() for p in params]
-    for a, b, s in zip(weights[True], weights[False], start):
+    for a, b, s in zip(weights[True], weights[False], start, strict=False):
         assert not torch.equal(a, s)  # moved
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 

@@ -1,4 +1,6 @@
-"""tools/train_standin.py --quick: every step of the stand-in's script (data, training, export, evaluation) on a tiny set."""
+"""tools/train_standin.py --quick: every step of the stand-in's script (data, training, export, evaluation)
+on a tiny set."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quick_run_writes_the_standin_and_its_evaluation(tmp_path):
     out = tmp_path / "standin"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train_standin.py"), "--output-dir", str(out), "--quick"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train_standin.py"), "--output-dir", str(out), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((out / "standin.json").read_text())
     assert summary["recipe"]["optimizer"] == "adamw" and summary["recipe"]["scale"] == "160x160"

@@ -1,5 +1,6 @@
 """A checkpoint records the scale it was trained at; predict, eval, export and batch default to it.
 And the CPU's reduced precisions: ``--bf16`` inference (torch backend) and ``paadet train --amp``."""
+
 from __future__ import annotations
 
 import json
@@ -7,16 +8,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from fixtures import write_train_fixture
 
+from paadet import DetectorSpec
 from paadet.checkpoint import CheckpointError, load_checkpoint
 from paadet.cli import main
-from paadet.commands.common import build_detector
+from paadet.data.synthetic import SyntheticSpec, generate_split, synthetic_image
 from paadet.detector import Detector
-from paadet.data.synthetic import SyntheticSpec, generate_split
+from paadet.model.build import load_network
+from paadet.model.seeded import train_state_dict
 from paadet.preprocess import Preset, get_preset
 from paadet.runtime.torch_backend import TorchBackend
-from paadet.model.loading import load_network
-from paadet.testing import synthetic_image, train_state_dict, write_train_fixture
 
 TRAINED = {"name": "trained", "scale": [160, 128], "size_divisor": 32}
 CLASSES = {"classes": ["a", "b", "c"], "category_ids": [1, 2, 3]}
@@ -41,45 +43,63 @@ def test_preset_meta_round_trip_and_malformed_values(tmp_path):
     path = tmp_path / "bad.pth"
     torch.save({"meta": {"preset": {"scale": "big"}}, "state_dict": train_state_dict()}, path)
     with pytest.raises(CheckpointError, match=r"bad\.pth: malformed preset .* in meta\.preset"):
-        load_checkpoint(path).preset
+        _ = load_checkpoint(path).preset
 
 
 def test_detector_defaults_to_the_checkpoint_preset(trained, tmp_path):
     assert load_checkpoint(trained).preset == Preset.from_meta(TRAINED)
-    assert build_detector(checkpoint=trained).preset.scale == (160, 128)
-    assert build_detector(checkpoint=trained, preset="800").preset.name == "800"  # asked for: wins
+    assert Detector.from_spec(DetectorSpec(checkpoint=trained)).preset.scale == (160, 128)
+    assert Detector.from_spec(DetectorSpec(checkpoint=trained, preset="800")).preset.name == "800"  # asked for: wins
     plain = tmp_path / "plain.pth"
     torch.save({"meta": {"dataset_meta": CLASSES}, "state_dict": train_state_dict()}, plain)
-    assert build_detector(checkpoint=str(plain)).preset.name == "mmdet"
+    assert Detector.from_spec(DetectorSpec(checkpoint=str(plain))).preset.name == "mmdet"
 
 
 def test_eval_and_batch_use_the_checkpoint_preset(trained, tmp_path, capsys):
     ann, images = generate_split(tmp_path / "val", 2, split="val", spec=SyntheticSpec(size=96, max_size=60))
     data = json.loads(ann.read_text())
-    data["categories"] = [{"id": i, "name": n} for i, n in zip(CLASSES["category_ids"], CLASSES["classes"])]
+    data["categories"] = [
+        {"id": i, "name": n} for i, n in zip(CLASSES["category_ids"], CLASSES["classes"], strict=False)
+    ]
     data["annotations"] = [a for a in data["annotations"] if a["category_id"] <= 3]
     ann.write_text(json.dumps(data))
     out = tmp_path / "eval"
-    assert main(["eval", "--checkpoint", trained, "--ann", str(ann), "--images", str(images), "--output-dir", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                trained,
+                "--ann",
+                str(ann),
+                "--images",
+                str(images),
+                "--output-dir",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "preset trained" in capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["backend"]["preset"] == "trained"
 
     import argparse
 
-    from paadet.commands.batch import add_parser, spec_from_args
+    from paadet.commands.batch import MODEL, add_parser
+    from paadet.runtime.registry import with_explicit_preset
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     args = parser.parse_args(["batch", str(images), "--output-dir", str(tmp_path / "b"), "--checkpoint", trained])
-    assert get_preset(spec_from_args(args).preset).scale == (160, 128)
+    assert get_preset(with_explicit_preset(MODEL.spec(args)).preset).scale == (160, 128)
 
 
 def test_export_defaults_to_the_checkpoint_preset(trained, tmp_path):
     import onnx
 
-    from paadet.export.metadata import ExportInfo
+    from paadet.runtime.graph_info import ExportInfo
 
     graph = tmp_path / "m.onnx"
     assert main(["export", "--checkpoint", trained, "--output", str(graph), "--no-simplify", "--no-verify"]) == 0
@@ -97,7 +117,7 @@ def test_bf16_inference_is_close_to_fp32_and_says_so(trained):
     assert bf16.net.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 128, 160)
     a, b = fp32.network(x), bf16.network(x)
-    for level_a, level_b in zip(a[0], b[0]):
+    for level_a, level_b in zip(a[0], b[0], strict=False):
         assert level_b.dtype == torch.bfloat16  # it really ran in bfloat16
         err = (level_a - level_b.float()).abs().max() / level_a.abs().max()
         assert 0 < err < 0.1
@@ -106,13 +126,29 @@ def test_bf16_inference_is_close_to_fp32_and_says_so(trained):
     with pytest.raises(ValueError, match="exclude each other"):
         TorchBackend(load_network(trained), bf16=True, fp16=True)
     with pytest.raises(ValueError, match="--bf16 is for --backend torch"):
-        build_detector(backend="onnxruntime", model="m.onnx", bf16=True)
+        Detector.from_spec(DetectorSpec(backend="onnxruntime", model="m.onnx", bf16=True))
 
 
 def test_train_amp_bf16_runs_records_and_refuses_fp16_on_cpu(tmp_path, capsys):
     ann, images = write_train_fixture(tmp_path / "fx")
-    common = ["train", "--ann", ann, "--images", images, "--from-scratch", "--bn-train", "--frozen-stages", "-1",
-              "--scale", "128x96", "--batch-size", "2", "--no-progress", "--workers", "0"]
+    common = [
+        "train",
+        "--ann",
+        ann,
+        "--images",
+        images,
+        "--from-scratch",
+        "--bn-train",
+        "--frozen-stages",
+        "-1",
+        "--scale",
+        "128x96",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--workers",
+        "0",
+    ]
     out = tmp_path / "bf16"
     assert main([*common, "--amp", "bf16", "--max-iters", "2", "--output-dir", str(out)]) == 0
     ckpt = torch.load(out / "latest.pth", weights_only=True)

@@ -6,6 +6,7 @@ Reads ``bench_b{1,8,32}.json`` (``paadet bench``), ``parity.json``, ``profile_b3
 ``variants_b32.json`` and ``train_amp.json`` (``benchmarks/bench_amp.py --device cuda``); any that is missing or
 unreadable is named in the output and skipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TARGETS = {"engine_images_per_s": 1000.0, "e2e_images_per_s": 600.0, "postprocess_ms_per_batch": 5.0}  # issue 5, batch 32
+TARGETS = {
+    "engine_images_per_s": 1000.0,
+    "e2e_images_per_s": 600.0,
+    "postprocess_ms_per_batch": 5.0,
+}  # issue 5, batch 32
 
 
 def _load(folder: Path, name: str, missing: list[str]) -> Any:
@@ -42,9 +47,11 @@ def _fp16_matched(parity: Any) -> str:
 
 
 def bench_table(folder: Path, parity: Any, missing: list[str]) -> tuple[list[str], dict[str, float]]:
-    lines = ["| GPU | batch | precision | engine images/s | e2e images/s | post-processing ms/batch | "
-             "e2e ms/image: decode / preprocess / copy / network / postprocess / copy_back | FP16 matched vs CPU FP32 |",
-             "|---|---:|---|---:|---:|---:|---|---|"]
+    lines = [
+        "| GPU | batch | precision | engine images/s | e2e images/s | post-processing ms/batch | "
+        "e2e ms/image: decode / preprocess / copy / network / postprocess / copy_back | FP16 matched vs CPU FP32 |",
+        "|---|---:|---|---:|---:|---:|---|---|",
+    ]
     at32: dict[str, float] = {}
     for name in ("bench_b1.json", "bench_b8.json", "bench_b32.json"):
         report = _load(folder, name, missing)
@@ -55,13 +62,20 @@ def bench_table(folder: Path, parity: Any, missing: list[str]) -> tuple[list[str
         stages = e2e["stages_ms_per_image"]
         post = stages.get("postprocess", 0.0) * batch
         gpu = report["hardware"].get("gpu") or report["hardware"].get("cpu")
-        split = " / ".join(_fmt(stages.get(k, 0.0), 2) for k in ("decode", "preprocess", "copy", "network", "postprocess", "copy_back"))
-        lines.append(f"| {gpu} | {batch} | {report['precision']} | {_fmt(engine.get('images_per_s'))} | "
-                     f"{_fmt(e2e['images_per_s'])} | {_fmt(post, 2)} | {split} (decode on {e2e['decode_on']}) | "
-                     f"{_fp16_matched(parity) if batch == 32 else ''} |")
+        split = " / ".join(
+            _fmt(stages.get(k, 0.0), 2) for k in ("decode", "preprocess", "copy", "network", "postprocess", "copy_back")
+        )
+        lines.append(
+            f"| {gpu} | {batch} | {report['precision']} | {_fmt(engine.get('images_per_s'))} | "
+            f"{_fmt(e2e['images_per_s'])} | {_fmt(post, 2)} | {split} (decode on {e2e['decode_on']}) | "
+            f"{_fp16_matched(parity) if batch == 32 else ''} |"
+        )
         if batch == 32:
-            at32 = {"engine_images_per_s": engine.get("images_per_s", 0.0), "e2e_images_per_s": e2e["images_per_s"],
-                    "postprocess_ms_per_batch": post}
+            at32 = {
+                "engine_images_per_s": engine.get("images_per_s", 0.0),
+                "e2e_images_per_s": e2e["images_per_s"],
+                "postprocess_ms_per_batch": post,
+            }
     return lines, at32
 
 
@@ -91,24 +105,33 @@ def parity_table(parity: Any) -> list[str]:
     lines = ["| weights | preset | variant | matched | extra | verdict |", "|---|---|---|---:|---:|---|"]
     for row in parity.get("rows", []):
         if "error" in row:
-            lines.append(f"| {row['weights']} | {row['preset']} | {row['variant']} | error: {row['error'][:80]} | | FAIL |")
+            lines.append(
+                f"| {row['weights']} | {row['preset']} | {row['variant']} | error: {row['error'][:80]} | | FAIL |"
+            )
             continue
         verdict = "pass" if row["pass"] else ("FAIL" if row.get("judged", True) else "not judged")
-        lines.append(f"| {row['weights']} | {row['preset']} | {row['variant']} | {row['matched']}/{row['reference']} "
-                     f"({100 * row['matched_fraction']:.2f}%) | {row['extra']} | {verdict} |")
+        lines.append(
+            f"| {row['weights']} | {row['preset']} | {row['variant']} | {row['matched']}/{row['reference']} "
+            f"({100 * row['matched_fraction']:.2f}%) | {row['extra']} | {verdict} |"
+        )
     return lines
 
 
 def variants_table(variants: Any) -> list[str]:
     if not variants:
         return []
-    lines = ["| option set (batch 32) | engine images/s | e2e images/s | post-processing ms/batch |", "|---|---:|---:|---:|"]
+    lines = [
+        "| option set (batch 32) | engine images/s | e2e images/s | post-processing ms/batch |",
+        "|---|---:|---:|---:|",
+    ]
     for name, r in variants.get("results", {}).items():
         if "error" in r:
             lines.append(f"| {name} | error: {r['error'][:80]} | | |")
         else:
-            lines.append(f"| {name} | {_fmt(r['engine_images_per_s'])} | {_fmt(r['e2e_images_per_s'])} | "
-                         f"{_fmt(r['postprocess_ms_per_batch'], 2)} |")
+            lines.append(
+                f"| {name} | {_fmt(r['engine_images_per_s'])} | {_fmt(r['e2e_images_per_s'])} | "
+                f"{_fmt(r['postprocess_ms_per_batch'], 2)} |"
+            )
     return lines
 
 
@@ -120,18 +143,22 @@ def profile_lines(profile: Any) -> list[str]:
         row = profile.get(f"postprocess_{weights}")
         if row and "batched_ms_per_batch" in row:
             work = row["batched_call"]
-            lines.append(f"- post-processing alone, {weights} weights ({row['detections_per_image']:.0f} detections/image): "
-                         f"{row['batched_ms_per_batch']:.2f} ms per batch of {row['batch_size']} "
-                         f"({row['per_image_ms_per_batch']:.2f} ms image by image, {row['batched_speedup']:.1f}x); "
-                         f"{work['kernels']} kernels, {work['syncs']} host syncs")
+            lines.append(
+                f"- post-processing alone, {weights} weights ({row['detections_per_image']:.0f} detections/image): "
+                f"{row['batched_ms_per_batch']:.2f} ms per batch of {row['batch_size']} "
+                f"({row['per_image_ms_per_batch']:.2f} ms image by image, {row['batched_speedup']:.1f}x); "
+                f"{work['kernels']} kernels, {work['syncs']} host syncs"
+            )
         elif row:
             lines.append(f"- post-processing alone, {weights} weights: {row.get('error', 'no result')}")
     engine = profile.get("engine")
     if engine and "kernel_ms_by_kind" in engine:
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in engine["kernel_ms_by_kind"].items())
-        lines.append(f"- network, batch {engine['batch_size']}: {engine['wall_ms_per_batch']:.2f} ms per batch "
-                     f"({engine['images_per_s']:,.0f} images/s), {engine['kernel_launches']} kernel launches; "
-                     f"GPU ms by kind: {kinds}")
+        lines.append(
+            f"- network, batch {engine['batch_size']}: {engine['wall_ms_per_batch']:.2f} ms per batch "
+            f"({engine['images_per_s']:,.0f} images/s), {engine['kernel_launches']} kernel launches; "
+            f"GPU ms by kind: {kinds}"
+        )
     elif engine:
         lines.append(f"- network profile: {engine.get('error', 'no result')}")
     return lines
@@ -141,11 +168,17 @@ def train_table(train: Any) -> list[str]:
     """``paadet train`` s/iter on the GPU per mixed-precision mode (``benchmarks/bench_amp.py``'s rows)."""
     if not train:
         return []
-    lines = [f"`paadet train` on {train.get('device', '?')} (benchmarks/bench_amp.py; median s/iter, first iteration "
-             "of each run left out):", "",
-             "| setting | precision | s/iter | x float32 | iterations |", "|---|---|---:|---:|---:|"]
+    lines = [
+        f"`paadet train` on {train.get('device', '?')} (benchmarks/bench_amp.py; median s/iter, first iteration "
+        "of each run left out):",
+        "",
+        "| setting | precision | s/iter | x float32 | iterations |",
+        "|---|---|---:|---:|---:|",
+    ]
     for row in train.get("rows", []):
-        lines.append(f"| {row['setting']} | {row['amp']} | {row['s_per_iter']:.3f} | {row['speedup']:.2f} | {row['n']} |")
+        lines.append(
+            f"| {row['setting']} | {row['amp']} | {row['s_per_iter']:.3f} | {row['speedup']:.2f} | {row['n']} |"
+        )
     return lines
 
 
@@ -156,8 +189,14 @@ def report(folder: Path) -> str:
     variants = _load(folder, "variants_b32.json", missing)
     bench_lines, at32 = bench_table(folder, parity, missing)
     train = _load(folder, "train_amp.json", missing)
-    sections = [bench_lines, target_lines(at32, profile), profile_lines(profile), variants_table(variants),
-                train_table(train), parity_table(parity)]
+    sections = [
+        bench_lines,
+        target_lines(at32, profile),
+        profile_lines(profile),
+        variants_table(variants),
+        train_table(train),
+        parity_table(parity),
+    ]
     out = "\n\n".join("\n".join(s) for s in sections if s)
     if missing:
         out += "\n\nNot read: " + ", ".join(missing)

@@ -5,10 +5,11 @@ docs/parity.md), with paadet importable there (``pip install --no-deps -e .``):
 
     /tmp/mmref/bin/python tools/make_golden.py --out tests/golden/mmdet_golden.json
 
-The weights are regenerated from the seeds in ``CASES`` by ``paadet.testing.seeded_state_dict`` (so nothing
+The weights are regenerated from the seeds in ``CASES`` by ``paadet.model.seeded.seeded_state_dict`` (so nothing
 large is committed) and made so that every image yields thousands of candidates, which exercises
-top-k, NMS and score voting. Images come from ``paadet.testing.synthetic_image``.
+top-k, NMS and score voting. Images come from ``paadet.data.synthetic.synthetic_image``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ import mmdet
 import torch
 from mmdet.apis import inference_detector, init_detector
 
-from paadet.testing import seeded_state_dict, synthetic_image
+from paadet.data.synthetic import synthetic_image
+from paadet.model.seeded import seeded_state_dict
 
 IMAGES = [(300, 400, 1), (200, 1000, 2), (500, 375, 3)]  # (height, width, seed)
 # name -> (weights seed, classification bias, presets, images): "dense" gives ~3,500 candidates per image
@@ -66,8 +68,11 @@ def main() -> None:
             torch.save({"meta": {"seed": seed, "cls_bias": cls_bias}, "state_dict": state_dict}, checkpoint)
             results += run_case(case, config_path, checkpoint, presets, images)
     payload = {
-        "generator": "tools/make_golden.py", "mmdet": mmdet.__version__, "torch": torch.__version__,
-        "cases": {name: {"seed": c[0], "cls_bias": c[1]} for name, c in CASES.items()}, "results": results,
+        "generator": "tools/make_golden.py",
+        "mmdet": mmdet.__version__,
+        "torch": torch.__version__,
+        "cases": {name: {"seed": c[0], "cls_bias": c[1]} for name, c in CASES.items()},
+        "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".tmp")
@@ -83,15 +88,22 @@ def run_case(case: str, config_path: str, checkpoint: str, presets, images) -> l
         scale, divisor = PRESETS[preset]
         for voting in (True, False):
             model = build(config_path, checkpoint, scale, divisor, voting)
-            for (h, w, s), image in zip(images, arrays):
+            for (h, w, s), image in zip(images, arrays, strict=False):
                 with torch.no_grad():
                     sample = inference_detector(model, image)
                 pred = sample.pred_instances
-                results.append({
-                    "case": case, "preset": preset, "score_voting": voting, "image": {"height": h, "width": w, "seed": s},
-                    "img_shape": list(sample.metainfo["img_shape"]),
-                    "boxes": pred.bboxes.tolist(), "scores": pred.scores.tolist(), "labels": pred.labels.tolist(),
-                })
+                results.append(
+                    {
+                        "case": case,
+                        "preset": preset,
+                        "score_voting": voting,
+                        "image": {"height": h, "width": w, "seed": s},
+                        "img_shape": list(sample.metainfo["img_shape"]),
+                        "boxes": pred.bboxes.tolist(),
+                        "scores": pred.scores.tolist(),
+                        "labels": pred.labels.tolist(),
+                    }
+                )
                 print(f"{case} {preset} voting={voting} {h}x{w}: {len(pred.scores)} detections")
     return results
 

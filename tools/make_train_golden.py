@@ -7,9 +7,9 @@ docs/parity.md), with paadet importable there (``pip install --no-deps -e .``):
         --debug-dir ../plan/golden_debug
 
 mmdetection's own config ``configs/paa/paa_r50_fpn_1x_coco.py`` is loaded and changed only where the
-golden file needs it: 3 classes (the fixture's, from ``paadet.testing.write_train_fixture``), the
+golden file needs it: 3 classes (the fixture's, from ``tests/fixtures.py:write_train_fixture``), the
 fixture as the training set, ``RandomFlip`` probability 0, no shuffling, no pretrained backbone (the
-seeded weights of ``paadet.testing.train_state_dict`` are loaded, strict), and 0 loader workers.
+seeded weights of ``paadet.model.seeded.train_state_dict`` are loaded, strict), and 0 loader workers.
 mmdetection's own training dataloader (dataset, filter, pipeline, ``DefaultSampler``,
 ``AspectRatioBatchSampler``, ``pseudo_collate``), ``DetDataPreprocessor(training=True)`` and
 ``model.loss`` run on the CPU with the model in train mode (BatchNorm stays in eval mode: norm_eval).
@@ -19,6 +19,7 @@ image) and 2 (mmdetection's aspect-ratio batches). The head's ``get_targets``, `
 sklearn's ``GaussianMixture`` are wrapped (not changed) to record the number of positives and, with
 ``--debug-dir``, intermediate tensors (described in the README.md written there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,21 +34,19 @@ from pathlib import Path
 import cv2
 import mmcv
 import mmdet
+import mmdet.models.dense_heads.paa_head as paa_head_module
 import mmengine
 import numpy as np
 import sklearn
 import sklearn.mixture
 import torch
+from fixtures import TRAIN_FIXTURE_CATEGORIES, TRAIN_GOLDEN_WEIGHTS, train_fixture_annotations, write_train_fixture
+from mmdet.registry import MODELS
+from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-import mmdet.models.dense_heads.paa_head as paa_head_module
-from mmdet.registry import MODELS
-from mmdet.utils import register_all_modules
-
-from paadet.testing import (
-    TRAIN_FIXTURE_CATEGORIES, TRAIN_GOLDEN_WEIGHTS, train_fixture_annotations, train_state_dict, write_train_fixture,
-)
+from paadet.model.seeded import train_state_dict
 
 FIXTURE_SEED = 0
 FULL_SCALE, SMALL_SCALE = (1333, 800), (400, 256)
@@ -168,30 +167,49 @@ class Recorder:
 
         def forward_w(x):
             outs = forward(x)
-            for name, level_outs in zip(("cls", "reg", "iou"), outs):
+            for name, level_outs in zip(("cls", "reg", "iou"), outs, strict=False):
                 for lvl, t in enumerate(level_outs):
                     rec.batch[f"{name}_l{lvl}"] = t.detach().numpy().copy()
             return outs
 
-        def get_targets_w(anchor_list, valid_flag_list, batch_gt_instances, batch_img_metas,
-                          batch_gt_instances_ignore=None, unmap_outputs=True):
-            out = get_targets(anchor_list, valid_flag_list, batch_gt_instances, batch_img_metas,
-                              batch_gt_instances_ignore=batch_gt_instances_ignore, unmap_outputs=unmap_outputs)
+        def get_targets_w(
+            anchor_list,
+            valid_flag_list,
+            batch_gt_instances,
+            batch_img_metas,
+            batch_gt_instances_ignore=None,
+            unmap_outputs=True,
+        ):
+            out = get_targets(
+                anchor_list,
+                valid_flag_list,
+                batch_gt_instances,
+                batch_img_metas,
+                batch_gt_instances_ignore=batch_gt_instances_ignore,
+                unmap_outputs=unmap_outputs,
+            )
             labels, label_weights, _, _, pos_inds, pos_gt_inds = out
             rec.batch["anchors"] = torch.cat(anchor_list[0]).numpy().copy()
             for j in range(len(batch_img_metas)):
                 gt, meta = batch_gt_instances[j], batch_img_metas[j]
                 ignored = batch_gt_instances_ignore[j]
-                rec.images.append({
-                    "valid": torch.cat(valid_flag_list[j]).numpy().copy(),
-                    "gt_boxes": gt.bboxes.numpy().copy(), "gt_labels": gt.labels.numpy().copy(),
-                    "ignored_boxes": (ignored.bboxes.numpy().copy() if ignored is not None
-                                      else np.zeros((0, 4), np.float32)),
-                    "img_shape": np.array(meta["img_shape"][:2]), "pad_shape": np.array(meta["pad_shape"][:2]),
-                    "batch_input_shape": np.array(meta["batch_input_shape"]),
-                    "labels_pre": labels[j].numpy().copy(), "label_weights_pre": label_weights[j].numpy().copy(),
-                    "pos_inds": pos_inds[j].numpy().copy(), "pos_gt_inds": pos_gt_inds[j].numpy().copy(),
-                })
+                rec.images.append(
+                    {
+                        "valid": torch.cat(valid_flag_list[j]).numpy().copy(),
+                        "gt_boxes": gt.bboxes.numpy().copy(),
+                        "gt_labels": gt.labels.numpy().copy(),
+                        "ignored_boxes": (
+                            ignored.bboxes.numpy().copy() if ignored is not None else np.zeros((0, 4), np.float32)
+                        ),
+                        "img_shape": np.array(meta["img_shape"][:2]),
+                        "pad_shape": np.array(meta["pad_shape"][:2]),
+                        "batch_input_shape": np.array(meta["batch_input_shape"]),
+                        "labels_pre": labels[j].numpy().copy(),
+                        "label_weights_pre": label_weights[j].numpy().copy(),
+                        "pos_inds": pos_inds[j].numpy().copy(),
+                        "pos_gt_inds": pos_gt_inds[j].numpy().copy(),
+                    }
+                )
             rec._pos_calls = 0
             rec._reassign_calls = 0
             return out
@@ -203,10 +221,16 @@ class Recorder:
             entry["pos_loss"] = out[0].detach().numpy().copy()
             if len(pos_inds):  # the two terms, computed as get_pos_loss computes them
                 decoded = head.bbox_coder.decode(torch.cat(anchors, 0)[pos_inds], bbox_pred[pos_inds])
-                cls_term = head.loss_cls(cls_score[pos_inds], label[pos_inds], label_weight[pos_inds],
-                                         avg_factor=1.0, reduction_override="none").sum(-1)
-                box_term = head.loss_bbox(decoded, bbox_target[pos_inds], bbox_weight[pos_inds],
-                                          avg_factor=1.0, reduction_override="none")
+                cls_term = head.loss_cls(
+                    cls_score[pos_inds],
+                    label[pos_inds],
+                    label_weight[pos_inds],
+                    avg_factor=1.0,
+                    reduction_override="none",
+                ).sum(-1)
+                box_term = head.loss_bbox(
+                    decoded, bbox_target[pos_inds], bbox_weight[pos_inds], avg_factor=1.0, reduction_override="none"
+                )
                 entry["pos_loss_cls"] = cls_term.detach().numpy().copy()
                 entry["pos_loss_bbox"] = box_term.detach().numpy().copy()
                 entry["pos_decoded"] = decoded.detach().numpy().copy()
@@ -238,13 +262,17 @@ class Recorder:
         class RecordingGMM(base):
             def fit(self, X, y=None):
                 result = super().fit(X, y)
-                rec.gmm_fits.append({
-                    "x": np.asarray(X, np.float32).reshape(-1).copy(),
-                    "means": self.means_.reshape(-1).astype(np.float64),
-                    "vars": self.covariances_.reshape(-1).astype(np.float64),
-                    "weights": self.weights_.astype(np.float64), "n_iter": int(self.n_iter_),
-                    "converged": bool(self.converged_), "lower_bound": float(self.lower_bound_),
-                })
+                rec.gmm_fits.append(
+                    {
+                        "x": np.asarray(X, np.float32).reshape(-1).copy(),
+                        "means": self.means_.reshape(-1).astype(np.float64),
+                        "vars": self.covariances_.reshape(-1).astype(np.float64),
+                        "weights": self.weights_.astype(np.float64),
+                        "n_iter": int(self.n_iter_),
+                        "converged": bool(self.converged_),
+                        "lower_bound": float(self.lower_bound_),
+                    }
+                )
                 return result
 
             def predict(self, X):
@@ -290,7 +318,7 @@ class Recorder:
         num_gt = len(entry["gt_labels"])
         skipped += list(range(int(pos_gt_inds.max()) + 1 if len(pos_inds) else 0, num_gt))
         assert len(gmm_gt) == len(fits), "GMM fits and GTs with >= 2 candidates differ in number"
-        for (_, sorted_losses), fit in zip(cand, fits):
+        for (_, sorted_losses), fit in zip(cand, fits, strict=False):
             assert np.array_equal(sorted_losses, fit["x"]), "a GMM fit does not match its GT's sorted candidates"
         cand = [inds for inds, _ in cand]
         label = new_label.numpy()
@@ -303,17 +331,27 @@ class Recorder:
             return np.stack([f[key] for f in fits]) if fits else np.zeros((0, 2))
 
         cand_all = np.concatenate(cand).astype(np.int64) if cand else np.zeros(0, np.int64)
-        entry.update({
-            "gmm_gt": np.array(gmm_gt, np.int64), "gmm_offsets": offsets, "gmm_cand_inds": cand_all,
-            "gmm_x": cat("x", np.float32), "gmm_assign": cat("assign", np.int64), "gmm_score": cat("score", np.float64),
-            "gmm_means": stack("means"), "gmm_vars": stack("vars"), "gmm_weights": stack("weights"),
-            "gmm_n_iter": np.array([f["n_iter"] for f in fits], np.int64),
-            "gmm_converged": np.array([f["converged"] for f in fits], bool),
-            "gmm_lower_bound": np.array([f["lower_bound"] for f in fits], np.float64),
-            "gmm_new_pos": (label[cand_all] < self.head.num_classes).astype(np.int64) if fits else np.zeros(0, np.int64),
-            "skipped_gts": np.array(sorted(skipped), np.int64),
-            "gmm_positives_per_gt": [int(((label[c] < self.head.num_classes)).sum()) for c in cand],
-        })
+        entry.update(
+            {
+                "gmm_gt": np.array(gmm_gt, np.int64),
+                "gmm_offsets": offsets,
+                "gmm_cand_inds": cand_all,
+                "gmm_x": cat("x", np.float32),
+                "gmm_assign": cat("assign", np.int64),
+                "gmm_score": cat("score", np.float64),
+                "gmm_means": stack("means"),
+                "gmm_vars": stack("vars"),
+                "gmm_weights": stack("weights"),
+                "gmm_n_iter": np.array([f["n_iter"] for f in fits], np.int64),
+                "gmm_converged": np.array([f["converged"] for f in fits], bool),
+                "gmm_lower_bound": np.array([f["lower_bound"] for f in fits], np.float64),
+                "gmm_new_pos": (label[cand_all] < self.head.num_classes).astype(np.int64)
+                if fits
+                else np.zeros(0, np.int64),
+                "skipped_gts": np.array(sorted(skipped), np.int64),
+                "gmm_positives_per_gt": [int((label[c] < self.head.num_classes).sum()) for c in cand],
+            }
+        )
 
 
 def run(cfg: Config, state_dict: dict, name: str, debug_dir: Path | None, with_input: bool) -> list[dict]:
@@ -331,26 +369,39 @@ def run(cfg: Config, state_dict: dict, name: str, debug_dir: Path | None, with_i
             losses = model.loss(data["inputs"], data["data_samples"])
         values = {key: float(losses[key]) for key in ("loss_cls", "loss_bbox", "loss_iou")}
         images = []
-        for sample, entry in zip(data["data_samples"], recorder.images):
+        for sample, entry in zip(data["data_samples"], recorder.images, strict=False):
             meta = sample.metainfo
-            images.append({
-                "file_name": os.path.relpath(meta["img_path"], cfg.train_dataloader.dataset.data_prefix["img"]),
-                "img_shape": list(meta["img_shape"][:2]), "pad_shape": list(meta["pad_shape"][:2]),
-                "ori_shape": list(meta["ori_shape"][:2]), "scale_factor": [float(v) for v in meta["scale_factor"]],
-                "flip": bool(meta["flip"]),
-                "gt_boxes": entry["gt_boxes"].astype(np.float64).tolist(), "gt_labels": entry["gt_labels"].tolist(),
-                "num_ignored": int(len(entry["ignored_boxes"])),
-                "num_candidates": int(len(entry["pos_inds"])), "num_pos": entry["num_pos"],
-                "gmm_gts": entry["gmm_gt"].tolist(), "gmm_positives_per_gt": entry["gmm_positives_per_gt"],
-                "skipped_gts": entry["skipped_gts"].tolist(),
-            })
-        record = {"file_names": [im["file_name"] for im in images], **values,
-                  "num_pos": sum(im["num_pos"] for im in images),
-                  "batch_input_shape": list(data["data_samples"][0].metainfo["batch_input_shape"]), "images": images}
+            images.append(
+                {
+                    "file_name": os.path.relpath(meta["img_path"], cfg.train_dataloader.dataset.data_prefix["img"]),
+                    "img_shape": list(meta["img_shape"][:2]),
+                    "pad_shape": list(meta["pad_shape"][:2]),
+                    "ori_shape": list(meta["ori_shape"][:2]),
+                    "scale_factor": [float(v) for v in meta["scale_factor"]],
+                    "flip": bool(meta["flip"]),
+                    "gt_boxes": entry["gt_boxes"].astype(np.float64).tolist(),
+                    "gt_labels": entry["gt_labels"].tolist(),
+                    "num_ignored": len(entry["ignored_boxes"]),
+                    "num_candidates": len(entry["pos_inds"]),
+                    "num_pos": entry["num_pos"],
+                    "gmm_gts": entry["gmm_gt"].tolist(),
+                    "gmm_positives_per_gt": entry["gmm_positives_per_gt"],
+                    "skipped_gts": entry["skipped_gts"].tolist(),
+                }
+            )
+        record = {
+            "file_names": [im["file_name"] for im in images],
+            **values,
+            "num_pos": sum(im["num_pos"] for im in images),
+            "batch_input_shape": list(data["data_samples"][0].metainfo["batch_input_shape"]),
+            "images": images,
+        }
         records.append(record)
-        print(f"{name} #{k} {record['file_names']}: cls {values['loss_cls']:.6f} "
-              f"bbox {values['loss_bbox']:.6f} iou {values['loss_iou']:.6f} num_pos {[im['num_pos'] for im in images]}",
-              flush=True)
+        print(
+            f"{name} #{k} {record['file_names']}: cls {values['loss_cls']:.6f} "
+            f"bbox {values['loss_bbox']:.6f} iou {values['loss_iou']:.6f} num_pos {[im['num_pos'] for im in images]}",
+            flush=True,
+        )
         if debug_dir is not None:
             arrays = dict(recorder.batch)
             arrays["losses"] = np.array([values["loss_cls"], values["loss_bbox"], values["loss_iou"]], np.float64)
@@ -367,7 +418,9 @@ def run(cfg: Config, state_dict: dict, name: str, debug_dir: Path | None, with_i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the golden JSON file to write")
-    parser.add_argument("--debug-dir", type=Path, default=None, help="also write per-batch .npz dumps and a README.md here")
+    parser.add_argument(
+        "--debug-dir", type=Path, default=None, help="also write per-batch .npz dumps and a README.md here"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -387,8 +440,9 @@ def main() -> None:
             state_dict = train_state_dict(seed, cls_bias=cls_bias, num_classes=len(TRAIN_FIXTURE_CATEGORIES))
             cfg = build_cfg(ann_file, image_dir, scale, batch_size)
             batches = run(cfg, state_dict, name, args.debug_dir, with_input=batch_size == 1 and weights == "prior")
-            runs.append({"name": name, "weights": weights, "scale": list(scale), "batch_size": batch_size,
-                         "batches": batches})
+            runs.append(
+                {"name": name, "weights": weights, "scale": list(scale), "batch_size": batch_size, "batches": batches}
+            )
             names = [n for b in batches for n in b["file_names"]]
             if batch_size == 1:
                 kept = names if kept is None else kept
@@ -397,19 +451,33 @@ def main() -> None:
     payload = {
         "generator": "tools/make_train_golden.py",
         "command": "/tmp/mmref/bin/python tools/make_train_golden.py --out tests/golden/mmdet_train_golden.json "
-                   "--debug-dir ../plan/golden_debug",
-        "versions": {"mmdet": mmdet.__version__, "mmcv": mmcv.__version__, "mmengine": mmengine.__version__,
-                     "torch": torch.__version__, "sklearn": sklearn.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
+        "--debug-dir ../plan/golden_debug",
+        "versions": {
+            "mmdet": mmdet.__version__,
+            "mmcv": mmcv.__version__,
+            "mmengine": mmengine.__version__,
+            "torch": torch.__version__,
+            "sklearn": sklearn.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
         "config": "mmdet/.mim/configs/paa/paa_r50_fpn_1x_coco.py (num_classes 3, RandomFlip prob 0, "
-                  "DefaultSampler shuffle False, AspectRatioBatchSampler, backbone init_cfg None, Resize scale "
-                  "per run), CPU, train mode",
-        "fixture": {"function": "paadet.testing.write_train_fixture", "seed": FIXTURE_SEED,
-                    "classes": [name for _, name in TRAIN_FIXTURE_CATEGORIES],
-                    "category_ids": [cid for cid, _ in TRAIN_FIXTURE_CATEGORIES], **hashes},
-        "weights": {name: {"function": "paadet.testing.train_state_dict", "seed": s, "cls_bias": b, "num_classes": 3}
-                    for name, (s, b) in TRAIN_GOLDEN_WEIGHTS.items()},
-        "annotated_images": annotated, "kept_images": kept, "skipped_images": skipped,
+        "DefaultSampler shuffle False, AspectRatioBatchSampler, backbone init_cfg None, Resize scale "
+        "per run), CPU, train mode",
+        "fixture": {
+            "function": "tests/fixtures.py:write_train_fixture",
+            "seed": FIXTURE_SEED,
+            "classes": [name for _, name in TRAIN_FIXTURE_CATEGORIES],
+            "category_ids": [cid for cid, _ in TRAIN_FIXTURE_CATEGORIES],
+            **hashes,
+        },
+        "weights": {
+            name: {"function": "paadet.model.seeded.train_state_dict", "seed": s, "cls_bias": b, "num_classes": 3}
+            for name, (s, b) in TRAIN_GOLDEN_WEIGHTS.items()
+        },
+        "annotated_images": annotated,
+        "kept_images": kept,
+        "skipped_images": skipped,
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Train the stand-in: PAA R50-FPN from scratch on paadet's synthetic shapes, on a CPU, in under 90 minutes (80 on a 2-core EPYC in NCHW, 63 on a 2-core Xeon with AMX in channels-last).
+"""Train the stand-in: PAA R50-FPN from scratch on paadet's synthetic shapes, on a CPU, in under 90 minutes
+(80 on a 2-core EPYC in NCHW, 63 on a 2-core Xeon with AMX in channels-last).
 
     python tools/train_standin.py --output-dir DIR
 
@@ -15,9 +16,11 @@ The recipe (see docs/standin.md for why): 160x160 images with objects of 20 to 1
 160x160, batch 4, from scratch (mmdetection's initialisation) with BatchNorm trained and no frozen stage,
 bfloat16 autocast (``--amp bf16``, AVX512-BF16 on this CPU, AMX on a recent Xeon) in channels-last memory
 format (``--channels-last``, the default with bf16 on a CPU), AdamW lr 0.0003 with
-weight decay 0.05 and a 500-iteration warm-up, 6 epochs of 5,200 images (7,800 iterations), lr x0.1 after epoch 5. The run is a function of the seed and the thread count (2 here), so the
-same command on the same machine gives the same weights; an interrupted run continues with ``--resume``.
+weight decay 0.05 and a 500-iteration warm-up, 6 epochs of 5,200 images (7,800 iterations), lr x0.1 after epoch 5.
+The run is a function of the seed and the thread count (2 here), so the same command on the same machine gives
+the same weights; an interrupted run continues with ``--resume``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,15 +109,47 @@ def _dataset(root: Path, recipe: dict, seed: int) -> dict[str, float]:
 
 def _train_command(root: Path, recipe: dict, seed: int, resume: bool) -> list[str]:
     cmd = [
-        sys.executable, "-m", "paadet", "train",
-        "--ann", str(root / "train" / "annotations.json"), "--images", str(root / "train" / "images"),
-        "--val-ann", str(root / "val" / "annotations.json"), "--val-images", str(root / "val" / "images"),
-        "--val-interval", "2", "--output-dir", str(root / "run"),
-        "--from-scratch", "--bn-train", "--frozen-stages", str(recipe["frozen_stages"]), "--amp", recipe["amp"],
-        "--scale", recipe["scale"], "--batch-size", str(recipe["batch_size"]),
-        "--optimizer", recipe["optimizer"], "--lr", str(recipe["lr"]), "--weight-decay", str(recipe["weight_decay"]),
-        "--epochs", str(recipe["epochs"]), "--lr-steps", recipe["lr_steps"],
-        "--warmup-iters", str(recipe["warmup_iters"]), "--seed", str(seed), "--no-progress",
+        sys.executable,
+        "-m",
+        "paadet",
+        "train",
+        "--ann",
+        str(root / "train" / "annotations.json"),
+        "--images",
+        str(root / "train" / "images"),
+        "--val-ann",
+        str(root / "val" / "annotations.json"),
+        "--val-images",
+        str(root / "val" / "images"),
+        "--val-interval",
+        "2",
+        "--output-dir",
+        str(root / "run"),
+        "--from-scratch",
+        "--bn-train",
+        "--frozen-stages",
+        str(recipe["frozen_stages"]),
+        "--amp",
+        recipe["amp"],
+        "--scale",
+        recipe["scale"],
+        "--batch-size",
+        str(recipe["batch_size"]),
+        "--optimizer",
+        recipe["optimizer"],
+        "--lr",
+        str(recipe["lr"]),
+        "--weight-decay",
+        str(recipe["weight_decay"]),
+        "--epochs",
+        str(recipe["epochs"]),
+        "--lr-steps",
+        recipe["lr_steps"],
+        "--warmup-iters",
+        str(recipe["warmup_iters"]),
+        "--seed",
+        str(seed),
+        "--no-progress",
     ]
     # a resumed run keeps the memory format it was started with (runs from before the setting were NCHW)
     return cmd + (["--resume"] if resume else ["--channels-last" if recipe["channels_last"] else "--no-channels-last"])
@@ -130,7 +165,9 @@ def _export_weights(run_dir: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--output-dir", required=True, metavar="DIR", help="where the dataset, the run and standin.pth go")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset and of the training run (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR/run")
@@ -151,9 +188,22 @@ def main(argv: list[str] | None = None) -> int:
         times["train_s"] = _run(train_cmd, log)
     weights = root / "standin.pth"
     _export_weights(root / "run", weights)
-    eval_cmd = [sys.executable, "-m", "paadet", "eval", "--checkpoint", str(weights),
-                "--ann", str(root / "val" / "annotations.json"), "--images", str(root / "val" / "images"),
-                "--per-class", "--output-dir", str(root / "eval"), "--no-progress"]
+    eval_cmd = [
+        sys.executable,
+        "-m",
+        "paadet",
+        "eval",
+        "--checkpoint",
+        str(weights),
+        "--ann",
+        str(root / "val" / "annotations.json"),
+        "--images",
+        str(root / "val" / "images"),
+        "--per-class",
+        "--output-dir",
+        str(root / "eval"),
+        "--no-progress",
+    ]
     if (root / "eval").is_dir():  # a fresh evaluation each time
         for f in (root / "eval").iterdir():
             if f.is_file():
@@ -161,14 +211,34 @@ def main(argv: list[str] | None = None) -> int:
     times["eval_s"] = _run(eval_cmd, log)
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     summary = {
-        "ap": metrics.get("AP"), "metrics": metrics, "classes": list(SHAPES), "seed": args.seed, "recipe": recipe,
-        "times": times, "train_command": shlex.join(train_cmd), "eval_command": shlex.join(eval_cmd),
-        "weights": str(weights), "torch": torch.__version__,
+        "ap": metrics.get("AP"),
+        "metrics": metrics,
+        "classes": list(SHAPES),
+        "seed": args.seed,
+        "recipe": recipe,
+        "times": times,
+        "train_command": shlex.join(train_cmd),
+        "eval_command": shlex.join(eval_cmd),
+        "weights": str(weights),
+        "torch": torch.__version__,
     }
     atomic_write_json(root / "standin.json", summary, indent=1)
     print(f"stand-in: AP {summary['ap']} on {root / 'val'}; wrote {weights} and {root / 'standin.json'}")
-    print("next:\n  " + shlex.join(["paadet", "eval", "--checkpoint", str(weights), "--ann",
-                                    str(root / "val" / "annotations.json"), "--images", str(root / "val" / "images")]))
+    print(
+        "next:\n  "
+        + shlex.join(
+            [
+                "paadet",
+                "eval",
+                "--checkpoint",
+                str(weights),
+                "--ann",
+                str(root / "val" / "annotations.json"),
+                "--images",
+                str(root / "val" / "images"),
+            ]
+        )
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """``paadet eval``: COCO box AP of the detector on a COCO-format dataset, or of an existing results file."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,12 +7,21 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..data.coco import LOADERS, VAL2017_ANNOTATIONS, CocoDataset, DatasetError, resolve_layout
-from ..fileio import atomic_write_json, check_output_dir
-from .common import add_model_options, build_detector, positive_int
+from paadet.classes import COCO_CLASSES
+from paadet.commands.options import ModelOptions, positive_int
+from paadet.data.coco import LOADERS, VAL2017_ANNOTATIONS, CocoDataset, DatasetError, resolve_layout
+from paadet.errors import PaadetError
+from paadet.fileio import atomic_write_json, check_output_dir
 
 if TYPE_CHECKING:
-    from ..evaluate import CocoMetrics, EvalReport
+    from collections.abc import Callable
+
+    from paadet.evaluation.journal import JournalRecord
+    from paadet.evaluation.metrics import CocoMetrics
+    from paadet.evaluation.run import EvalReport
+    from paadet.runtime.spec import DetectorSpec
+
+MODEL = ModelOptions()
 
 DESCRIPTION = """\
 Evaluate the detector on a COCO-format dataset (such as COCO val2017) with pycocotools,
@@ -24,30 +34,59 @@ goes (resume an interrupted run with --resume), then detections.json and metrics
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="COCO AP on a COCO-format dataset, or of a results file",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(p)
+    p = subparsers.add_parser(
+        "eval",
+        help="COCO AP on a COCO-format dataset, or of a results file",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    MODEL.add_to(p)
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="ROOT", default=None,
-                   help="dataset root: ROOT/annotations/instances_val2017.json, images in ROOT/images/val2017/ or ROOT/val2017/")
+    g.add_argument(
+        "--data",
+        metavar="ROOT",
+        default=None,
+        help="dataset root: ROOT/annotations/instances_val2017.json, images in ROOT/images/val2017/ or ROOT/val2017/",
+    )
     g.add_argument("--ann", metavar="FILE", default=None, help="COCO annotation file (instead of --data)")
-    g.add_argument("--images", metavar="DIR", default=None, help="folder the annotation file's file_name entries are relative to")
-    g.add_argument("--limit", metavar="N", type=positive_int, default=None, help="evaluate only the first N images by image id")
-    g.add_argument("--results", metavar="FILE", default=None,
-                   help="score this COCO results file (e.g. detections.json) against --ann/--data; no model is run")
-    g.add_argument("--loader", choices=LOADERS, default="threads",
-                   help="run the --workers decoders as threads (default; fastest measured) or DataLoader processes")
+    g.add_argument(
+        "--images", metavar="DIR", default=None, help="folder the annotation file's file_name entries are relative to"
+    )
+    g.add_argument(
+        "--limit", metavar="N", type=positive_int, default=None, help="evaluate only the first N images by image id"
+    )
+    g.add_argument(
+        "--results",
+        metavar="FILE",
+        default=None,
+        help="score this COCO results file (e.g. detections.json) against --ann/--data; no model is run",
+    )
+    g.add_argument(
+        "--loader",
+        choices=LOADERS,
+        default="threads",
+        help="run the --workers decoders as threads (default; fastest measured) or DataLoader processes",
+    )
     o = p.add_argument_group("output")
-    o.add_argument("--output-dir", metavar="DIR", default=None,
-                   help="write journal.jsonl, detections.json and metrics.json here (needed for --resume)")
-    o.add_argument("--resume", action="store_true",
-                   help="continue the interrupted run in --output-dir (same model settings), computing only the images it lacks")
+    o.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        default=None,
+        help="write journal.jsonl, detections.json and metrics.json here (needed for --resume)",
+    )
+    o.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --output-dir (same model settings), computing only the images it lacks",
+    )
     o.add_argument("--per-class", action="store_true", help="also report AP per category")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def dataset_files(data: str | None, ann: str | None, images: str | None, need_images: bool = True) -> tuple[Path, Path | None]:
+def dataset_files(
+    data: str | None, ann: str | None, images: str | None, need_images: bool = True
+) -> tuple[Path, Path | None]:
     """The annotation file and image folder named by ``--data`` or ``--ann``/``--images``."""
     if data is not None:
         if ann is not None or images is not None:
@@ -63,24 +102,31 @@ def dataset_files(data: str | None, ann: str | None, images: str | None, need_im
 
 
 def _print_metrics(metrics: CocoMetrics) -> None:
-    from ..evaluate import format_metrics
+    from paadet.evaluation.metrics import format_metrics
 
     print(format_metrics(metrics))
 
 
-def run_results(results: str, ann_file: Path, limit: int | None, per_class: bool, output_dir: str | None) -> CocoMetrics:
+def run_results(
+    results: str, ann_file: Path, limit: int | None, per_class: bool, output_dir: str | None
+) -> CocoMetrics:
     """Score a results file; print the table; write ``metrics.json`` when ``output_dir`` is given."""
     if output_dir is not None:
         check_output_dir(output_dir, "--output-dir", inputs=[results, ann_file])
-    from ..evaluate import METRICS_NAME, evaluate_results_file
+    from paadet.evaluation.metrics import evaluate_results_file
+    from paadet.evaluation.run import METRICS_NAME
 
     metrics = evaluate_results_file(results, ann_file, limit=limit, per_class=per_class)
     _print_metrics(metrics)
     print(f"images: {metrics.num_images} evaluated; {metrics.num_detections} detections from {results}")
     if output_dir is not None:
         out = metrics.to_json()
-        out.update(images={"evaluated": metrics.num_images}, detections=metrics.num_detections,
-                   results=str(results), annotations=str(ann_file))
+        out.update(
+            images={"evaluated": metrics.num_images},
+            detections=metrics.num_detections,
+            results=str(results),
+            annotations=str(ann_file),
+        )
         atomic_write_json(Path(output_dir) / METRICS_NAME, out, indent=2)
     return metrics
 
@@ -88,62 +134,72 @@ def run_results(results: str, ann_file: Path, limit: int | None, per_class: bool
 def run_model(
     ann_file: Path,
     image_dir: Path,
-    limit: int | None,
-    output_dir: str | None,
-    per_class: bool,
-    resume: bool,
-    loader: str,
-    progress: bool,
-    backend: str,
-    checkpoint: str | None,
-    model: str | None,
-    providers: str | None,
-    preset: str,
-    device: str,
-    batch_size: int,
-    fp16: bool,
-    score_voting: bool,
-    workers: int,
-    optimize: bool = False,
-    bf16: bool = False,
-    precision: str | None = None,
-    streams: int | None = None,
+    spec: DetectorSpec,
+    limit: int | None = None,
+    output_dir: str | None = None,
+    per_class: bool = False,
+    resume: bool = False,
+    loader: str = "threads",
+    progress: bool = True,
+    on_record: Callable[[JournalRecord], None] | None = None,
 ) -> EvalReport:
-    """Load the dataset, build the detector, evaluate; print warnings, the table and the summary."""
+    """Load the dataset, open the model, evaluate; print warnings, the table and the summary.
+
+    The dataset's own problems (annotations, categories the model cannot predict, an image folder that holds
+    none of its images) are reported before the model's, and before any image is run. ``on_record``: see
+    :func:`~paadet.evaluation.run.evaluate_detector`.
+    """
     if output_dir is not None:
         check_output_dir(output_dir, "--output-dir", inputs=[ann_file])
-    from ..evaluate import METRICS_NAME, evaluate_detector
-    from ..fileio import sha256_file
-    from ..runtime.classes import model_classes
+    from paadet.detector import Detector
+    from paadet.evaluation.run import METRICS_NAME, evaluate_detector
+    from paadet.runtime.registry import open_model
 
-    dataset = CocoDataset.load(ann_file, image_dir, limit=limit, classes=model_classes(backend, checkpoint, model))
+    dataset = CocoDataset.load(ann_file, image_dir, limit=limit, check_model_categories=False)
+    opened, unusable = None, None
+    if spec.weights_file is not None:  # read the file once, now; the official checkpoint (COCO's 80) is read later
+        try:
+            opened = open_model(spec)
+        except PaadetError as exc:  # reported after the dataset's own problems, as the model is built
+            unusable = exc
+    dataset.check_model_categories(opened.classes if opened is not None else COCO_CLASSES)
     dataset.check_images_present()
+    if unusable is not None:
+        raise unusable
+    if opened is None:
+        opened = open_model(spec)
     for warning in dataset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    if backend == "torch":
-        from ..hub import resolve_checkpoint  # it reads checkpoints with torch: not imported for exported graphs
-
-        checkpoint = str(resolve_checkpoint(checkpoint))
-        weights = f"sha256:{sha256_file(checkpoint)}"
-    else:
-        weights = f"sha256:{sha256_file(model)}" if model is not None and Path(model).is_file() else None
-    detector = build_detector(backend=backend, checkpoint=checkpoint, model=model, providers=providers, preset=preset,
-                              device=device, batch_size=batch_size, fp16=fp16, score_voting=score_voting, workers=workers,
-                              optimize=optimize, bf16=bf16, precision=precision, streams=streams)
+    detector = Detector.from_spec(spec, opened)
     described = ", ".join(f"{k} {v}" for k, v in detector.backend.describe().items())
     print(f"evaluating {dataset.annotation_summary()} from {ann_file} ({described})", file=sys.stderr)
-    report = evaluate_detector(detector, dataset, output_dir=output_dir, per_class=per_class, resume=resume,
-                               weights=weights, loader=loader, workers=workers, progress=progress)
+    report = evaluate_detector(
+        detector,
+        dataset,
+        output_dir=output_dir,
+        per_class=per_class,
+        resume=resume,
+        weights=f"sha256:{opened.sha256()}",
+        loader=loader,
+        workers=spec.workers,
+        progress=progress,
+        on_record=on_record,
+    )
     _print_metrics(report.metrics)
     print(report.summary())
     if report.missing_images:
-        print(f"warning: {len(report.missing_images)} images missing or unreadable (no detections): "
-              f"{', '.join(report.missing_images[:5])}{' ...' if len(report.missing_images) > 5 else ''}", file=sys.stderr)
+        print(
+            f"warning: {len(report.missing_images)} images missing or unreadable (no detections): "
+            f"{', '.join(report.missing_images[:5])}{' ...' if len(report.missing_images) > 5 else ''}",
+            file=sys.stderr,
+        )
     if report.output_dir is not None:
         print(f"wrote {report.output_dir / 'detections.json'} and {report.output_dir / METRICS_NAME}")
     if report.missing_images and len(report.missing_images) == report.images["evaluated"]:
-        raise DatasetError(f"{image_dir}: all {len(report.missing_images)} images were missing or unreadable; "
-                           "the metrics are meaningless")
+        raise DatasetError(
+            f"{image_dir}: all {len(report.missing_images)} images were missing or unreadable; "
+            "the metrics are meaningless"
+        )
     return report
 
 
@@ -152,12 +208,17 @@ def run(args: argparse.Namespace) -> int:
         ann_file, _ = dataset_files(args.data, args.ann, args.images, need_images=False)
         run_results(args.results, ann_file, limit=args.limit, per_class=args.per_class, output_dir=args.output_dir)
         return 0
+    spec = MODEL.spec(args)
     ann_file, image_dir = dataset_files(args.data, args.ann, args.images)
     run_model(
-        ann_file, image_dir, limit=args.limit, output_dir=args.output_dir, per_class=args.per_class, resume=args.resume,
-        loader=args.loader, progress=not args.no_progress, backend=args.backend, checkpoint=args.checkpoint,
-        model=args.model, providers=args.providers, preset=args.preset, device=args.device,
-        batch_size=args.batch_size, fp16=args.fp16, score_voting=not args.no_score_voting, workers=args.workers,
-        optimize=args.optimize, bf16=args.bf16, precision=args.precision, streams=args.streams,
+        ann_file,
+        image_dir,
+        spec,
+        limit=args.limit,
+        output_dir=args.output_dir,
+        per_class=args.per_class,
+        resume=args.resume,
+        loader=args.loader,
+        progress=not args.no_progress,
     )
     return 0

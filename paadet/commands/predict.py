@@ -1,145 +1,68 @@
 """``paadet predict``: detections for image files and folders, as a COCO results JSON."""
+
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
 
-from ..data.images import ImageSource, list_images
-from ..fileio import OutputPathError, check_output_dir, check_output_file
-from ..results import coco_entries
-from .common import add_model_options, probability
+from paadet.commands.options import ModelOptions, probability
+from paadet.data.images import list_images
+
+MODEL = ModelOptions()
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "predict", help="detect objects in images",
+        "predict",
+        help="detect objects in images",
         description="Detect objects in image files and folders (searched recursively); write COCO-format results.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
     p.add_argument("--output", "-o", required=True, help="results JSON (COCO results format plus file_name)")
-    p.add_argument("--save-vis", metavar="DIR", default=None,
-                   help="also write a copy of each image with labelled boxes under this folder (never over an input)")
-    p.add_argument("--vis-score-thr", type=probability, default=0.3,
-                   help="minimum score drawn by --save-vis (default 0.3)")
+    p.add_argument(
+        "--save-vis",
+        metavar="DIR",
+        default=None,
+        help="also write a copy of each image with labelled boxes under this folder (never over an input)",
+    )
+    p.add_argument(
+        "--vis-score-thr", type=probability, default=0.3, help="minimum score drawn by --save-vis (default 0.3)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_options(p)
+    MODEL.add_to(p)
     p.set_defaults(func=run)
 
 
-def check_outputs(sources: list[ImageSource], output: str, save_vis: str | None) -> list[Path] | None:
-    """Start-up checks of ``--output`` and ``--save-vis``; returns the visualisation targets (None without).
-
-    Raises:
-        OutputPathError: an output that cannot be written or would overwrite an input.
-    """
-    inputs = [s.path for s in sources]
-    check_output_file(output, "--output", inputs=inputs)
-    if save_vis is None:
-        return None
-    check_output_dir(save_vis, "--save-vis", inputs=inputs)
-    from ..visualize import vis_targets
-
-    targets = vis_targets([s.file_name for s in sources], inputs, save_vis)
-    if any(Path(output).resolve() == t.resolve() for t in targets):
-        raise OutputPathError(f"{output}: --output is also where --save-vis would draw an image")
-    return targets
-
-
-def predict_sources(
-    sources: list[ImageSource],
-    output: str,
-    detector,
-    vis_targets: list[Path] | None = None,
-    vis_score_thr: float = 0.3,
-    progress: bool = True,
-):
-    """Run ``detector`` over ``sources`` and write the results JSON atomically.
-
-    Returns ``(images done, images skipped, boxes drawn, timer)``. Unreadable files are reported on
-    stderr and skipped; the others' results are still written. On Ctrl-C the results so far are
-    written (atomically) and a line says they are partial, then ``KeyboardInterrupt`` propagates.
-    """
-    from tqdm import tqdm
-
-    from ..detector import iter_loaded
-    from ..fileio import atomic_write_json
-    from ..runtime.base import StageTimer
-
-    timer = StageTimer(getattr(detector.backend, "device", None))
-    results: dict = {}
-    skipped = drawn = 0
-    classes = detector.classes
-    loaded = iter_loaded(sources, detector.preset, detector.workers)
-    bar = tqdm(total=len(sources), unit="img", disable=not progress, desc="predict")
-    try:
-        for item, result in detector.run(loaded, timer):
-            bar.update(1)
-            if result is None:
-                skipped += 1
-                tqdm.write(f"skipped {item.name}: {item.error}", file=sys.stderr)
-                continue
-            results[item.index] = result
-            if vis_targets is not None:
-                drawn += write_visualisation(sources[item.index], result, vis_targets[item.index], vis_score_thr, classes.names)
-    except KeyboardInterrupt:
-        bar.close()
-        atomic_write_json(output, coco_entries(results, sources, classes.category_ids))
-        print(f"paadet predict: interrupted; wrote the partial results of {len(results)} of {len(sources)} images "
-              f"to {output}", file=sys.stderr)
-        raise
-    bar.close()
-    atomic_write_json(output, coco_entries(results, sources, classes.category_ids))
-    return len(results), skipped, drawn, timer
-
-
-def predict_files(paths: list[str], output: str, detector, save_vis: str | None = None, vis_score_thr: float = 0.3,
-                  progress: bool = True):
-    """:func:`predict_sources` over every image under ``paths``; returns ``(done, skipped, timer)``."""
-    sources = list_images(paths)
-    targets = check_outputs(sources, output, save_vis)
-    done, skipped, _drawn, timer = predict_sources(sources, output, detector, targets, vis_score_thr, progress)
-    return done, skipped, timer
-
-
-def write_visualisation(source: ImageSource, result, target: Path, score_thr: float, class_names: Sequence[str]) -> int:
-    """Draw ``result`` on the image and write it to ``target`` atomically; returns the number of boxes drawn."""
-    import cv2
-
-    from ..data.images import read_image
-    from ..fileio import atomic_write_bytes
-    from ..visualize import draw_detections
-
-    image, drawn = draw_detections(read_image(source.path), result.boxes, result.scores, result.labels, score_thr, class_names)
-    ok, encoded = cv2.imencode(target.suffix if target.suffix else ".jpg", image)
-    if not ok:
-        raise RuntimeError(f"could not encode the visualisation of {source.file_name}")
-    atomic_write_bytes(target, encoded.tobytes())
-    return drawn
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..data.images import IMAGE_EXTENSIONS
-    from .common import detector_from_args
+    from paadet.data.images import IMAGE_EXTENSIONS
+    from paadet.detector import Detector
 
     sources = list_images(args.paths)
     if not sources:
-        raise FileNotFoundError(f"no images in {', '.join(args.paths)} (searched recursively for "
-                                f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise FileNotFoundError(
+            f"no images in {', '.join(args.paths)} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    from paadet.predict import check_outputs, predict_sources
+
+    spec = MODEL.spec(args)
     targets = check_outputs(sources, args.output, args.save_vis)
-    detector = detector_from_args(args)
+    detector = Detector.from_spec(spec)
     start = time.perf_counter()
     done, skipped, drawn, timer = predict_sources(
-        sources, args.output, detector, vis_targets=targets, vis_score_thr=args.vis_score_thr,
+        sources,
+        args.output,
+        detector,
+        vis_targets=targets,
+        vis_score_thr=args.vis_score_thr,
         progress=not args.no_progress,
     )
     seconds = time.perf_counter() - start
     total = done + skipped
     overlap = " (stages summed over the concurrent streams)" if getattr(detector.backend, "concurrency", 1) > 1 else ""
-    print(f"{done}/{total} images, {skipped} skipped in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} img/s); "
-          f"{timer.summary(done)}{overlap}; wrote {args.output}")
+    print(
+        f"{done}/{total} images, {skipped} skipped in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} img/s); "
+        f"{timer.summary(done)}{overlap}; wrote {args.output}"
+    )
     if targets is not None:
         print(f"drew {drawn} boxes (score >= {args.vis_score_thr:g}) on {done} images under {args.save_vis}")
     return 1 if skipped else 0

@@ -1,40 +1,60 @@
 """``paadet quantize``: post-training INT8 quantisation of an exported graph, calibrated on the user's images."""
+
 from __future__ import annotations
 
 import argparse
 import logging
 
-from ..export.quantize import DEFAULT_MAX_IMAGES, METHODS
-from .common import positive_int
+from paadet.commands.options import positive_int
+from paadet.export.quantize import DEFAULT_MAX_IMAGES, METHODS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "quantize", help="INT8 post-training quantisation of an exported graph (runs on openvino or onnxruntime)",
+        "quantize",
+        help="INT8 post-training quantisation of an exported graph (runs on openvino or onnxruntime)",
         description="Quantise the network of a full fp32 `paadet export` graph to INT8 (ONNX QDQ), calibrated on a "
-                    "folder of your images; pre- and post-processing (NMS, score voting) stay float32. The output "
-                    "runs with --backend openvino (int8 kernels) or --backend onnxruntime.",
+        "folder of your images; pre- and post-processing (NMS, score voting) stay float32. The output "
+        "runs with --backend openvino (int8 kernels) or --backend onnxruntime.",
     )
     p.add_argument("--model", required=True, help="the fp32 .onnx written by `paadet export` (full graph)")
-    p.add_argument("--calib", required=True, metavar="DIR",
-                   help="folder of calibration images (searched recursively), like the images the model will see")
+    p.add_argument(
+        "--calib",
+        required=True,
+        metavar="DIR",
+        help="folder of calibration images (searched recursively), like the images the model will see",
+    )
     p.add_argument("--output", required=True, help="the INT8 .onnx to write")
-    p.add_argument("--method", choices=METHODS, default="nncf",
-                   help="nncf: NNCF post-training quantisation (default; needs paadet[quantize]); "
-                        "ort: ONNX Runtime's static quantiser")
-    p.add_argument("--max-images", type=positive_int, default=DEFAULT_MAX_IMAGES,
-                   help=f"calibrate on at most this many images, evenly spread over the folder (default: {DEFAULT_MAX_IMAGES})")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="nncf",
+        help="nncf: NNCF post-training quantisation (default; needs paadet[quantize]); "
+        "ort: ONNX Runtime's static quantiser",
+    )
+    p.add_argument(
+        "--max-images",
+        type=positive_int,
+        default=DEFAULT_MAX_IMAGES,
+        help=f"calibrate on at most this many images, evenly spread over the folder (default: {DEFAULT_MAX_IMAGES})",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export.quantize import quantize_export
+    from paadet.export.quantize import quantize_export
 
     logging.getLogger("nncf").setLevel(logging.WARNING)  # NNCF logs one INFO line per node it leaves in float
-    report = quantize_export(args.model, args.calib, args.output, method=args.method, max_images=args.max_images,
-                             progress=not args.no_progress)
+    report = quantize_export(
+        args.model,
+        args.calib,
+        args.output,
+        method=args.method,
+        max_images=args.max_images,
+        progress=not args.no_progress,
+    )
     print(report)
     print("next:")
     print(f"  paadet predict IMAGES --backend openvino --model {report.output} --output results.json")

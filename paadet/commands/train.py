@@ -1,14 +1,19 @@
 """``paadet train``: train or fine-tune PAA R50-FPN on a COCO-format dataset (mmdetection 3.3's recipe)."""
+
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..data.coco import DatasetError, layout_paths, resolve_layout
-from ..errors import PaadetError
-from ..fileio import check_output_dir
-from .common import nonnegative_float, nonnegative_int, positive_float, positive_int, probability
+from paadet.commands.options import nonnegative_float, nonnegative_int, positive_float, positive_int, probability
+from paadet.data.coco import DatasetError, layout_paths, resolve_layout
+from paadet.errors import PaadetError
+from paadet.fileio import check_output_dir
+
+if TYPE_CHECKING:
+    from paadet.train.config import TrainConfig
 
 DESCRIPTION = """\
 Train PAA (ResNet-50 + FPN) on a COCO-format dataset, with mmdetection 3.3's recipe as the defaults:
@@ -31,7 +36,7 @@ killed run restarts from its last latest.pth, written every 10 minutes and at ea
 
 Many GPUs or machines: PyTorch DDP over torchrun, e.g. `torchrun --nproc-per-node 8 -m paadet train
 --device cuda ...` (NCCL; gloo on CPUs), or `--nproc N` on one machine. --batch-size is per process,
-rank 0 writes the outputs, --resume needs the same number of processes (README: "Training on many GPUs").
+rank 0 writes the outputs, --resume needs the same number of processes (docs/ddp.md).
 """
 
 TRAIN_SPLIT = "train2017"
@@ -64,74 +69,172 @@ def epoch_list(text: str) -> tuple[int, ...]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train or fine-tune PAA on a COCO-format dataset",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "train",
+        help="train or fine-tune PAA on a COCO-format dataset",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--data", metavar="ROOT", default=None,
-                   help=f"dataset root: ROOT/{TRAIN_ANNOTATIONS.as_posix()}, images in ROOT/images/train2017/ or ROOT/train2017/")
+    d.add_argument(
+        "--data",
+        metavar="ROOT",
+        default=None,
+        help=f"dataset root: ROOT/{TRAIN_ANNOTATIONS.as_posix()}, images in ROOT/images/train2017/ or ROOT/train2017/",
+    )
     d.add_argument("--ann", metavar="FILE", default=None, help="COCO annotation file (instead of --data)")
-    d.add_argument("--images", metavar="DIR", default=None, help="folder the annotation file's file_name entries are relative to")
-    d.add_argument("--scale", metavar="LONGxSHORT", type=scale_pair, default=(1333, 800),
-                   help="keep-ratio resize to fit LONG x SHORT (default: 1333x800)")
-    d.add_argument("--flip-prob", metavar="P", type=probability, default=0.5, help="horizontal flip probability (default: 0.5)")
+    d.add_argument(
+        "--images", metavar="DIR", default=None, help="folder the annotation file's file_name entries are relative to"
+    )
+    d.add_argument(
+        "--scale",
+        metavar="LONGxSHORT",
+        type=scale_pair,
+        default=(1333, 800),
+        help="keep-ratio resize to fit LONG x SHORT (default: 1333x800)",
+    )
+    d.add_argument(
+        "--flip-prob", metavar="P", type=probability, default=0.5, help="horizontal flip probability (default: 0.5)"
+    )
     d.add_argument("--batch-size", metavar="N", type=positive_int, default=2, help="images per iteration (default: 2)")
     d.add_argument("--no-shuffle", action="store_true", help="the annotation file's image order every epoch")
-    d.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the order, the flips and the initialisation (default: 0)")
+    d.add_argument(
+        "--seed",
+        type=nonnegative_int,
+        default=0,
+        help="seed of the order, the flips and the initialisation (default: 0)",
+    )
     d.add_argument("--workers", metavar="N", type=nonnegative_int, default=2, help="image-loading threads (default: 2)")
     i = p.add_argument_group("initialisation (one of)")
     start = i.add_mutually_exclusive_group()
-    start.add_argument("--checkpoint", metavar="FILE", default=None,
-                       help="a PAA checkpoint to fine-tune (the official one or any paadet/mmdetection PAA .pth)")
-    start.add_argument("--backbone", metavar="FILE", default=None,
-                       help="torchvision's ImageNet ResNet-50 weights (resnet50-*.pth); neck and head as mmdetection initialises them")
-    start.add_argument("--from-scratch", action="store_true", help="no weights: mmdetection's initialisation everywhere")
+    start.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        default=None,
+        help="a PAA checkpoint to fine-tune (the official one or any paadet/mmdetection PAA .pth)",
+    )
+    start.add_argument(
+        "--backbone",
+        metavar="FILE",
+        default=None,
+        help="torchvision's ImageNet ResNet-50 weights (resnet50-*.pth); neck and head as mmdetection initialises them",
+    )
+    start.add_argument(
+        "--from-scratch", action="store_true", help="no weights: mmdetection's initialisation everywhere"
+    )
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=nonnegative_float, default=0.01,
-                   help="lr after warm-up, for 16 images per iteration (default: 0.01); scale it linearly with the "
-                        "images per iteration (all processes): 0.000625 x images, e.g. 0.00125 for --batch-size 2")
-    o.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
-                   help="sgd (the recipe's momentum SGD) or adamw (torch's AdamW, betas 0.9, 0.999: fewer steps to "
-                        "learn from scratch; give it its own --lr, e.g. 0.0003, and --weight-decay) (default: sgd)")
+    o.add_argument(
+        "--lr",
+        type=nonnegative_float,
+        default=0.01,
+        help="lr after warm-up, for 16 images per iteration (default: 0.01); scale it linearly with the "
+        "images per iteration (all processes): 0.000625 x images, e.g. 0.00125 for --batch-size 2",
+    )
+    o.add_argument(
+        "--optimizer",
+        choices=("sgd", "adamw"),
+        default="sgd",
+        help="sgd (the recipe's momentum SGD) or adamw (torch's AdamW, betas 0.9, 0.999: fewer steps to "
+        "learn from scratch; give it its own --lr, e.g. 0.0003, and --weight-decay) (default: sgd)",
+    )
     o.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD momentum (default: 0.9)")
-    o.add_argument("--weight-decay", type=nonnegative_float, default=1e-4,
-                   help="SGD's L2 weight decay, or AdamW's decoupled one (default: 1e-4)")
+    o.add_argument(
+        "--weight-decay",
+        type=nonnegative_float,
+        default=1e-4,
+        help="SGD's L2 weight decay, or AdamW's decoupled one (default: 1e-4)",
+    )
     o.add_argument("--epochs", type=positive_int, default=12, help="epochs (default: 12)")
-    o.add_argument("--lr-steps", metavar="E1,E2", type=epoch_list, default=(8, 11),
-                   help="epochs after which the lr is multiplied by 0.1 (default: 8,11)")
-    o.add_argument("--warmup-iters", metavar="N", type=nonnegative_int, default=500,
-                   help="iterations of linear warm-up (default: 500; 0: none)")
-    o.add_argument("--warmup-ratio", metavar="R", type=probability, default=0.001,
-                   help="the warm-up starts at R x lr (default: 0.001)")
+    o.add_argument(
+        "--lr-steps",
+        metavar="E1,E2",
+        type=epoch_list,
+        default=(8, 11),
+        help="epochs after which the lr is multiplied by 0.1 (default: 8,11)",
+    )
+    o.add_argument(
+        "--warmup-iters",
+        metavar="N",
+        type=nonnegative_int,
+        default=500,
+        help="iterations of linear warm-up (default: 500; 0: none)",
+    )
+    o.add_argument(
+        "--warmup-ratio",
+        metavar="R",
+        type=probability,
+        default=0.001,
+        help="the warm-up starts at R x lr (default: 0.001)",
+    )
     o.add_argument("--max-iters", metavar="N", type=positive_int, default=None, help="stop after N iterations in all")
-    o.add_argument("--bn-train", action="store_true",
-                   help="train BatchNorm statistics (default: frozen, as the recipe; use it with --from-scratch)")
-    o.add_argument("--frozen-stages", metavar="N", type=int, choices=range(-1, 5), default=1,
-                   help="ResNet stages kept frozen: 1 (the recipe) the stem and layer1, 0 the stem, -1 none "
-                        "(for --from-scratch) (default: 1)")
-    o.add_argument("--amp", choices=("bf16", "fp16"), default=None,
-                   help="mixed precision for the network: bf16 (CPUs with AVX512-BF16 or AMX, or CUDA) or fp16 (CUDA, with a "
-                        "gradient scaler); the assignment and the losses stay float32 (default: float32)")
-    o.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="the network in channels-last (NHWC) memory format: other convolution kernels, often faster "
-                        "(docs/benchmarks.md), equal to float32 rounding (default: on with --amp bf16 on a CPU, 2.15x "
-                        "bf16 NCHW measured at 800x800 on AMX; off otherwise, NCHW as mmdetection; a resumed run keeps its own)")
-    o.add_argument("--device", default="cpu",
-                   help="cpu or cuda[:N] (default: cpu); under torchrun give cuda: each process takes cuda:LOCAL_RANK")
+    o.add_argument(
+        "--bn-train",
+        action="store_true",
+        help="train BatchNorm statistics (default: frozen, as the recipe; use it with --from-scratch)",
+    )
+    o.add_argument(
+        "--frozen-stages",
+        metavar="N",
+        type=int,
+        choices=range(-1, 5),
+        default=1,
+        help="ResNet stages kept frozen: 1 (the recipe) the stem and layer1, 0 the stem, -1 none "
+        "(for --from-scratch) (default: 1)",
+    )
+    o.add_argument(
+        "--amp",
+        choices=("bf16", "fp16"),
+        default=None,
+        help="mixed precision for the network: bf16 (CPUs with AVX512-BF16 or AMX, or CUDA) or fp16 (CUDA, with a "
+        "gradient scaler); the assignment and the losses stay float32 (default: float32)",
+    )
+    o.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the network in channels-last (NHWC) memory format: other convolution kernels, often faster "
+        "(docs/benchmarks.md), equal to float32 rounding (default: on with --amp bf16 on a CPU, 2.15x "
+        "bf16 NCHW measured at 800x800 on AMX; off otherwise, NCHW as mmdetection; a resumed run keeps its own)",
+    )
+    o.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda[:N] (default: cpu); under torchrun give cuda: each process takes cuda:LOCAL_RANK",
+    )
     m = p.add_argument_group("many processes (PyTorch DDP; or start this command with torchrun)")
-    m.add_argument("--nproc", metavar="N", type=positive_int, default=None,
-                   help="train with N processes on this machine (torchrun's launcher, standalone): one per GPU "
-                        "with --device cuda; --batch-size is per process")
-    m.add_argument("--dist-timeout", metavar="S", type=positive_float, default=1800.0,
-                   help="seconds a process waits for the others (a validation on rank 0 included) before the run "
-                        "fails (default: 1800)")
+    m.add_argument(
+        "--nproc",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="train with N processes on this machine (torchrun's launcher, standalone): one per GPU "
+        "with --device cuda; --batch-size is per process",
+    )
+    m.add_argument(
+        "--dist-timeout",
+        metavar="S",
+        type=positive_float,
+        default=1800.0,
+        help="seconds a process waits for the others (a validation on rank 0 included) before the run "
+        "fails (default: 1800)",
+    )
     r = p.add_argument_group("output")
-    r.add_argument("--output-dir", metavar="DIR", required=True,
-                   help="metrics.jsonl, epoch_N.pth, latest.pth, best.pth and metrics.png go here")
+    r.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        required=True,
+        help="metrics.jsonl, epoch_N.pth, latest.pth, best.pth and metrics.png go here",
+    )
     r.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest.pth")
     r.add_argument("--val-ann", metavar="FILE", default=None, help="validation annotation file (COCO format)")
     r.add_argument("--val-images", metavar="DIR", default=None, help="validation image folder")
-    r.add_argument("--val-interval", metavar="N", type=positive_int, default=1,
-                   help="validate every N epochs and after the last (default: 1)")
+    r.add_argument(
+        "--val-interval",
+        metavar="N",
+        type=positive_int,
+        default=1,
+        help="validate every N epochs and after the last (default: 1)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -163,14 +266,18 @@ def _init_choice(args: argparse.Namespace) -> tuple[str, str | None]:
     elif args.resume:
         return "checkpoint", None
     else:
-        raise PaadetError("no initialisation: give --checkpoint FILE (fine-tune a PAA model), --backbone FILE "
-                          "(torchvision's ImageNet ResNet-50) or --from-scratch")
+        raise PaadetError(
+            "no initialisation: give --checkpoint FILE (fine-tune a PAA model), --backbone FILE "
+            "(torchvision's ImageNet ResNet-50) or --from-scratch"
+        )
     if not Path(path).is_file():
         raise PaadetError(f"{path}: --{'checkpoint' if mode == 'checkpoint' else 'backbone'} file not found")
     return mode, path
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`~paadet.train.TrainConfig` of the parsed flags, after the start-up checks of the inputs and the
+    output folder (one line each, before any work)."""
     ann_file, image_dir = train_files(args.data, args.ann, args.images)
     init, init_file = _init_choice(args)
     if (args.val_ann is None) != (args.val_images is None):
@@ -182,24 +289,52 @@ def run(args: argparse.Namespace) -> int:
     inputs = [p for p in (ann_file, init_file, args.val_ann) if p is not None]
     check_output_dir(args.output_dir, "--output-dir", inputs=inputs)
 
-    from ..train import TrainConfig, train
+    from paadet.train import TrainConfig
 
-    config = TrainConfig(
-        ann_file=ann_file, image_dir=image_dir, output_dir=args.output_dir, init=init, init_file=init_file,
-        scale=args.scale, flip_prob=args.flip_prob, batch_size=args.batch_size, shuffle=not args.no_shuffle,
-        seed=args.seed, workers=args.workers, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+    return TrainConfig(
+        ann_file=ann_file,
+        image_dir=image_dir,
+        output_dir=args.output_dir,
+        init=init,
+        init_file=init_file,
+        scale=args.scale,
+        flip_prob=args.flip_prob,
+        batch_size=args.batch_size,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        workers=args.workers,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
         weight_decay=args.weight_decay,
-        epochs=args.epochs, lr_steps=args.lr_steps, warmup_iters=args.warmup_iters, warmup_ratio=args.warmup_ratio,
-        max_iters=args.max_iters, bn_train=args.bn_train, frozen_stages=args.frozen_stages, amp=args.amp,
-        channels_last=args.channels_last, device=args.device, resume=args.resume,
-        val_ann=args.val_ann, val_images=args.val_images, val_interval=args.val_interval,
-        progress=not args.no_progress, dist_timeout_s=args.dist_timeout,
+        epochs=args.epochs,
+        lr_steps=args.lr_steps,
+        warmup_iters=args.warmup_iters,
+        warmup_ratio=args.warmup_ratio,
+        max_iters=args.max_iters,
+        bn_train=args.bn_train,
+        frozen_stages=args.frozen_stages,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        device=args.device,
+        resume=args.resume,
+        val_ann=args.val_ann,
+        val_images=args.val_images,
+        val_interval=args.val_interval,
+        progress=not args.no_progress,
+        dist_timeout_s=args.dist_timeout,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
     if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from ..train.distributed import launch_local
+        from paadet.train.launch import launch_local
 
         print(launch_local(config, args.nproc))
         return 0
+    from paadet.train import train
+
     summary = train(config)
     if summary.rank == 0:
         print(summary.line())

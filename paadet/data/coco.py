@@ -10,9 +10,10 @@ A dataset is an annotation file in COCO's ``instances`` format plus a folder of 
 
 Every problem with the files is a :class:`DatasetError` whose one-line message names the file.
 
-Images are decoded and resized ahead of the network by :func:`paadet.data.loading.iter_images`.
+Images are decoded and resized ahead of the network by :func:`paadet.data.pipeline.iter_images`.
 This module imports no torch, so the commands check their datasets at once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,17 +21,16 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pycocotools.coco import COCO
 
-from ..coco import COCO_CLASSES, ClassList
-from ..errors import PaadetError
-from ..preprocess import Preset
-from .images import ImageSource
+from paadet.classes import COCO_CLASSES, ClassList
+from paadet.console import listed
+from paadet.data.images import ImageSource
+from paadet.errors import PaadetError
 
 VAL2017_ANNOTATIONS = Path("annotations", "instances_val2017.json")
 """The annotation file under an evaluation ``--data`` root (see :func:`layout_paths`)."""
@@ -38,17 +38,9 @@ VAL2017_ANNOTATIONS = Path("annotations", "instances_val2017.json")
 LOADERS = ("threads", "processes")
 """How :func:`iter_images` runs its workers."""
 
-_MAX_LISTED = 5
-
 
 class DatasetError(PaadetError):
     """An annotation file, image folder or dataset that cannot be evaluated; the message names the file."""
-
-
-def _listed(values: Sequence[Any]) -> str:
-    """``1, 2, 3 and 4 more``: the first few values of a list, for one-line messages."""
-    head = ", ".join(str(v) for v in values[:_MAX_LISTED])
-    return head + (f" and {len(values) - _MAX_LISTED} more" if len(values) > _MAX_LISTED else "")
 
 
 def layout_paths(split: str = "val2017") -> tuple[Path, tuple[Path, ...]]:
@@ -90,7 +82,9 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     except PermissionError:
         raise DatasetError(f"{path}: {what} is not readable (permission denied)") from None
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise DatasetError(
+            f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: {what} is not valid JSON (not UTF-8 text: {exc.reason})") from None
     except OSError as exc:
@@ -120,6 +114,7 @@ def validate_annotations(data: Any, path: str | os.PathLike, need_file_names: bo
     Raises:
         DatasetError: the first problem found, naming ``path``.
     """
+
     def fail(reason: str) -> DatasetError:
         return DatasetError(f"{path}: {reason}")
 
@@ -169,8 +164,10 @@ def validate_annotations(data: Any, path: str | os.PathLike, need_file_names: bo
             orphans.append(ann["id"])
     warnings = []
     if orphans:
-        warnings.append(f"{path}: {len(orphans)} annotations are on image or category ids that are not listed "
-                        f"(ids {_listed(orphans)}); they are ignored, as pycocotools ignores them")
+        warnings.append(
+            f"{path}: {len(orphans)} annotations are on image or category ids that are not listed "
+            f"(ids {listed(orphans)}); they are ignored, as pycocotools ignores them"
+        )
     return warnings
 
 
@@ -212,26 +209,33 @@ def check_categories(coco: COCO, path: str | os.PathLike, classes: ClassList = C
     known = set(classes.category_ids)
     foreign = sorted(c["id"] for c in cats if c["id"] not in known)
     if len(foreign) == len(cats):
-        whose = "COCO's 80 that the model predicts (1-90 with gaps)" if coco80 else \
-            f"the {len(classes)} the model predicts ({_listed(list(classes.category_ids))})"
+        whose = (
+            "COCO's 80 that the model predicts (1-90 with gaps)"
+            if coco80
+            else f"the {len(classes)} the model predicts ({listed(list(classes.category_ids))})"
+        )
         raise DatasetError(
-            f"{path}: none of the category ids ({_listed(foreign)}) is one of {whose}; "
+            f"{path}: none of the category ids ({listed(foreign)}) is one of {whose}; "
             f"map the categories to the model's ids first"
         )
     warnings = []
     if foreign:
         warnings.append(
-            f"{path}: {len(foreign)} of {len(cats)} category ids are not the model's ({_listed(foreign)}); "
+            f"{path}: {len(foreign)} of {len(cats)} category ids are not the model's ({listed(foreign)}); "
             f"the model never predicts them, so they score AP 0 and lower the mean"
         )
-    name_of = dict(zip(classes.category_ids, classes.names))
+    name_of = dict(zip(classes.category_ids, classes.names, strict=False))
     renamed = [
         f"{c['id']} '{c['name']}' (model: '{name_of[c['id']]}')"
         for c in cats
-        if c["id"] in known and isinstance(c.get("name"), str) and _normalise_name(c["name"]) != _normalise_name(name_of[c["id"]])
+        if c["id"] in known
+        and isinstance(c.get("name"), str)
+        and _normalise_name(c["name"]) != _normalise_name(name_of[c["id"]])
     ]
     if renamed:
-        warnings.append(f"{path}: {len(renamed)} category ids are named differently from the model's: {_listed(renamed)}")
+        warnings.append(
+            f"{path}: {len(renamed)} category ids are named differently from the model's: {listed(renamed)}"
+        )
     return warnings
 
 
@@ -283,7 +287,7 @@ class CocoDataset:
         limit: int | None = None,
         check_model_categories: bool = True,
         classes: ClassList = COCO_CLASSES,
-    ) -> "CocoDataset":
+    ) -> CocoDataset:
         """Load a dataset; ``limit`` keeps the first N images by image id.
 
         With ``check_model_categories``, the dataset's categories are checked against ``classes`` (the
@@ -309,6 +313,15 @@ class CocoDataset:
         images = [ImageEntry(i, coco.imgs[i]["file_name"], image_dir / coco.imgs[i]["file_name"]) for i in ids]
         return cls(ann_file, image_dir, coco, images, warnings)
 
+    def check_model_categories(self, classes: ClassList) -> None:
+        """Check the dataset's categories against the model's ``classes`` (see :func:`check_categories`); the
+        warnings are added to :attr:`warnings`.
+
+        Raises:
+            DatasetError: none of the dataset's categories is one the model predicts.
+        """
+        self.warnings += check_categories(self.coco, self.ann_file, classes)
+
     def check_images_present(self) -> None:
         """Raise unless at least one selected image is on disk (a wrong ``--images`` folder, found before any work).
 
@@ -322,7 +335,9 @@ class CocoDataset:
             )
 
     @classmethod
-    def from_root(cls, root: str | os.PathLike, limit: int | None = None, check_model_categories: bool = True) -> "CocoDataset":
+    def from_root(
+        cls, root: str | os.PathLike, limit: int | None = None, check_model_categories: bool = True
+    ) -> CocoDataset:
         """Load a dataset in the seed's layout (see :func:`resolve_layout`)."""
         ann_file, image_dir = resolve_layout(root)
         return cls.load(ann_file, image_dir, limit=limit, check_model_categories=check_model_categories)

@@ -5,6 +5,7 @@ Decoding is mmcv's ``imfrombytes(..., flag="color", backend="cv2")``:
 ``[H, W, 3]``: the EXIF orientation is applied, grey images are expanded to three equal channels,
 alpha is dropped and 16-bit samples are reduced to 8 bits (``v >> 8``).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..errors import PaadetError, one_line
+from paadet.errors import PaadetError, one_line
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 """Lower-case suffixes (with the dot) that :func:`list_images` picks up in folders; matched case-insensitively."""
@@ -105,7 +106,11 @@ def _folder_images(folder: pathlib.Path) -> list[ImageSource]:
 
     def unlistable(exc: OSError) -> None:
         where = pathlib.Path(exc.filename) if exc.filename else folder
-        name = where.relative_to(folder).as_posix() if where != folder and where.is_relative_to(folder) else os.fspath(where)
+        name = (
+            where.relative_to(folder).as_posix()
+            if where != folder and where.is_relative_to(folder)
+            else os.fspath(where)
+        )
         found.append(ImageSource(where, name + "/", one_line(f"cannot list folder {name}: {exc.strerror or exc}")))
 
     for root, _dirs, files in os.walk(folder, onerror=unlistable):
@@ -128,8 +133,12 @@ def _distinct_names(sources: list[ImageSource], prefixes: list[str]) -> list[Ima
     for source in sources:
         counts[source.file_name] = counts.get(source.file_name, 0) + 1
     renamed = [
-        ImageSource(s.path, f"{prefix.rstrip('/')}/{s.file_name}" if prefix and counts[s.file_name] > 1 else s.file_name, s.error)
-        for s, prefix in zip(sources, prefixes)
+        ImageSource(
+            s.path,
+            f"{prefix.rstrip('/')}/{s.file_name}" if prefix and counts[s.file_name] > 1 else s.file_name,
+            s.error,
+        )
+        for s, prefix in zip(sources, prefixes, strict=False)
     ]
     taken: set[str] = set()
     out = []

@@ -20,6 +20,7 @@ blobs that belong to no class), drawn before the objects. Each box is the tight 
 Everything is a function of ``(seed, split, index)``: each image has its own generator, so the same
 arguments give the same files on any machine with the same OpenCV, whatever the order of generation.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..fileio import atomic_write_bytes
+from paadet.fileio import atomic_write_bytes
 
 __all__ = ["SHAPES", "SyntheticSpec", "generate_split", "render_image"]
 
@@ -115,7 +116,9 @@ def _clutter(rng: np.random.Generator, image: np.ndarray, count: int) -> None:
         colour = _colour(rng)
         if kind == 0:
             p0, p1 = rng.integers(0, size, 2), rng.integers(0, size, 2)
-            cv2.line(image, (int(p0[0]), int(p0[1])), (int(p1[0]), int(p1[1])), colour, int(rng.integers(1, 4)), cv2.LINE_AA)
+            cv2.line(
+                image, (int(p0[0]), int(p0[1])), (int(p1[0]), int(p1[1])), colour, int(rng.integers(1, 4)), cv2.LINE_AA
+            )
         elif kind == 1:
             for _ in range(int(rng.integers(3, 15))):
                 c = rng.integers(0, size, 2)
@@ -124,8 +127,17 @@ def _clutter(rng: np.random.Generator, image: np.ndarray, count: int) -> None:
             c = rng.integers(0, size, 2)
             axes = (int(rng.integers(8, size // 3)), int(rng.integers(8, size // 3)))
             start = float(rng.uniform(0, 360))
-            cv2.ellipse(image, (int(c[0]), int(c[1])), axes, float(rng.uniform(0, 180)), start,
-                        start + float(rng.uniform(40, 200)), colour, int(rng.integers(1, 4)), cv2.LINE_AA)
+            cv2.ellipse(
+                image,
+                (int(c[0]), int(c[1])),
+                axes,
+                float(rng.uniform(0, 180)),
+                start,
+                start + float(rng.uniform(40, 200)),
+                colour,
+                int(rng.integers(1, 4)),
+                cv2.LINE_AA,
+            )
         else:  # a soft blob: no edges, so it is no shape
             blob = np.zeros(image.shape[:2], np.float32)
             c = rng.integers(0, size, 2)
@@ -154,11 +166,22 @@ def _regular(n: int) -> np.ndarray:
     return 0.5 * np.stack([np.cos(a), np.sin(a)], axis=1)
 
 
-_CROSS = np.array([[-1, -3], [1, -3], [1, -1], [3, -1], [3, 1], [1, 1], [1, 3], [-1, 3], [-1, 1], [-3, 1],
-                   [-3, -1], [-1, -1]], np.float64) / 6.0
-_HEART = np.array([[0.5 * (16 * math.sin(t) ** 3) / 17,
-                    -0.5 * (13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) / 17 + 0.03]
-                   for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)])
+_CROSS = (
+    np.array(
+        [[-1, -3], [1, -3], [1, -1], [3, -1], [3, 1], [1, 1], [1, 3], [-1, 3], [-1, 1], [-3, 1], [-3, -1], [-1, -1]],
+        np.float64,
+    )
+    / 6.0
+)
+_HEART = np.array(
+    [
+        [
+            0.5 * (16 * math.sin(t) ** 3) / 17,
+            -0.5 * (13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) / 17 + 0.03,
+        ]
+        for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)
+    ]
+)
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, w: float, h: float, angle: float) -> np.ndarray:
@@ -171,8 +194,8 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, w: float, h: float,
         cv2.fillPoly(mask, [np.round(points * scale).astype(np.int32)], 1, cv2.LINE_8, shift)
 
     if shape in ("circle", "ring"):
-        centre = (int(round(cx * scale)), int(round(cy * scale)))
-        axes = (int(round(w / 2 * scale)), int(round(h / 2 * scale)))
+        centre = (round(cx * scale), round(cy * scale))
+        axes = (round(w / 2 * scale), round(h / 2 * scale))
         cv2.ellipse(mask, centre, axes, math.degrees(angle), 0, 360, 1, -1, cv2.LINE_8, shift)
         if shape == "ring":
             inner = (int(axes[0] * 0.55), int(axes[1] * 0.55))
@@ -207,7 +230,7 @@ def _fill(rng: np.random.Generator, size: int) -> np.ndarray:
         t = ((xx * math.cos(angle) + yy * math.sin(angle)) // (period / 2)) % 2
     elif kind == 2:  # checkerboard
         cell = rng.uniform(3, 10)
-        t = ((xx // cell + yy // cell) % 2)
+        t = (xx // cell + yy // cell) % 2
     elif kind == 3:  # gradient
         angle = rng.uniform(0, 2 * math.pi)
         t = np.clip(((xx - size / 2) * math.cos(angle) + (yy - size / 2) * math.sin(angle)) / size + 0.5, 0, 1)
@@ -242,11 +265,13 @@ def render_image(spec: SyntheticSpec, seed: int, split: str, index: int) -> tupl
             cy = rng.uniform(-margin + extent / 2, size + margin - extent / 2)
             mask = _shape_mask(SHAPES[cls], size, cx, cy, w, h, angle).astype(bool)
             pixels = int(mask.sum())
-            if pixels < 0.7 * spec.min_size ** 2 * 0.25:
+            if pixels < 0.7 * spec.min_size**2 * 0.25:
                 continue  # mostly outside the image
             covered = owner[mask]
-            ok = all(int(np.count_nonzero(owner == k) - np.count_nonzero(covered == k)) >= spec.min_visible * objects[k][1]
-                     for k in np.unique(covered[covered >= 0]).tolist())
+            ok = all(
+                int(np.count_nonzero(owner == k) - np.count_nonzero(covered == k)) >= spec.min_visible * objects[k][1]
+                for k in np.unique(covered[covered >= 0]).tolist()
+            )
             if ok:
                 break
         else:
@@ -263,7 +288,7 @@ def render_image(spec: SyntheticSpec, seed: int, split: str, index: int) -> tupl
         if len(xs) == 0:
             continue
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-        annotations.append({"category_id": cls + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(len(xs))})
+        annotations.append({"category_id": cls + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": len(xs)})
     image = np.clip(image.astype(np.float32) + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
     return image, annotations
 
@@ -303,8 +328,12 @@ def generate_split(
         if progress is not None:
             progress(index + 1)
     coco = {
-        "info": {"description": f"paadet synthetic shapes, split {split}, seed {seed}", "spec": asdict(spec),
-                 "seed": seed, "split": split},
+        "info": {
+            "description": f"paadet synthetic shapes, split {split}, seed {seed}",
+            "spec": asdict(spec),
+            "seed": seed,
+            "split": split,
+        },
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)],
@@ -312,3 +341,21 @@ def generate_split(
     ann_file = out / "annotations.json"
     atomic_write_bytes(ann_file, json.dumps(coco).encode())
     return ann_file, image_dir
+
+
+def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A reproducible BGR ``uint8`` image ``[height, width, 3]`` with smooth shapes and some noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.zeros((height, width, 3), np.float32)
+    for c in range(3):
+        fx, fy = rng.uniform(0.005, 0.05, 2)
+        px, py = rng.uniform(0, 2 * np.pi, 2)
+        img[..., c] = 127 + 60 * np.sin(xx * fx + px) * np.cos(yy * fy + py)
+    for _ in range(int(rng.integers(3, 8))):
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        rx, ry = rng.uniform(0.05, 0.3) * width, rng.uniform(0.05, 0.3) * height
+        mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
+        img[mask] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)

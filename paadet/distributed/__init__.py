@@ -1,69 +1,11 @@
-"""Detection over many images on a Ray cluster: sharded, resumable output that holds every input once.
+"""The old import path of :mod:`paadet.batch` (``paadet batch``'s library), kept so that existing code runs:
+``from paadet.distributed import run_batch`` is ``from paadet.batch import run_batch``. ``ModelSpec`` is
+:class:`paadet.DetectorSpec`."""
 
-How it works (see ``docs/ray.md``):
-
-* Before any work, the driver (the process that calls :func:`run_batch`) checks the settings and the
-  output paths, and hashes the weights file (:mod:`.model`).
-* It lists the inputs (:mod:`.inputs`), drops those that an earlier run with the same output folder
-  already covers (:mod:`.output`; the folder must come from the same settings and weights), starts or
-  joins Ray, checks that the cluster can hold a worker at all, and starts a pool of Ray actors
-  (:mod:`.cluster`), each holding one :class:`~paadet.detector.Detector` (:mod:`.worker`; one GPU per
-  actor where asked for, else CPUs), giving up on workers Ray cannot place within a deadline.
-* It cuts the inputs into shards and hands them out (:mod:`.run`); each actor decodes and resizes
-  its images in a thread pool ahead of the network and sends the detections of the whole shard back.
-* Only the driver writes. For each finished shard it writes the results file
-  (``shards/shard-NNNNNN.jsonl``, one JSON object per detected image) atomically, then the shard's
-  manifest (``shards/shard-NNNNNN.manifest.json``: the inputs it covers, its unreadable images, the
-  results file's size and SHA-256) atomically. The manifest is the commit: a shard without one does
-  not exist, and its inputs are done again by the next run.
-* A task whose actor dies (killed process, lost node, out of memory) fails with a Ray error; the
-  driver puts the shard back in the queue (Ray restarts the actor), so a dead worker costs one shard;
-  a shard that fails again is split, down to single images, so one bad image costs its neighbours
-  only retries. Because one process commits each shard once, under a fresh number, no input is ever
-  written twice.
-
-Ray is an optional dependency (``pip install "paadet[ray]"``); it is imported only when a run starts.
-"""
 from __future__ import annotations
 
-from .cluster import DEFAULT_START_TIMEOUT, cluster_capacity, node_capacity, require_ray, start_workers
-from .errors import BatchError
-from .inputs import LIST_SUFFIXES, expand_inputs, input_key, list_entry, read_path_list
-from .model import ModelSpec, weights_identity
-from .output import (
-    ERRORS_FILE,
-    FORMAT,
-    LOCK_FILE,
-    RUN_FILE,
-    SHARD_FORMAT,
-    SHARDS_DIR,
-    SUMMARY_FILE,
-    OutputFolder,
-    ShardManifest,
-    merge_coco,
-    read_results,
-    record_to_result,
-    result_record,
-    shard_stem,
-)
-from .run import (
-    BatchSummary,
-    Failure,
-    ShardDone,
-    ShardQueue,
-    WorkerStats,
-    check_outputs,
-    check_settings,
-    default_shard_size,
-    run_batch,
-)
-from .worker import ShardWorker
+from paadet.batch import *  # noqa: F403 (re-exports the package's public names)
+from paadet.batch import __all__ as _batch_all
+from paadet.runtime.spec import DetectorSpec as ModelSpec
 
-__all__ = [
-    "BatchError", "BatchSummary", "DEFAULT_START_TIMEOUT", "ERRORS_FILE", "FORMAT", "Failure", "LIST_SUFFIXES",
-    "LOCK_FILE", "ModelSpec", "OutputFolder", "RUN_FILE", "SHARDS_DIR", "SHARD_FORMAT", "SUMMARY_FILE", "ShardDone",
-    "ShardManifest", "ShardQueue", "ShardWorker", "WorkerStats", "check_outputs", "check_settings",
-    "cluster_capacity", "default_shard_size", "expand_inputs", "input_key", "list_entry", "merge_coco",
-    "node_capacity", "read_path_list", "read_results", "record_to_result", "require_ray", "result_record",
-    "run_batch", "shard_stem", "start_workers", "weights_identity",
-]
+__all__ = [*_batch_all, "ModelSpec"]

@@ -3,16 +3,18 @@
 The exporter (torch) is imported on first use: reading an export's metadata, as the ONNX Runtime and
 OpenVINO backends do, needs no torch.
 """
-from .metadata import ExportFormatError, ExportInfo
+
+from paadet.export.sample import ExportError
+from paadet.runtime.graph_info import ExportFormatError, ExportInfo
 
 __all__ = ["DEFAULT_OPSET", "ExportError", "ExportFormatError", "ExportInfo", "ExportReport", "export_onnx"]
 
-_EXPORTER_NAMES = ("DEFAULT_OPSET", "ExportError", "ExportReport", "export_onnx")
+_EXPORTER_NAMES = ("DEFAULT_OPSET", "ExportReport", "export_onnx")
 
 
 def __getattr__(name: str):
     if name in _EXPORTER_NAMES:
-        from . import exporter
+        from paadet.export import exporter
 
         return getattr(exporter, name)
     raise AttributeError(f"module 'paadet.export' has no attribute {name!r}")

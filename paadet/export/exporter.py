@@ -1,4 +1,5 @@
 """``export_onnx``: trace :class:`~paadet.export.graph.PAAGraph` to ONNX, check, simplify, verify, report."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,15 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
-from ..errors import PaadetError, one_line
-from ..fileio import atomic_write_bytes
-from ..model import PAANet
-from ..postprocess import PostprocessConfig
-from ..preprocess import Preset, get_preset, normalize_pad, resize
-from .graph import PAAGraph, RawGraph
-from ..model.loading import classes_of
-from .metadata import ExportInfo
+from paadet.errors import one_line
+from paadet.export.graph import PAAGraph, RawGraph
+from paadet.export.sample import ExportError, sample_image
+from paadet.fileio import atomic_write_bytes
+from paadet.model import PAANet
+from paadet.model.build import classes_of
+from paadet.postprocess import PostprocessConfig
+from paadet.preprocess import Preset, get_preset, normalize_pad
+from paadet.runtime.graph_info import ExportInfo
+from paadet.version import __version__
 
 # The TorchScript-based exporter (the one that supports custom symbolics such as NonMaxSuppression)
 # goes up to opset 20; ONNX Runtime >= 1.18 (paadet's minimum) runs opset 20 graphs.
@@ -31,10 +33,6 @@ MIN_OPSET = 11
 FULL_INPUTS = ("images", "img_shapes", "scale_factors")
 FULL_OUTPUTS = ("boxes", "scores", "labels", "num_dets")
 RAW_OUTPUTS = tuple(f"{kind}_{level}" for kind in ("cls", "box", "iou") for level in range(5))
-
-
-class ExportError(PaadetError):
-    """Export failed or was asked something impossible; the message is one line."""
 
 
 @dataclass
@@ -74,7 +72,10 @@ class ExportReport:
             f"opset {self.info.opset}, {self.seconds:.1f} s)",
             f"  {self.info.describe()}",
             f"  simplifier: {self.simplifier}",
-            "  inputs:", fmt(self.inputs), "  outputs:", fmt(self.outputs),
+            "  inputs:",
+            fmt(self.inputs),
+            "  outputs:",
+            fmt(self.outputs),
         ]
         if self.parity is not None:
             lines.append(f"  ONNX Runtime vs PyTorch: {self.parity} [{'OK' if self.parity_ok else 'FAILED'}]")
@@ -88,9 +89,9 @@ def _load_network(net_or_checkpoint: PAANet | str | os.PathLike | None) -> tuple
     """The network in eval mode, and the preset its checkpoint records (``meta.preset``; None if none)."""
     if isinstance(net_or_checkpoint, PAANet):
         return net_or_checkpoint.eval(), None
-    from ..checkpoint import load_checkpoint
-    from ..hub import resolve_checkpoint
-    from ..model.loading import load_network
+    from paadet.checkpoint import load_checkpoint
+    from paadet.hub import resolve_checkpoint
+    from paadet.model.build import load_network
 
     checkpoint = load_checkpoint(resolve_checkpoint(net_or_checkpoint))
     return load_network(checkpoint), checkpoint.preset
@@ -102,25 +103,13 @@ def _input_size(preset: Preset, input_size: tuple[int, int] | None) -> tuple[int
         return tuple(preset.fixed_size) if preset.fixed_size is not None else None
     h, w = int(input_size[0]), int(input_size[1])
     if preset.fixed_size is not None and (h, w) != tuple(preset.fixed_size):
-        raise ExportError(f"preset {preset.name} pads to {preset.fixed_size[0]}x{preset.fixed_size[1]}; "
-                          f"--input-size {h}x{w} contradicts it")
+        raise ExportError(
+            f"preset {preset.name} pads to {preset.fixed_size[0]}x{preset.fixed_size[1]}; "
+            f"--input-size {h}x{w} contradicts it"
+        )
     if h <= 0 or w <= 0 or h % 32 or w % 32:
         raise ExportError(f"--input-size {h}x{w}: height and width must be positive multiples of 32")
     return h, w
-
-
-def sample_image(preset: Preset, input_size: tuple[int, int] | None, seed: int = 0):
-    """A generated BGR image resized for ``preset`` (fitting ``input_size``), and its meta."""
-    from ..testing import synthetic_image
-
-    h, w = (input_size if input_size is not None else (480, 640))
-    image = synthetic_image(max(h * 3 // 4, 32), max(w, 32), seed=seed)
-    resized, meta = resize(image, preset)
-    if input_size is not None:
-        if meta.img_shape[0] > h or meta.img_shape[1] > w:
-            raise ExportError(f"preset {preset.name} resizes images beyond --input-size {h}x{w}")
-        meta = dataclasses.replace(meta, pad_shape=tuple(input_size))
-    return resized, meta
 
 
 def _example_inputs(preset: Preset, size: tuple[int, int] | None, batch: int, raw: bool) -> tuple[torch.Tensor, ...]:
@@ -143,12 +132,18 @@ def _dynamic_axes(raw: bool, dynamic_batch: bool, dynamic_size: bool) -> dict[st
         if first:
             axes["images"] = first
         for name in RAW_OUTPUTS:
-            d = {**({0: "batch"} if dynamic_batch else {}), **({2: f"{name}_h", 3: f"{name}_w"} if dynamic_size else {})}
+            d = {
+                **({0: "batch"} if dynamic_batch else {}),
+                **({2: f"{name}_h", 3: f"{name}_w"} if dynamic_size else {}),
+            }
             if d:
                 axes[name] = d
         return axes
     if dynamic_size or dynamic_batch:
-        axes["images"] = {**({0: "batch"} if dynamic_batch else {}), **({1: "height", 2: "width"} if dynamic_size else {})}
+        axes["images"] = {
+            **({0: "batch"} if dynamic_batch else {}),
+            **({1: "height", 2: "width"} if dynamic_size else {}),
+        }
     if dynamic_batch:
         for name in FULL_INPUTS[1:] + FULL_OUTPUTS:
             axes[name] = {0: "batch"}
@@ -171,7 +166,7 @@ def _name_output_dims(model, batch: int | None, max_det: int) -> None:
     shapes = {"boxes": [batch, max_det, 4], "scores": [batch, max_det], "labels": [batch, max_det], "num_dets": [batch]}
     for value in model.graph.output:
         dims = value.type.tensor_type.shape.dim
-        for dim, size in zip(dims, shapes[value.name]):
+        for dim, size in zip(dims, shapes[value.name], strict=False):
             if size is None:
                 dim.dim_param = "batch"
             else:
@@ -270,8 +265,14 @@ def export_onnx(
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module, args, buffer, dynamo=False, opset_version=opset, input_names=input_names,
-                output_names=output_names, dynamic_axes=_dynamic_axes(raw, dynamic_batch, size is None),
+                module,
+                args,
+                buffer,
+                dynamo=False,
+                opset_version=opset,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=_dynamic_axes(raw, dynamic_batch, size is None),
                 do_constant_folding=True,
             )
     except Exception as exc:
@@ -282,10 +283,16 @@ def export_onnx(
         _name_output_dims(model, batch_size if not dynamic_batch else None, config.max_per_img)
 
     info = ExportInfo(
-        graph="raw" if raw else "full", preset=preset, input_size=size,
-        batch=None if dynamic_batch else batch_size, precision="fp16" if fp16 else "fp32",
-        score_voting=bool(score_voting and not raw), opset=opset, version=__version__,
-        postprocess=dataclasses.asdict(config), classes=classes_of(net),
+        graph="raw" if raw else "full",
+        preset=preset,
+        input_size=size,
+        batch=None if dynamic_batch else batch_size,
+        precision="fp16" if fp16 else "fp32",
+        score_voting=bool(score_voting and not raw),
+        opset=opset,
+        version=__version__,
+        postprocess=dataclasses.asdict(config),
+        classes=classes_of(net),
     )
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, info.metadata_props())
@@ -300,12 +307,16 @@ def export_onnx(
     atomic_write_bytes(output, model.SerializeToString())
 
     report = ExportReport(
-        path=output, size_bytes=output.stat().st_size, info=info,
-        inputs=_value_infos(model.graph.input), outputs=_value_infos(model.graph.output),
-        simplifier=simplifier, nodes=len(model.graph.node),
+        path=output,
+        size_bytes=output.stat().st_size,
+        info=info,
+        inputs=_value_infos(model.graph.input),
+        outputs=_value_infos(model.graph.output),
+        simplifier=simplifier,
+        nodes=len(model.graph.node),
     )
     if verify:
-        from .verify import verify_export
+        from paadet.export.verify import verify_export
 
         report.parity, report.parity_ok = verify_export(output, net, preset, fp16=fp16, config=config)
     report.seconds = time.perf_counter() - start
@@ -323,7 +334,7 @@ def next_commands(path: Path) -> list[str]:
         f"paadet predict IMAGE.jpg {common} --output results.json",
         f"paadet eval --ann ANNOTATIONS.json --images IMAGES_DIR {common} --output-dir runs/onnx",
         f"paadet bench {common}",
-        f"python -c \"from paadet import Detector; from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend; "
+        f'python -c "from paadet import Detector; from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend; '
         f"print(Detector(OnnxRuntimeBackend.from_file('{path}')).predict('IMAGE.jpg'))\"",
         f"netron {shlex.quote(str(path))}   # view the graph",
     ]

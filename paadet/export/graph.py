@@ -16,6 +16,7 @@ into a graph that works for any batch and (when exported so) any input size:
 * the ``max_per_img`` best kept detections per image, and score voting against every candidate
   of the detection's class, vectorised (``[B, max_det, A]`` IoUs and weights, a matrix product).
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,13 +24,14 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ..model import PAANet
-from ..model.box_coder import DeltaXYWHBoxCoder
-from ..model.head import ConvGNReLU
-from ..model.paa import STRIDES
-from ..postprocess import PostprocessConfig, bbox_overlaps
-from ..preprocess import MEAN_RGB, STD_RGB
-from .ops import dynamic_topk, non_max_suppression
+from paadet.boxes import bbox_overlaps
+from paadet.export.ops import dynamic_topk, non_max_suppression
+from paadet.model import PAANet
+from paadet.model.box_coder import DeltaXYWHBoxCoder
+from paadet.model.head import ConvGNReLU
+from paadet.model.paa import STRIDES
+from paadet.postprocess import PostprocessConfig
+from paadet.preprocess import MEAN_RGB, STD_RGB
 
 
 class FP32GroupNorm(nn.Module):
@@ -75,10 +77,15 @@ def prepare_network(net: PAANet, fp16: bool = False) -> PAANet:
     """The network as exported: BatchNorm folded; with ``fp16`` half weights except GroupNorm (fp32)."""
     net = fold_batchnorm(net)
     if fp16:
-        blocks = [b for tower in (net.bbox_head.cls_convs, net.bbox_head.reg_convs) for b in tower if isinstance(b, ConvGNReLU)]
+        blocks = [
+            b
+            for tower in (net.bbox_head.cls_convs, net.bbox_head.reg_convs)
+            for b in tower
+            if isinstance(b, ConvGNReLU)
+        ]
         fp32_norms = [FP32GroupNorm(b.gn) for b in blocks]  # copied before the cast: weights stay exact
         net = net.half()
-        for block, norm in zip(blocks, fp32_norms):
+        for block, norm in zip(blocks, fp32_norms, strict=False):
             block.gn = norm
     for p in net.parameters():
         p.requires_grad_(False)
@@ -124,11 +131,17 @@ class Candidates(nn.Module):
         self.strides = strides
         self.coder = DeltaXYWHBoxCoder()
 
-    def forward(self, cls_logits: list[Tensor], box_deltas: list[Tensor], iou_logits: list[Tensor],
-                img_shapes: Tensor, scale_factors: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        cls_logits: list[Tensor],
+        box_deltas: list[Tensor],
+        iou_logits: list[Tensor],
+        img_shapes: Tensor,
+        scale_factors: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         all_boxes, all_scores = [], []
         max_shape = img_shapes[:, None, :]
-        for cls, deltas, iou, stride in zip(cls_logits, box_deltas, iou_logits, self.strides):
+        for cls, deltas, iou, stride in zip(cls_logits, box_deltas, iou_logits, self.strides, strict=False):
             cls, deltas, iou = cls.float(), deltas.float(), iou.float()
             num_classes = cls.shape[1]
             anchors = level_anchors(cls, stride)
@@ -172,7 +185,9 @@ class MulticlassNMS(nn.Module):
         offsets = classes[None, :] * (max_coord[:, None] + 1)  # [N, C]
         class_boxes = (boxes[:, None] + offsets[:, :, None, None]).flatten(0, 1)  # [N*C, A, 4]
         class_scores = nms_scores.transpose(1, 2).flatten(0, 1)  # [N*C, A]
-        selected = non_max_suppression(class_boxes, class_scores[:, None, :], cfg.max_per_img, cfg.iou_thr, cfg.score_thr)
+        selected = non_max_suppression(
+            class_boxes, class_scores[:, None, :], cfg.max_per_img, cfg.iou_thr, cfg.score_thr
+        )
         flat_scores = class_scores.flatten()  # [N*C*A]
         flat_index = selected[:, 0] * num_anchors + selected[:, 2]
         kept = torch.full_like(flat_scores, -1.0).scatter(0, flat_index, flat_scores.gather(0, flat_index))
@@ -230,7 +245,9 @@ class PAAGraph(nn.Module):
         self.candidates = Candidates(config)
         self.nms = MulticlassNMS(config)
 
-    def forward(self, images: Tensor, img_shapes: Tensor, scale_factors: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, img_shapes: Tensor, scale_factors: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x = normalize_in_graph(images, img_shapes)
         if self.fp16:
             x = x.half()

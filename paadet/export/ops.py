@@ -6,23 +6,24 @@
   Its PyTorch ``forward`` is a faithful implementation of the operator (greedy, strict ``>`` on both
   thresholds), used while tracing and when the export module is run in PyTorch.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..postprocess import greedy_nms_sorted
+from paadet.postprocess import greedy_nms_sorted
 
 
 class DynamicTopK(torch.autograd.Function):
     """``x.topk(k, dim=1)`` (largest, sorted) with ``k`` a 0-dim int64 tensor computed in the graph."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:  # noqa: D102
+    def forward(ctx, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return x.topk(int(k), dim=1, largest=True, sorted=True)
 
     @staticmethod
-    def symbolic(g, x, k):  # noqa: D102
+    def symbolic(g, x, k):
         k = g.op("Reshape", k, g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64)))
         return g.op("TopK", x, k, axis_i=1, largest_i=1, sorted_i=1, outputs=2)
 
@@ -48,8 +49,9 @@ class NonMaxSuppression(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, boxes: Tensor, scores: Tensor, max_output: Tensor, iou_threshold: Tensor,
-                score_threshold: Tensor) -> Tensor:  # noqa: D102
+    def forward(
+        ctx, boxes: Tensor, scores: Tensor, max_output: Tensor, iou_threshold: Tensor, score_threshold: Tensor
+    ) -> Tensor:
         limit = int(max_output.reshape(-1)[0])
         iou_thr = float(iou_threshold.reshape(-1)[0])
         score_thr = float(score_threshold.reshape(-1)[0])
@@ -69,14 +71,19 @@ class NonMaxSuppression(torch.autograd.Function):
         return torch.cat(rows).to(torch.int64)
 
     @staticmethod
-    def symbolic(g, boxes, scores, max_output, iou_threshold, score_threshold):  # noqa: D102
-        return g.op("NonMaxSuppression", boxes, scores, max_output, iou_threshold, score_threshold, center_point_box_i=0)
+    def symbolic(g, boxes, scores, max_output, iou_threshold, score_threshold):
+        return g.op(
+            "NonMaxSuppression", boxes, scores, max_output, iou_threshold, score_threshold, center_point_box_i=0
+        )
 
 
-def non_max_suppression(boxes: Tensor, scores: Tensor, max_output: int, iou_threshold: float, score_threshold: float) -> Tensor:
+def non_max_suppression(
+    boxes: Tensor, scores: Tensor, max_output: int, iou_threshold: float, score_threshold: float
+) -> Tensor:
     """See :class:`NonMaxSuppression`; thresholds become graph constants."""
     return NonMaxSuppression.apply(
-        boxes, scores,
+        boxes,
+        scores,
         torch.tensor([max_output], dtype=torch.int64),
         torch.tensor([iou_threshold], dtype=torch.float32),
         torch.tensor([score_threshold], dtype=torch.float32),

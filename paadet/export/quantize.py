@@ -27,6 +27,7 @@ Calibration images come from ``calib`` (a folder, searched as ``paadet predict``
 the graph's preset exactly as inference resizes them; at most ``max_images`` (evenly spread over the sorted
 list when there are more). Unreadable files are skipped and reported; at least one image must be readable.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import PaadetError, one_line
-from ..fileio import atomic_write_bytes, check_output_file
-from .metadata import METADATA_KEY, ExportFormatError, load_export
+from paadet.errors import PaadetError, one_line
+from paadet.fileio import atomic_write_bytes, check_output_file
+from paadet.runtime.graph_info import METADATA_KEY, ExportFormatError, load_export
 
 METHODS = ("nncf", "ort")
 DEFAULT_MAX_IMAGES = 300
@@ -73,8 +74,8 @@ class QuantizeReport:
             f"wrote {self.output} ({self.size_bytes / 2**20:.1f} MiB): int8 QDQ graph by {self.method}, "
             f"{self.quantized_convolutions} of {self.convolutions} convolutions in int8, "
             f"{self.float_nodes} post-processing nodes left in float32",
-            f"calibrated on {self.calibration_images} image{'s' if self.calibration_images != 1 else ''} in {self.seconds:.1f} s"
-            + (f"; skipped {len(self.skipped)} unreadable" if self.skipped else ""),
+            f"calibrated on {self.calibration_images} image{'s' if self.calibration_images != 1 else ''} "
+            f"in {self.seconds:.1f} s" + (f"; skipped {len(self.skipped)} unreadable" if self.skipped else ""),
         ]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
@@ -90,8 +91,10 @@ def _import(method: str):
 
         return quantization
     except ImportError as exc:
-        raise QuantizeError(f"--method {method} needs a package that is not installed ({one_line(exc)}); "
-                            f"install it with: {INSTALL_HINT[method]}") from None
+        raise QuantizeError(
+            f"--method {method} needs a package that is not installed ({one_line(exc)}); "
+            f"install it with: {INSTALL_HINT[method]}"
+        ) from None
 
 
 def split_nodes(model) -> tuple[list[str], list[str]]:
@@ -108,7 +111,7 @@ def calibration_files(calib: str | os.PathLike, max_images: int) -> list:
     Raises:
         QuantizeError: ``calib`` is not a folder, or holds no image files.
     """
-    from ..data.images import list_images
+    from paadet.data.images import list_images
 
     if not Path(calib).is_dir():
         raise QuantizeError(f"{calib}: --calib must be a folder of images")
@@ -124,7 +127,7 @@ def calibration_files(calib: str | os.PathLike, max_images: int) -> list:
 def calibration_layout(model, info, path: str):
     """The graph's input layout (preset, batch, fixed size, input names) without a runtime session: an
     :class:`~paadet.runtime.exported_graph.ExportedGraphBackend` whose ``feeds`` are the ones inference builds."""
-    from ..runtime.exported_graph import ExportedGraphBackend
+    from paadet.runtime.exported_graph import ExportedGraphBackend
 
     layout = ExportedGraphBackend(info, path)
     weights = {t.name for t in model.graph.initializer}
@@ -140,13 +143,14 @@ def _read_calibration(backend, sources: list, progress: bool) -> tuple[list[dict
     """
     from tqdm import tqdm
 
-    from ..data.images import ImageReadError, read_image
-    from ..preprocess import resize
+    from paadet.data.images import ImageReadError, read_image
+    from paadet.preprocess import resize
 
     by_shape: dict[tuple[int, int], list] = {}
     used, skipped = 0, []
-    for source in tqdm(sources, desc="calibration images", unit="img", disable=not progress, file=sys.stderr,
-                       dynamic_ncols=True):
+    for source in tqdm(
+        sources, desc="calibration images", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    ):
         try:
             if source.error is not None:
                 raise ImageReadError(f"{source.file_name}: {source.error}")
@@ -161,7 +165,7 @@ def _read_calibration(backend, sources: list, progress: bool) -> tuple[list[dict
     feeds = []
     for group in by_shape.values():
         for start in range(0, len(group), rows):
-            chunk = group[start:start + rows]
+            chunk = group[start : start + rows]
             chunk += [chunk[i % len(chunk)] for i in range(rows - len(chunk))]
             feeds.append(backend.feeds([c[0] for c in chunk], [c[1] for c in chunk]))
     return feeds, used, skipped
@@ -170,8 +174,12 @@ def _read_calibration(backend, sources: list, progress: bool) -> tuple[list[dict
 def _nncf_quantize(model, feeds: list[dict], float_nodes: list[str]):
     nncf = _import("nncf")
     return nncf.quantize(
-        model, nncf.Dataset(feeds), preset=nncf.QuantizationPreset.PERFORMANCE,
-        target_device=nncf.TargetDevice.CPU, subset_size=len(feeds), fast_bias_correction=True,
+        model,
+        nncf.Dataset(feeds),
+        preset=nncf.QuantizationPreset.PERFORMANCE,
+        target_device=nncf.TargetDevice.CPU,
+        subset_size=len(feeds),
+        fast_bias_correction=True,
         ignored_scope=nncf.IgnoredScope(names=float_nodes, validate=False),
     )
 
@@ -192,10 +200,18 @@ def _ort_quantize(model, feeds: list[dict], float_nodes: list[str]):
     with tempfile.TemporaryDirectory(prefix="paadet-quantize-") as workdir:
         source, out = os.path.join(workdir, "fp32.onnx"), os.path.join(workdir, "ort_int8.onnx")
         onnx.save(model, source)
-        q.quantize_static(source, out, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
-                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                          calibrate_method=q.CalibrationMethod.MinMax, nodes_to_exclude=float_nodes,
-                          op_types_to_quantize=["Conv"])
+        q.quantize_static(
+            source,
+            out,
+            Reader(),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8,
+            calibrate_method=q.CalibrationMethod.MinMax,
+            nodes_to_exclude=float_nodes,
+            op_types_to_quantize=["Conv"],
+        )
         return onnx.load(out)
 
 
@@ -234,10 +250,14 @@ def quantize_export(
     check_output_file(output, "--output", inputs=[model_path])
     model, info = load_export(model_path)
     if info.graph != "full":
-        raise QuantizeError(f"{model_path}: a {info.graph} graph; quantize takes a full graph (`paadet export` without --raw)")
+        raise QuantizeError(
+            f"{model_path}: a {info.graph} graph; quantize takes a full graph (`paadet export` without --raw)"
+        )
     if info.precision != "fp32":
-        raise QuantizeError(f"{model_path}: the graph is {info.precision}; quantize takes an fp32 export "
-                            "(`paadet export` without --fp16)")
+        raise QuantizeError(
+            f"{model_path}: the graph is {info.precision}; quantize takes an fp32 export "
+            "(`paadet export` without --fp16)"
+        )
     _import(method)
     sources = calibration_files(calib, max_images)
     network, float_nodes = split_nodes(model)
@@ -254,9 +274,18 @@ def quantize_export(
     convs = [n for n in quantized.graph.node if n.op_type == "Conv"]
     dequantized = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     n_int8 = sum(1 for n in convs if n.input[0] in dequantized and n.input[1] in dequantized)
-    return QuantizeReport(output=os.fspath(output), source=model_path, method=method, calibration_images=used,
-                          skipped=skipped, quantized_convolutions=n_int8, convolutions=len(convs),
-                          float_nodes=len(float_nodes), seconds=time.perf_counter() - start, size_bytes=len(data))
+    return QuantizeReport(
+        output=os.fspath(output),
+        source=model_path,
+        method=method,
+        calibration_images=used,
+        skipped=skipped,
+        quantized_convolutions=n_int8,
+        convolutions=len(convs),
+        float_nodes=len(float_nodes),
+        seconds=time.perf_counter() - start,
+        size_bytes=len(data),
+    )
 
 
 def _float_into_postprocessing(model) -> None:
@@ -299,8 +328,11 @@ def _float_into_postprocessing(model) -> None:
     graph_outputs = {o.name for o in model.graph.output}
     while True:  # drop Q/DQ nodes nobody reads any more
         used = {i for n in model.graph.node for i in n.input} | graph_outputs
-        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in used for o in n.output)]
+        dead = [
+            n
+            for n in model.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)
+        ]
         if not dead:
             break
         for n in dead:
@@ -315,17 +347,25 @@ def _float_into_postprocessing(model) -> None:
 
 def _write_metadata(quantized, source, method: str, images: int) -> None:
     """The source's paadet metadata with precision ``int8``, plus how it was quantised."""
-    from .. import __version__
+    from paadet.version import __version__
 
     props = {p.key: p.value for p in source.metadata_props}
     data = json.loads(props[METADATA_KEY])
     data["precision"] = "int8"
     props[METADATA_KEY] = json.dumps(data, sort_keys=True)
     props["paadet_precision"] = "int8"
-    props[QUANTIZATION_KEY] = json.dumps({"method": method, "calibration_images": images, "paadet_version": __version__,
-                                          "float32": "everything outside the network (/net/ nodes)"})
-    quantized.doc_string = (f"paadet int8 graph ({method} post-training quantisation of the network, "
-                            f"{images} calibration images; post-processing in float32)")
+    props[QUANTIZATION_KEY] = json.dumps(
+        {
+            "method": method,
+            "calibration_images": images,
+            "paadet_version": __version__,
+            "float32": "everything outside the network (/net/ nodes)",
+        }
+    )
+    quantized.doc_string = (
+        f"paadet int8 graph ({method} post-training quantisation of the network, "
+        f"{images} calibration images; post-processing in float32)"
+    )
     del quantized.metadata_props[:]
     for key, value in props.items():
         entry = quantized.metadata_props.add()

@@ -1,4 +1,5 @@
 """Anchor generation for PAA: one square anchor per location and level, centre offset 0."""
+
 from __future__ import annotations
 
 import torch
@@ -24,13 +25,18 @@ class AnchorGenerator:
         self.strides = tuple(int(s) for s in strides)
         self.octave_base_scale = float(octave_base_scale)
 
-    def base_anchor(self, stride: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+    def base_anchor(
+        self, stride: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> Tensor:
         """The anchor at cell (0, 0) of a level: ``[4]`` xyxy."""
         half = 0.5 * stride * self.octave_base_scale
         return torch.tensor([-half, -half, half, half], dtype=dtype, device=device)
 
     def level_anchors(
-        self, feat_size: tuple[int, int], stride: int, dtype: torch.dtype = torch.float32,
+        self,
+        feat_size: tuple[int, int],
+        stride: int,
+        dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> Tensor:
         """Anchors of one level with feature size ``(H, W)``: ``[H * W, 4]`` xyxy."""
@@ -44,13 +50,15 @@ class AnchorGenerator:
         return self.base_anchor(stride, dtype, device)[None, :] + shifts
 
     def __call__(
-        self, feat_sizes: list[tuple[int, int]], dtype: torch.dtype = torch.float32,
+        self,
+        feat_sizes: list[tuple[int, int]],
+        dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> list[Tensor]:
         """Anchors of every level, ``[H_l * W_l, 4]`` each."""
         if len(feat_sizes) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature sizes, got {len(feat_sizes)}")
-        return [self.level_anchors(size, s, dtype, device) for size, s in zip(feat_sizes, self.strides)]
+        return [self.level_anchors(size, s, dtype, device) for size, s in zip(feat_sizes, self.strides, strict=False)]
 
 
 def feature_sizes(height: int, width: int, num_levels: int = 5) -> list[tuple[int, int]]:

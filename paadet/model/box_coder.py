@@ -1,4 +1,5 @@
 """Delta-xywh box decoding (mmdetection's ``DeltaXYWHBBoxCoder`` at test time)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Feature pyramid (mmdetection's ``FPN`` with ``start_level=1, add_extra_convs='on_output'``)."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -34,12 +35,12 @@ class FPN(nn.Module):
         self.fpn_convs = nn.ModuleList(convs)
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
-        laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats, strict=False)]
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + F.interpolate(
                 laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
             )
         outs = [self.fpn_convs[i](lat) for i, lat in enumerate(laterals)]
-        for conv in self.fpn_convs[len(laterals):]:
+        for conv in self.fpn_convs[len(laterals) :]:
             outs.append(conv(outs[-1]))
         return outs

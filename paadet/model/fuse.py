@@ -5,6 +5,7 @@ BatchNorm in every ResNet stage); at inference each BatchNorm is an affine map p
 be folded into the convolution before it: one kernel and one pass over the feature map fewer per
 layer (53 in ResNet-50). The result differs from the unfolded network by float rounding only.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 def _pairs(module: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) attribute names in ``module`` that run back to back: ``convN``/``bnN`` and ``0``/``1`` of a Sequential."""
+    """(conv, bn) attribute names in ``module`` that run back to back: ``convN``/``bnN``, and ``0``/``1`` of a
+    Sequential."""
     children = dict(module.named_children())
     pairs = []
     for name, child in children.items():

@@ -1,4 +1,5 @@
 """PAA's dense head (ATSS layout): shared towers over all pyramid levels."""
+
 from __future__ import annotations
 
 import torch
@@ -67,7 +68,7 @@ class PAAHead(nn.Module):
 
     def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         cls_out, box_out, iou_out = [], [], []
-        for x, scale in zip(feats, self.scales):
+        for x, scale in zip(feats, self.scales, strict=False):
             c, b, i = self.forward_level(x, scale)
             cls_out.append(c)
             box_out.append(b)

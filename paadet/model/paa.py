@@ -1,11 +1,12 @@
 """The PAA R50-FPN network: backbone, neck and head with mmdetection's state-dict names."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .fpn import FPN
-from .head import PAAHead
-from .resnet import ResNet50
+from paadet.model.fpn import FPN
+from paadet.model.head import PAAHead
+from paadet.model.resnet import ResNet50
 
 NUM_LEVELS = 5
 STRIDES = (8, 16, 32, 64, 128)
@@ -34,7 +35,9 @@ class PAANet(nn.Module):
     The network is built in eval mode either way; a trainer calls ``train()``.
     """
 
-    def __init__(self, num_classes: int = 80, *, trainable: bool = False, frozen_stages: int = 1, norm_eval: bool = True) -> None:
+    def __init__(
+        self, num_classes: int = 80, *, trainable: bool = False, frozen_stages: int = 1, norm_eval: bool = True
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.trainable = trainable
@@ -43,12 +46,12 @@ class PAANet(nn.Module):
         self.bbox_head = PAAHead(num_classes=num_classes, channels=256, stacked_convs=4, num_levels=NUM_LEVELS)
         self.eval()
 
-    def train(self, mode: bool = True) -> "PAANet":
+    def train(self, mode: bool = True) -> PAANet:
         """Training mode for a ``trainable`` network (frozen stages and BatchNorm as configured); an
         inference-only network stays in eval mode (BatchNorm always uses its running statistics)."""
         return super().train(mode and self.trainable)
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        c2, c3, c4, c5 = self.backbone(images)
+        _c2, c3, c4, c5 = self.backbone(images)
         feats = self.neck([c3, c4, c5])
         return self.bbox_head(feats)

@@ -6,6 +6,7 @@ stages (the stem for 0, the stem and ``layer1`` for 1, ...) never take gradients
 and with ``norm_eval`` every BatchNorm keeps its running statistics (eval mode) while the affine
 parameters of the unfrozen stages still train.
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -38,7 +39,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        out += identity  # in place, as torchvision and mmdetection (one pass less; BatchNorm's backward needs its input only)
+        # in place, as torchvision and mmdetection (one pass less; BatchNorm's backward needs its input only)
+        out += identity
         return self.relu(out)
 
 
@@ -84,7 +86,7 @@ class ResNet50(nn.Module):
             return []
         return [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
 
-    def train(self, mode: bool = True) -> "ResNet50":
+    def train(self, mode: bool = True) -> ResNet50:
         """Set the training mode, then put the frozen stages (and, with ``norm_eval``, every BatchNorm) in eval mode."""
         super().train(mode)
         if mode:

@@ -1,18 +1,20 @@
 """What every runtime backend provides, and a stage timer that is honest about GPU work."""
+
 from __future__ import annotations
 
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..coco import COCO_CLASSES, ClassList
-from ..detections import Detections
-from ..preprocess import ImageMeta, Preset
+from paadet.classes import COCO_CLASSES, ClassList
+from paadet.detections import Detections
+from paadet.preprocess import ImageMeta, Preset
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +31,7 @@ class StageTimer:
     can exceed the wall time.
     """
 
-    def __init__(self, device: "torch.device | str | None" = None) -> None:
+    def __init__(self, device: torch.device | str | None = None) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self.device = device
         self._lock = threading.Lock()
@@ -55,7 +57,7 @@ class StageTimer:
         with self._lock:
             self.totals[name] += seconds
 
-    def merge(self, other: "StageTimer") -> None:
+    def merge(self, other: StageTimer) -> None:
         for name, seconds in list(other.totals.items()):
             self.add(name, seconds)
 
@@ -94,7 +96,8 @@ class Backend(ABC):
         """Detect on resized BGR ``uint8`` images ``[h, w, 3]`` that share ``metas[i].pad_shape``.
 
         Normalisation and padding happen here (on the backend's device). Returns host arrays (torch
-        tensors or numpy arrays, see :mod:`paadet.detections`), boxes in original-image pixels. Adds ``preprocess``, ``network`` and ``postprocess`` times to
+        tensors or numpy arrays, see :mod:`paadet.detections`), boxes in original-image pixels. Adds ``preprocess``,
+        ``network`` and ``postprocess`` times to
         ``timer`` when given.
         """
 

@@ -8,15 +8,16 @@ Runtime and OpenVINO backends differ only in how they run the graph (:meth:`Expo
 A full graph's path imports no torch: its detections are numpy arrays (:mod:`paadet.detections`), which
 saves a command about a second of start-up. Only a raw graph imports torch, when the backend is built.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from ..detections import Detections, PostprocessConfig
-from ..errors import PaadetError
-from ..export.metadata import ExportInfo, same_preset
-from ..preprocess import ImageMeta, Preset, get_preset, normalize_pad
-from .base import Backend, StageTimer
+from paadet.detections import Detections, PostprocessConfig
+from paadet.errors import PaadetError
+from paadet.preprocess import ImageMeta, Preset, get_preset, normalize_pad
+from paadet.runtime.base import Backend, StageTimer
+from paadet.runtime.graph_info import ExportInfo, same_preset
 
 __all__ = ["ExportedGraphBackend", "OnnxModelError", "check_graph_preset"]
 
@@ -31,8 +32,9 @@ def _padding(preset: Preset) -> str:
     return f"padded to /{preset.size_divisor}"
 
 
-def check_graph_preset(path: str, info: ExportInfo, preset: str | Preset | None,
-                       error: type[Exception] = OnnxModelError) -> Preset | None:
+def check_graph_preset(
+    path: str, info: ExportInfo, preset: str | Preset | None, error: type[Exception] = OnnxModelError
+) -> Preset | None:
     """``preset`` as a :class:`Preset` (None stays None: the graph's), refused with ``error`` if it does not
     size images as the graph's preset does."""
     if preset is None:
@@ -71,7 +73,7 @@ class ExportedGraphBackend(Backend):
         self.classes = info.classes
         self._post = None
         if info.graph == "raw":  # post-processed in PyTorch: the only part of this path that needs torch
-            from ..postprocess import PAAPostprocess
+            from paadet.postprocess import PAAPostprocess
 
             self._post = PAAPostprocess(PostprocessConfig.from_dict(info.postprocess))
 
@@ -118,12 +120,12 @@ class ExportedGraphBackend(Backend):
         batch = np.zeros((rows, height, width, 3), np.uint8)
         img_shapes = np.ones((rows, 2), np.float32)
         scale_factors = np.ones((rows, 2), np.float32)
-        for i, (img, m) in enumerate(zip(images, metas)):
+        for i, (img, m) in enumerate(zip(images, metas, strict=False)):
             h, w = img.shape[:2]
             batch[i, :h, :w] = img
             img_shapes[i] = m.img_shape
             scale_factors[i] = m.scale_factor
-        return dict(zip(self.input_names, (batch, img_shapes, scale_factors)))
+        return dict(zip(self.input_names, (batch, img_shapes, scale_factors), strict=False))
 
     def infer(self, images: list[np.ndarray], metas: list[ImageMeta], timer: StageTimer | None = None) -> Detections:
         """Detect on resized BGR ``uint8`` images ``[h, w, 3]`` of one padded size; numpy arrays out from a
@@ -156,7 +158,7 @@ class ExportedGraphBackend(Backend):
         with timer.stage("preprocess"):
             height, width = self.input_shape_for(metas)
             batch = torch.zeros(rows, 3, height, width)
-            for i, (img, m) in enumerate(zip(images, metas)):
+            for i, img in enumerate(images):
                 batch[i] = normalize_pad(torch.from_numpy(np.ascontiguousarray(img)), (height, width))
             feeds = {self.input_names[0]: batch.numpy()}
         with timer.stage("network"):
@@ -177,8 +179,11 @@ class ExportedGraphBackend(Backend):
         info.update(self._runtime_facts())
         info.setdefault("precision", self.info.precision)
         info.update(
-            graph=("full: normalisation, network, decoding, NMS and score voting all run inside the graph "
-                   "(the postprocess stage only converts outputs)") if self.info.graph == "full"
+            graph=(
+                "full: normalisation, network, decoding, NMS and score voting all run inside the graph "
+                "(the postprocess stage only converts outputs)"
+            )
+            if self.info.graph == "full"
             else "raw: network only; normalisation and post-processing in PyTorch on the CPU",
             score_voting=self.info.score_voting,
             batch=self.fixed_batch or "dynamic",

@@ -5,6 +5,7 @@ so this backend only pads images into the graph's input and converts the outputs
 network's 15 maps) is supported too: normalisation and post-processing then run in PyTorch on the CPU.
 What it shares with the OpenVINO backend is :class:`~paadet.runtime.exported_graph.ExportedGraphBackend`.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import one_line
-from ..export.metadata import ExportFormatError, ExportInfo
-from ..preprocess import Preset
-from .exported_graph import ExportedGraphBackend, OnnxModelError, check_graph_preset
+from paadet.errors import one_line
+from paadet.preprocess import Preset
+from paadet.runtime.exported_graph import ExportedGraphBackend, OnnxModelError, check_graph_preset
+from paadet.runtime.graph_info import ExportFormatError, ExportInfo
+from paadet.runtime.spec import ONNXRUNTIME
 
 __all__ = ["OnnxModelError", "OnnxRuntimeBackend", "choose_providers", "parse_providers"]
 
@@ -54,7 +56,7 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
         preset: the preset to pre-process with (must size images as the graph's preset does).
     """
 
-    name = "onnxruntime"
+    name = ONNXRUNTIME
 
     def __init__(self, session, info: ExportInfo, path: str, preset: Preset | None = None) -> None:
         super().__init__(info, path, preset)
@@ -69,7 +71,7 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
         providers: list[str] | None = None,
         preset: str | Preset | None = None,
         session_options=None,
-    ) -> "OnnxRuntimeBackend":
+    ) -> OnnxRuntimeBackend:
         """Open ``path`` (a ``paadet export`` graph) on the chosen providers.
 
         Args:

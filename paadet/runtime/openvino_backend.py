@@ -29,8 +29,10 @@ Pre- and post-processing are the ONNX Runtime backend's: a full graph gets the p
 and does the rest (normalisation, network, decoding, NMS, score voting); a raw graph (the network's 15
 maps) is normalised and post-processed in PyTorch.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -39,12 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PaadetError, one_line
-from ..export.metadata import ExportFormatError, ExportInfo
-from ..preprocess import Preset
-from .exported_graph import ExportedGraphBackend, OnnxModelError, check_graph_preset
+from paadet.errors import PaadetError, one_line
+from paadet.preprocess import Preset
+from paadet.runtime.exported_graph import ExportedGraphBackend, OnnxModelError, check_graph_preset
+from paadet.runtime.graph_info import ExportFormatError, ExportInfo
+from paadet.runtime.spec import OPENVINO, normalize_precision
 
-PRECISIONS = ("f32", "bf16")
 INSTALL_HINT = 'pip install "paadet[openvino]"'
 IR_SUFFIXES = (".xml",)
 
@@ -68,15 +70,6 @@ def import_openvino():
     return openvino
 
 
-def normalize_precision(precision: str | None) -> str:
-    """``f32`` (also ``fp32``, None) or ``bf16``; anything else raises ``ValueError``."""
-    value = (precision or "f32").lower()
-    value = {"fp32": "f32", "float32": "f32", "bfloat16": "bf16"}.get(value, value)
-    if value not in PRECISIONS:
-        raise ValueError(f"unknown OpenVINO precision {precision!r}; use {' or '.join(PRECISIONS)}")
-    return value
-
-
 def _rt_metadata(model) -> dict[str, str]:
     """The ONNX ``metadata_props`` that OpenVINO keeps in ``rt_info['framework']`` (ONNX files and IR alike)."""
     try:
@@ -87,7 +80,7 @@ def _rt_metadata(model) -> dict[str, str]:
         for key in framework:
             value = framework[key]
             props[str(key)] = value.astype(str) if hasattr(value, "astype") else str(value)
-    except Exception:  # noqa: BLE001 - an rt_info without the ONNX metadata: "not a paadet export" below
+    except Exception:
         return {}
     return props
 
@@ -129,7 +122,7 @@ def read_model(path: str | os.PathLike, core=None):
 def read_export_info_any(path: str | os.PathLike) -> ExportInfo:
     """The :class:`ExportInfo` of an ``.onnx`` export (parsed by ``onnx``, no graph built) or of an IR ``.xml``
     (read by OpenVINO)."""
-    from ..export.metadata import read_export_info
+    from paadet.runtime.graph_info import read_export_info
 
     if os.fspath(path).lower().endswith(IR_SUFFIXES):
         return read_model(path)[1]
@@ -155,12 +148,22 @@ class OpenVinoBackend(ExportedGraphBackend):
             run at once from different threads (``concurrency``); 1 = one at a time, latency hint.
     """
 
-    name = "openvino"
+    name = OPENVINO
     model_error = OpenVinoModelError
 
-    def __init__(self, core, model, info: ExportInfo, path: str, preset: Preset | None = None,
-                 precision: str = "f32", threads: int | None = None, shape_cache: int = 0,
-                 device: str = "CPU", streams: int = 1) -> None:
+    def __init__(
+        self,
+        core,
+        model,
+        info: ExportInfo,
+        path: str,
+        preset: Preset | None = None,
+        precision: str = "f32",
+        threads: int | None = None,
+        shape_cache: int = 0,
+        device: str = "CPU",
+        streams: int = 1,
+    ) -> None:
         super().__init__(info, path, preset)
         if int(streams) < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
@@ -192,7 +195,7 @@ class OpenVinoBackend(ExportedGraphBackend):
         shape_cache: int = 0,
         device: str = "CPU",
         streams: int = 1,
-    ) -> "OpenVinoBackend":
+    ) -> OpenVinoBackend:
         """Open ``path`` (a ``paadet export`` ``.onnx``, or an IR ``.xml`` saved from one) and compile it.
 
         Raises:
@@ -206,8 +209,18 @@ class OpenVinoBackend(ExportedGraphBackend):
         core = ov.Core()
         model, info = read_model(path, core)
         preset = check_graph_preset(path, info, preset, OpenVinoModelError)
-        return cls(core, model, info, path, preset, precision=precision, threads=threads, shape_cache=shape_cache,
-                   device=device, streams=streams)
+        return cls(
+            core,
+            model,
+            info,
+            path,
+            preset,
+            precision=precision,
+            threads=threads,
+            shape_cache=shape_cache,
+            device=device,
+            streams=streams,
+        )
 
     @property
     def concurrency(self) -> int:
@@ -221,7 +234,7 @@ class OpenVinoBackend(ExportedGraphBackend):
             return
         try:
             caps = list(self.core.get_property(self.ov_device, "OPTIMIZATION_CAPABILITIES"))
-        except Exception:  # noqa: BLE001 - a plugin without the property: let the compile decide
+        except Exception:
             return
         if "BF16" not in caps:
             raise OpenVinoModelError(
@@ -245,20 +258,21 @@ class OpenVinoBackend(ExportedGraphBackend):
             compiled = self.core.compile_model(model, self.ov_device, self.compile_config())
         except Exception as exc:  # OpenVINO's errors are multi-line
             raise OpenVinoModelError(
-                f"{self.path}: OpenVINO cannot compile it for {self.ov_device} ({type(exc).__name__}: {one_line(exc)[:300]})"
+                f"{self.path}: OpenVINO cannot compile it for {self.ov_device} "
+                f"({type(exc).__name__}: {one_line(exc)[:300]})"
             ) from exc
         if self.threads is None:
-            try:
+            with contextlib.suppress(Exception):  # a device without the property: the count stays unknown (None)
                 self.threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
-            except Exception:  # a device without the property: the count stays unknown (None)
-                pass
         try:
             granted = int(compiled.get_property("NUM_STREAMS"))
-        except Exception:  # noqa: BLE001 - a device without the property: trust the request
+        except Exception:
             granted = self.streams
         if granted != self.streams:
-            raise OpenVinoModelError(f"{self.path}: {self.streams} streams asked, but OpenVINO made {granted} "
-                                     f"(with {self.threads} threads); use --streams {granted}")
+            raise OpenVinoModelError(
+                f"{self.path}: {self.streams} streams asked, but OpenVINO made {granted} "
+                f"(with {self.threads} threads); use --streams {granted}"
+            )
         requests: queue.SimpleQueue = queue.SimpleQueue()  # the idle ones; a caller takes one and puts it back
         for _ in range(self.streams):
             requests.put(compiled.create_infer_request())
@@ -290,8 +304,9 @@ class OpenVinoBackend(ExportedGraphBackend):
             request.infer(feeds)
             return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.output_names))]
         except Exception as exc:
-            raise OpenVinoModelError(f"{self.path}: OpenVINO inference failed ({type(exc).__name__}: "
-                                     f"{one_line(exc)[:300]})") from exc
+            raise OpenVinoModelError(
+                f"{self.path}: OpenVINO inference failed ({type(exc).__name__}: {one_line(exc)[:300]})"
+            ) from exc
         finally:
             requests.put(request)
 
@@ -317,9 +332,13 @@ class OpenVinoBackend(ExportedGraphBackend):
     def describe(self) -> dict:
         info = super().describe()
         info.update(
-            shapes=("static" if not self.dynamic else
-                    f"compiled per input shape, {self.shape_cache} kept" if self.shape_cache else
-                    "dynamic, compiled once"),
+            shapes=(
+                "static"
+                if not self.dynamic
+                else f"compiled per input shape, {self.shape_cache} kept"
+                if self.shape_cache
+                else "dynamic, compiled once"
+            ),
             openvino=_openvino_version(),
         )
         return info

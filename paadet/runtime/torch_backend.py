@@ -10,25 +10,25 @@ the CPU:
 * optional: channels-last memory format, ``torch.compile``, CUDA graphs (one per input shape), and
   JPEG decoding plus resizing on the GPU (:meth:`TorchBackend.infer_encoded`, with torchvision).
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import one_line
-from ..model import PAANet
-from ..model.fuse import fold_batchnorm
-from ..model.loading import classes_of, load_network
-from ..postprocess import Detections, PAAPostprocess, PostprocessConfig
-from ..preprocess import MEAN_RGB, STD_RGB, ImageMeta, Preset, get_preset, normalize_pad, rescale_size
-from .base import Backend, StageTimer
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+from paadet.errors import one_line
+from paadet.model import PAANet
+from paadet.model.build import classes_of, load_network
+from paadet.model.fuse import fold_batchnorm
+from paadet.postprocess import Detections, PAAPostprocess, PostprocessConfig
+from paadet.preprocess import MEAN_RGB, STD_RGB, ImageMeta, Preset, get_preset, normalize_pad, rescale_size
+from paadet.runtime.base import Backend, StageTimer
+from paadet.runtime.spec import TORCH, torch_option_error
 
 NetOutputs = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
@@ -118,10 +118,13 @@ def _freeze_for_cpu(net: PAANet, example: torch.Tensor) -> torch.jit.ScriptModul
 def detections_to_host(dets: Detections) -> Detections:
     """The detections in host memory with one device-to-host copy (boxes, scores and labels packed into one
     float32 tensor; labels are small integers, exact in float32; ``num_dets`` recomputed from the labels)."""
-    packed = torch.cat([dets.boxes.float(), dets.scores.float()[..., None], dets.labels.float()[..., None]], dim=-1).cpu()
+    packed = torch.cat(
+        [dets.boxes.float(), dets.scores.float()[..., None], dets.labels.float()[..., None]], dim=-1
+    ).cpu()
     labels = packed[..., 5].to(torch.long)
-    return Detections(packed[..., :4].to(dets.boxes.dtype), packed[..., 4].to(dets.scores.dtype), labels,
-                      (labels >= 0).sum(dim=1))
+    return Detections(
+        packed[..., :4].to(dets.boxes.dtype), packed[..., 4].to(dets.scores.dtype), labels, (labels >= 0).sum(dim=1)
+    )
 
 
 def resize_pad_decoded(decoded: Sequence[torch.Tensor], preset: Preset) -> tuple[torch.Tensor, list[ImageMeta]]:
@@ -139,8 +142,14 @@ def resize_pad_decoded(decoded: Sequence[torch.Tensor], preset: Preset) -> tuple
     for img in decoded:
         h, w = int(img.shape[1]), int(img.shape[2])
         new_h, new_w = rescale_size(h, w, preset.scale)
-        metas.append(ImageMeta(ori_shape=(h, w), img_shape=(new_h, new_w), scale_factor=(new_w / w, new_h / h),
-                               pad_shape=preset.padded_shape(new_h, new_w)))
+        metas.append(
+            ImageMeta(
+                ori_shape=(h, w),
+                img_shape=(new_h, new_w),
+                scale_factor=(new_w / w, new_h / h),
+                pad_shape=preset.padded_shape(new_h, new_w),
+            )
+        )
     pad_shapes = {m.pad_shape for m in metas}
     if len(pad_shapes) != 1:
         raise ValueError(f"a GPU-decoded batch needs one padded size, got {sorted(pad_shapes)}; use the 800 preset")
@@ -189,11 +198,12 @@ class TorchBackend(Backend):
             between layers. CUDA only.
         optimize: CPU only: trace the network on its first batch, freeze it and let PyTorch optimise it
             for inference (BatchNorm folded into the convolutions, oneDNN kernels). Up to a quarter
-            faster on a CPU (2-25% measured) after a one-off ~15 s; logits differ from the exact path by ~1e-5, so
+            faster on a CPU (2-32% more images/s measured, docs/benchmarks.md) after a one-off ~15 s; logits
+            differ from the exact path by ~1e-5, so
             detections agree with mmdetection's to the parity rule rather than bit for bit.
     """
 
-    name = "torch"
+    name = TORCH
 
     def __init__(
         self,
@@ -214,27 +224,27 @@ class TorchBackend(Backend):
         bf16: bool = False,
     ) -> None:
         self.device = resolve_device(device)
-        if bf16 and fp16:
-            raise ValueError("--bf16 and --fp16 exclude each other: choose one reduced precision")
-        if bf16 and optimize:
-            raise ValueError("--bf16 runs the eager network under autocast; leave --optimize out")
-        if optimize and self.device.type != "cpu":
-            raise ValueError("optimize (trace + freeze) is for the CPU; on CUDA use fp16, channels_last, cuda_graphs or compile_mode")
-        if fp16 and self.device.type != "cuda":
-            raise ValueError("--fp16 needs a CUDA device; on CPU run in fp32")
+        error = torch_option_error(
+            self.device.type,
+            fp16=fp16,
+            bf16=bf16,
+            optimize=optimize,
+            fp16_weights=fp16_weights,
+            compile_mode=compile_mode,
+            cuda_only={
+                "channels_last": channels_last,
+                "compile_mode": compile_mode,
+                "cuda_graphs": cuda_graphs,
+                "tf32": tf32,
+                "cudnn_benchmark": cudnn_benchmark,
+                "fold_bn": fold_bn,
+                "fp16_weights": fp16_weights,
+            },
+        )
+        if error:
+            raise ValueError(error)
         if bf16 and self.device.type == "cpu":
             channels_last = True  # oneDNN's bfloat16 convolutions prefer NHWC: 0.79 vs 0.85 s at 800x800 here
-        cuda_only = {"channels_last": channels_last and not (bf16 and self.device.type == "cpu"),
-                     "compile_mode": compile_mode, "cuda_graphs": cuda_graphs,
-                     "tf32": tf32, "cudnn_benchmark": cudnn_benchmark, "fold_bn": fold_bn, "fp16_weights": fp16_weights}
-        if self.device.type != "cuda":
-            asked = [name for name, value in cuda_only.items() if value]
-            if asked:
-                raise ValueError(f"{', '.join(asked)} need a CUDA device; the CPU path runs float32 (or bfloat16 with --bf16)")
-        if fp16_weights and not fp16:
-            raise ValueError("fp16_weights needs fp16 (half precision)")
-        if compile_mode is not None and compile_mode not in COMPILE_MODES:
-            raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         self.preset = get_preset(preset)
         self.classes = classes_of(net)
         self.fp16 = fp16
@@ -265,14 +275,16 @@ class TorchBackend(Backend):
         self._std = torch.tensor(STD_RGB, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
     @classmethod
-    def from_checkpoint(cls, path: str, **kwargs) -> "TorchBackend":
+    def from_checkpoint(cls, path: str, **kwargs) -> TorchBackend:
         return cls(load_network(path), **kwargs)
 
     def _autocast(self):
         if self.fp16 and not self.fp16_weights:
             return torch.autocast(device_type=self.device.type, dtype=torch.float16, cache_enabled=not self.cuda_graphs)
         if self.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cuda_graphs)
+            return torch.autocast(
+                device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cuda_graphs
+            )
         return nullcontext()
 
     @contextmanager
@@ -300,15 +312,21 @@ class TorchBackend(Backend):
             return self._forward(batch)
 
     @torch.inference_mode()
-    def prepare(self, images: Sequence[np.ndarray], metas: Sequence[ImageMeta], timer: StageTimer | None = None) -> torch.Tensor:
+    def prepare(
+        self, images: Sequence[np.ndarray], metas: Sequence[ImageMeta], timer: StageTimer | None = None
+    ) -> torch.Tensor:
         """Resized BGR ``uint8`` images of one padded size -> the normalised, padded batch on the device."""
         timer = timer or StageTimer(self.device)
         if self.device.type != "cuda":
             with timer.stage("preprocess"):
-                return torch.stack([
-                    normalize_pad(torch.from_numpy(np.ascontiguousarray(img)).to(self.device, non_blocking=True), m.pad_shape)
-                    for img, m in zip(images, metas)
-                ])
+                return torch.stack(
+                    [
+                        normalize_pad(
+                            torch.from_numpy(np.ascontiguousarray(img)).to(self.device, non_blocking=True), m.pad_shape
+                        )
+                        for img, m in zip(images, metas, strict=False)
+                    ]
+                )
         pad_h, pad_w = metas[0].pad_shape
         with timer.stage("copy"):
             # the staging buffer's padding is left unwritten: _normalize_pad_batch zeroes it after normalising
@@ -360,8 +378,9 @@ class TorchBackend(Backend):
             return detections_to_host(dets)
 
     @torch.inference_mode()
-    def infer_encoded(self, encoded: Sequence[bytes], names: Sequence[str] | None = None,
-                      timer: StageTimer | None = None) -> tuple[Detections, list[ImageMeta]]:
+    def infer_encoded(
+        self, encoded: Sequence[bytes], names: Sequence[str] | None = None, timer: StageTimer | None = None
+    ) -> tuple[Detections, list[ImageMeta]]:
         """JPEG bytes -> detections, decoding and resizing on the GPU (torchvision's ``decode_jpeg``, nvJPEG).
 
         All images must reach the same padded size (always true with the ``800`` preset). The GPU
@@ -385,7 +404,9 @@ class TorchBackend(Backend):
             try:
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError as exc:
-                raise ValueError(f"GPU JPEG decoding failed for one of {', '.join(names[:3])}...: {one_line(exc)}") from None
+                raise ValueError(
+                    f"GPU JPEG decoding failed for one of {', '.join(names[:3])}...: {one_line(exc)}"
+                ) from None
         with timer.stage("preprocess"):
             rgb, metas = resize_pad_decoded(decoded, self.preset)
             batch = self._normalize_pad_batch(rgb, [m.img_shape for m in metas])
@@ -393,13 +414,23 @@ class TorchBackend(Backend):
 
     def describe(self) -> dict:
         info = super().describe()
-        info.update(device=str(self.device), precision="fp16" if self.fp16 else "bf16" if self.bf16 else "fp32",
-                    score_voting=self.post.config.score_voting)
+        info.update(
+            device=str(self.device),
+            precision="fp16" if self.fp16 else "bf16" if self.bf16 else "fp32",
+            score_voting=self.post.config.score_voting,
+        )
         if self.optimize:
             info["optimize"] = "traced, frozen, optimised for inference"
         if self.device.type == "cuda":
-            info.update(gpu=torch.cuda.get_device_name(self.device), channels_last=self.channels_last,
-                        fold_bn=self.fold_bn, fp16_weights=self.fp16_weights,
-                        compile_mode=self.compile_mode, cuda_graphs=self.cuda_graphs, tf32=self.tf32,
-                        cudnn_benchmark=self.cudnn_benchmark, pin_memory=self.pin_memory)
+            info.update(
+                gpu=torch.cuda.get_device_name(self.device),
+                channels_last=self.channels_last,
+                fold_bn=self.fold_bn,
+                fp16_weights=self.fp16_weights,
+                compile_mode=self.compile_mode,
+                cuda_graphs=self.cuda_graphs,
+                tf32=self.tf32,
+                cudnn_benchmark=self.cudnn_benchmark,
+                pin_memory=self.pin_memory,
+            )
         return info

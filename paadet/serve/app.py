@@ -6,6 +6,7 @@ lifespan and drains it on shutdown; when you mount it in another server, run tha
 ``app.state.batcher.start()`` / ``.close()`` yourself). The service never fetches a URL or opens a
 path a request names: it reads only the request's body.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,12 +22,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..coco import ClassList
-from ..detector import Detector, ImageResult
-from .batcher import Batcher
-from .limits import RequestError, check_api_key
-from .page import PAGE_HTML
-from .settings import ServeSettings
+from paadet.classes import ClassList
+from paadet.detections import ImageResult
+from paadet.detector import Detector
+from paadet.serve.batcher import Batcher
+from paadet.serve.limits import RequestError, check_api_key
+from paadet.serve.page import PAGE_HTML
+from paadet.serve.settings import ServeSettings
 
 log = logging.getLogger("paadet.serve")
 
@@ -43,18 +45,30 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("paadet_requests", "POST /v1/detect requests answered, by HTTP status",
-                                ["status"], registry=self.registry)
-        self.latency = Histogram("paadet_request_latency_seconds", "POST /v1/detect time from arrival to answer",
-                                 registry=self.registry,
-                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, math.inf))
-        batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, max_batch} - {b for b in (2, 4, 8, 16, 32, 64) if b > max_batch})
-        self.batch_size = Histogram("paadet_batch_size", "images per network call", registry=self.registry,
-                                    buckets=tuple(batch_buckets) + (math.inf,))
-        self.batch_seconds = Histogram("paadet_batch_seconds", "time of one network call (pre/network/post)",
-                                       registry=self.registry)
-        self.queue_depth = Gauge("paadet_queue_depth", "detect requests admitted and not yet answered",
-                                 registry=self.registry)
+        self.requests = Counter(
+            "paadet_requests", "POST /v1/detect requests answered, by HTTP status", ["status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "paadet_request_latency_seconds",
+            "POST /v1/detect time from arrival to answer",
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, math.inf),
+        )
+        batch_buckets = sorted(
+            {1, 2, 4, 8, 16, 32, 64, max_batch} - {b for b in (2, 4, 8, 16, 32, 64) if b > max_batch}
+        )
+        self.batch_size = Histogram(
+            "paadet_batch_size",
+            "images per network call",
+            registry=self.registry,
+            buckets=(*tuple(batch_buckets), math.inf),
+        )
+        self.batch_seconds = Histogram(
+            "paadet_batch_seconds", "time of one network call (pre/network/post)", registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "paadet_queue_depth", "detect requests admitted and not yet answered", registry=self.registry
+        )
         self.queue_depth.set_function(batcher.queue_depth)
         self.ready = Gauge("paadet_ready", "1 once the model is loaded and warm", registry=self.registry)
         self.ready.set_function(lambda: 1.0 if batcher.ready.is_set() else 0.0)
@@ -64,8 +78,9 @@ class Metrics:
         self.batch_seconds.observe(seconds)
 
 
-def detections_json(result: ImageResult, classes: ClassList, score_thr: float | None = None,
-                    max_dets: int | None = None) -> dict:
+def detections_json(
+    result: ImageResult, classes: ClassList, score_thr: float | None = None, max_dets: int | None = None
+) -> dict:
     """The ``/v1/detect`` answer for ``result``: detections sorted by score (ties keep the model's order)."""
     order = np.argsort(-result.scores, kind="stable")
     if score_thr is not None:
@@ -78,9 +93,14 @@ def detections_json(result: ImageResult, classes: ClassList, score_thr: float | 
         "width": int(width),
         "height": int(height),
         "detections": [
-            {"bbox": box, "score": score, "label": label, "category_id": classes.category_ids[label],
-             "name": classes.names[label]}
-            for box, score, label in zip(boxes, scores, labels)
+            {
+                "bbox": box,
+                "score": score,
+                "label": label,
+                "category_id": classes.category_ids[label],
+                "name": classes.names[label],
+            }
+            for box, score, label in zip(boxes, scores, labels, strict=False)
         ],
     }
 
@@ -133,7 +153,7 @@ async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
     form_request = Request(request.scope, replay)
     try:
         form = await form_request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
-    except Exception as exc:  # noqa: BLE001 - python-multipart's and Starlette's parse errors
+    except Exception as exc:
         raise RequestError(400, f"unreadable multipart form: {exc}") from None
     try:
         field = form.get("image")
@@ -158,7 +178,7 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Sta
             response = await _detect(request)
         except RequestError as exc:
             response = error_response(exc.status, exc.message, exc.headers)
-        except Exception as exc:  # noqa: BLE001 - answered, logged, counted
+        except Exception as exc:
             log.exception("paadet serve: unexpected error")
             response = error_response(500, f"internal error: {type(exc).__name__}")
         metrics.requests.labels(str(response.status_code)).inc()
@@ -172,8 +192,11 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Sta
         if not batcher.ready.is_set():
             raise RequestError(503, batcher.warmup_error or "the model is still loading", {"Retry-After": "2"})
         if not batcher.try_admit():
-            raise RequestError(503, "too many requests in the queue; retry later" if not batcher.closed
-                               else "the server is shutting down", {"Retry-After": str(settings.retry_after_s)})
+            raise RequestError(
+                503,
+                "too many requests in the queue; retry later" if not batcher.closed else "the server is shutting down",
+                {"Retry-After": str(settings.retry_after_s)},
+            )
         try:
             result, timings = await asyncio.wait_for(_receive_and_run(request), settings.timeout_s)
         except asyncio.TimeoutError:
@@ -183,8 +206,10 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Sta
         timings["total"] = 1000.0 * (time.perf_counter() - started)
         batch = int(timings.pop("batch_size", 1))
         server_timing = ", ".join(f"{name};dur={ms:.2f}" for name, ms in timings.items())
-        return JSONResponse(detections_json(result, classes, score_thr, max_dets),
-                            headers={"Server-Timing": server_timing, "X-Batch-Size": str(batch)})
+        return JSONResponse(
+            detections_json(result, classes, score_thr, max_dets),
+            headers={"Server-Timing": server_timing, "X-Batch-Size": str(batch)},
+        )
 
     async def _receive_and_run(request: Request):
         data = await read_image_bytes(request, settings.max_bytes)
@@ -218,14 +243,17 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Sta
         finally:
             await run_in_threadpool(batcher.close)
 
-    app = Starlette(routes=[
-        Route("/", page, methods=["GET"]),
-        Route("/v1/detect", detect, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-    ], lifespan=lifespan)
+    app = Starlette(
+        routes=[
+            Route("/", page, methods=["GET"]),
+            Route("/v1/detect", detect, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
@@ -242,34 +270,73 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Sta
 def openapi_schema(settings: ServeSettings) -> dict:
     """A short OpenAPI 3.1 description of the API."""
     error = {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}
-    detection = {"type": "object", "properties": {
-        "bbox": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4,
-                 "description": "x1, y1, x2, y2 in pixels of the decoded image"},
-        "score": {"type": "number"}, "label": {"type": "integer"}, "category_id": {"type": "integer"},
-        "name": {"type": "string"}}}
+    detection = {
+        "type": "object",
+        "properties": {
+            "bbox": {
+                "type": "array",
+                "items": {"type": "number"},
+                "minItems": 4,
+                "maxItems": 4,
+                "description": "x1, y1, x2, y2 in pixels of the decoded image",
+            },
+            "score": {"type": "number"},
+            "label": {"type": "integer"},
+            "category_id": {"type": "integer"},
+            "name": {"type": "string"},
+        },
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "paadet serve", "version": "1"},
         "paths": {
-            "/v1/detect": {"post": {
-                "summary": "detect objects in one image (raw body, or multipart field 'image')",
-                "parameters": [
-                    {"name": "score_thr", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 1}},
-                    {"name": "max_dets", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
-                "requestBody": {"required": True, "content": {
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                    "multipart/form-data": {"schema": {"type": "object", "properties": {
-                        "image": {"type": "string", "format": "binary"}}}}}},
-                "responses": {
-                    "200": {"description": "detections sorted by score", "content": {"application/json": {"schema": {
-                        "type": "object", "properties": {"width": {"type": "integer"}, "height": {"type": "integer"},
-                                                         "detections": {"type": "array", "items": detection}}}}}},
-                    "400": {"description": "not an image, or unreadable", "content": error},
-                    "401": {"description": "missing or wrong API key", "content": error},
-                    "413": {"description": f"body over {settings.max_bytes} bytes or image over "
-                                           f"{settings.max_pixels} pixels", "content": error},
-                    "503": {"description": "queue full or not ready (see Retry-After)", "content": error},
-                    "504": {"description": f"not answered within {settings.timeout_s:g} s", "content": error}}}},
+            "/v1/detect": {
+                "post": {
+                    "summary": "detect objects in one image (raw body, or multipart field 'image')",
+                    "parameters": [
+                        {"name": "score_thr", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 1}},
+                        {"name": "max_dets", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"image": {"type": "string", "format": "binary"}},
+                                }
+                            },
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "detections sorted by score",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "width": {"type": "integer"},
+                                            "height": {"type": "integer"},
+                                            "detections": {"type": "array", "items": detection},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "400": {"description": "not an image, or unreadable", "content": error},
+                        "401": {"description": "missing or wrong API key", "content": error},
+                        "413": {
+                            "description": f"body over {settings.max_bytes} bytes or image over "
+                            f"{settings.max_pixels} pixels",
+                            "content": error,
+                        },
+                        "503": {"description": "queue full or not ready (see Retry-After)", "content": error},
+                        "504": {"description": f"not answered within {settings.timeout_s:g} s", "content": error},
+                    },
+                }
+            },
             "/readyz": {"get": {"summary": "200 once the model is loaded and warm, 503 before"}},
             "/healthz": {"get": {"summary": "200 while the process lives"}},
             "/metrics": {"get": {"summary": "Prometheus metrics"}},

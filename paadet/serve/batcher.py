@@ -7,6 +7,7 @@ bucket when it holds ``max_batch`` images or when its oldest image has waited ``
 :meth:`Detector.run` exactly as ``paadet predict`` does, so an image's detections do not depend on the
 images it is batched with. Results go back to each request's future.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,17 +17,19 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from ..data.images import ImageReadError, decode_image
-from ..detector import Detector, ImageResult, LoadedImage
-from ..preprocess import resize
-from ..runtime.base import StageTimer
-from .limits import RequestError, image_size_from_header
-from .settings import ServeSettings
+from paadet.data.images import ImageReadError, decode_image
+from paadet.data.pipeline import LoadedImage
+from paadet.detections import ImageResult
+from paadet.detector import Detector
+from paadet.preprocess import resize
+from paadet.runtime.base import StageTimer
+from paadet.serve.limits import RequestError, image_size_from_header
+from paadet.serve.settings import ServeSettings
 
 log = logging.getLogger("paadet.serve")
 
@@ -49,8 +52,9 @@ class Batcher:
         on_batch: called from the inference thread with ``(batch size, seconds)`` after each network call.
     """
 
-    def __init__(self, detector: Detector, settings: ServeSettings,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+    def __init__(
+        self, detector: Detector, settings: ServeSettings, on_batch: Callable[[int, float], None] | None = None
+    ) -> None:
         self.detector = detector
         self.settings = settings
         self.on_batch = on_batch
@@ -113,14 +117,17 @@ class Batcher:
     def prepare(self, data: bytes, index: int) -> LoadedImage:
         """Check the header, decode and resize (runs in a worker thread). Raises :class:`RequestError`."""
         start = time.perf_counter()
-        width, height = image_size_from_header(data, self.settings.max_pixels)
+        _width, _height = image_size_from_header(data, self.settings.max_pixels)
         try:
             image = decode_image(data, "the request body")
         except ImageReadError as exc:
             raise RequestError(400, str(exc)) from None
         if image.shape[0] * image.shape[1] > self.settings.max_pixels:  # the header lied
-            raise RequestError(413, f"image decodes to {image.shape[1]}x{image.shape[0]}, over the limit of "
-                                    f"{self.settings.max_pixels} pixels")
+            raise RequestError(
+                413,
+                f"image decodes to {image.shape[1]}x{image.shape[0]}, over the limit of "
+                f"{self.settings.max_pixels} pixels",
+            )
         decoded = time.perf_counter()
         try:
             resized, meta = resize(image, self.detector.preset)
@@ -154,7 +161,7 @@ class Batcher:
             resized, meta = resize(image, self.detector.preset)
             for _ in self.detector.run([LoadedImage(index=-1, name=None, resized=resized, meta=meta)]):
                 pass
-        except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log
+        except Exception as exc:
             self.warmup_error = f"warm-up failed: {type(exc).__name__}: {exc}"
             log.error("paadet serve: %s", self.warmup_error)
             return
@@ -197,7 +204,7 @@ class Batcher:
         timer = StageTimer(getattr(self.detector.backend, "device", None))
         try:
             results = {loaded.index: result for loaded, result in self.detector.run([j.loaded for j in live], timer)}
-        except Exception as exc:  # noqa: BLE001 - every waiting request learns of it
+        except Exception as exc:
             log.exception("paadet serve: inference failed on a batch of %d", len(live))
             for j in live:
                 j.future.set_exception(RequestError(500, f"inference failed: {type(exc).__name__}: {exc}"))
@@ -206,7 +213,7 @@ class Batcher:
         if self.on_batch is not None:
             try:
                 self.on_batch(len(live), seconds)
-            except Exception:  # noqa: BLE001 - metrics must not lose answers
+            except Exception:
                 log.exception("paadet serve: batch callback failed")
         batch_ms = {name: 1000.0 * s for name, s in timer.totals.items()}
         for j in live:

@@ -4,6 +4,7 @@ The pixel count is read with Pillow from the file's header (``Image.open`` parse
 before OpenCV decodes anything, so a small file that would decode to a huge image (a decompression
 bomb) costs a header parse, not gigabytes.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -34,7 +35,7 @@ def image_size_from_header(data: bytes, max_pixels: int) -> tuple[int, int]:
 
     # Pillow refuses (DecompressionBombError) images over 2 * MAX_IMAGE_PIXELS already at open(); keep that
     # threshold above ours so that such a refusal always means "over max_pixels".
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
@@ -58,5 +59,8 @@ def check_api_key(expected: str | None, authorization: str | None, x_api_key: st
     if given is None and authorization and authorization.lower().startswith("bearer "):
         given = authorization[7:].strip()
     if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
-        raise RequestError(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
-                           {"WWW-Authenticate": "Bearer"})
+        raise RequestError(
+            401,
+            "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
+            {"WWW-Authenticate": "Bearer"},
+        )

@@ -6,6 +6,7 @@ canvas; the ``Server-Timing`` header gives the milliseconds per stage. For tests
 exposes what it drew: ``#drawn-count`` holds the number of boxes drawn, ``#drawn`` (``data-boxes``)
 their JSON, and ``body[data-state]`` is ``done`` (or ``error``) once a result is shown.
 """
+
 from __future__ import annotations
 
 PAGE_HTML = r"""<!doctype html>
@@ -40,7 +41,8 @@ PAGE_HTML = r"""<!doctype html>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
-const palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#008080", "#9a6324"];
+const palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
+                 "#46f0f0", "#f032e6", "#bcf60c", "#008080", "#9a6324"];
 let bitmap = null, answer = null;
 
 function draw() {
@@ -88,7 +90,8 @@ async function detect(file) {
     bitmap = await createImageBitmap(file);
     answer = body;
     draw();
-    const lines = serverTiming(response.headers.get("Server-Timing")).map(([n, ms]) => `${n.padEnd(12)} ${ms.toFixed(1)} ms`);
+    const lines = serverTiming(response.headers.get("Server-Timing"))
+      .map(([n, ms]) => `${n.padEnd(12)} ${ms.toFixed(1)} ms`);
     lines.push(`${"round trip".padEnd(12)} ${roundTrip.toFixed(1)} ms`);
     $("timings").textContent = lines.join("\n");
     $("status").textContent = `${body.width}x${body.height}, ${body.detections.length} detections`;

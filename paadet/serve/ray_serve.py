@@ -8,34 +8,32 @@ Example (on a running cluster, from a node of it)::
 
     paadet serve --ray auto --replicas 4 --device cuda --checkpoint /shared/paa.pth --host 0.0.0.0 --port 8000
 """
+
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import signal
 import threading
 
-from .settings import ServeSettings
+from paadet.runtime.spec import DetectorSpec
+from paadet.serve.settings import ServeSettings
 
 log = logging.getLogger("paadet.serve")
 
 APP_NAME = "paadet"
 DEPLOYMENT_NAME = "PaadetDetector"
 
-# the model options of `add_model_options`, forwarded to each replica (paths must be readable on every node)
-MODEL_OPTIONS = ("backend", "checkpoint", "model", "providers", "preset", "device", "batch_size", "fp16",
-                 "no_score_voting", "workers", "default_preset", "default_batch", "optimize", "bf16", "precision")
 
-
-def model_options(args: argparse.Namespace) -> dict:
-    """The picklable model options of ``args`` (for the replicas' :func:`detector_from_args`)."""
-    options = {name: getattr(args, name) for name in MODEL_OPTIONS if hasattr(args, name)}
-    for name in ("checkpoint", "model"):  # each replica resolves paths itself: make them absolute here
-        if options.get(name) and os.path.exists(options[name]):
-            options[name] = os.path.abspath(options[name])
-    return options
+def absolute_paths(spec: DetectorSpec) -> DetectorSpec:
+    """``spec`` with its weights file made absolute: each replica resolves paths itself, from its own folder."""
+    changes = {
+        name: os.path.abspath(getattr(spec, name))
+        for name in ("checkpoint", "model")
+        if getattr(spec, name) and os.path.exists(getattr(spec, name))
+    }
+    return spec.replace(**changes)
 
 
 def uses_gpu(device: str | None) -> bool:
@@ -73,7 +71,7 @@ class LostReplicaAs503:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception:  # noqa: BLE001 - answered below when nothing was sent yet
+        except Exception:
             if started:
                 raise
             log.warning("paadet serve: a request lost its replica; answered 503", exc_info=True)
@@ -81,9 +79,17 @@ class LostReplicaAs503:
             import json
 
             body = json.dumps({"error": "the replica serving this request went away; retry"}).encode()
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                    (b"retry-after", str(self.retry_after_s).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"retry-after", str(self.retry_after_s).encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
 
 
@@ -125,21 +131,22 @@ class WarmLifespan:
         await self.app(scope, receive, send_when_warm)
 
 
-def build_deployment(options: dict, settings: ServeSettings, *, replicas: int, cpus_per_replica: float,
-                     gpus_per_replica: float):
+def build_deployment(
+    spec: DetectorSpec, settings: ServeSettings, *, replicas: int, cpus_per_replica: float, gpus_per_replica: float
+):
     """The bound Ray Serve application: ``replicas`` copies of the app, each on its own detector."""
     from ray import serve
 
     @serve.ingress()  # late-bound: the app is built on the replica, by __serve_build_asgi_app__
     class PaadetDetector:
-        async def __init__(self, options: dict, settings: ServeSettings) -> None:
-            from paadet.commands.common import detector_from_args
+        async def __init__(self, spec: DetectorSpec, settings: ServeSettings) -> None:
+            from paadet.detector import Detector
 
-            if uses_gpu(options.get("device")):
+            if uses_gpu(spec.device):
                 # Ray sets CUDA_VISIBLE_DEVICES to this replica's GPU: it is cuda:0 here
-                options = {**options, "device": "cuda"}
+                spec = spec.replace(device="cuda")
             self.settings = settings
-            self.detector = detector_from_args(argparse.Namespace(**options))
+            self.detector = Detector.from_spec(spec)
             self._paadet_app = None
 
         def __serve_build_asgi_app__(self):
@@ -167,40 +174,57 @@ def build_deployment(options: dict, settings: ServeSettings, *, replicas: int, c
         health_check_period_s=2,
         health_check_timeout_s=30,
     )
-    return deployment.bind(options, settings)
+    return deployment.bind(spec, settings)
 
 
-def run_on_ray(args: argparse.Namespace, settings: ServeSettings) -> int:
-    """Start (or join) Ray, run the deployment behind Ray Serve's proxy on ``--host:--port``, wait for SIGTERM."""
+def run_on_ray(
+    spec: DetectorSpec,
+    settings: ServeSettings,
+    *,
+    host: str,
+    port: int,
+    address: str | None = None,
+    replicas: int = 1,
+    cpus_per_replica: float = 1.0,
+    log_level: str = "info",
+) -> int:
+    """Start (or join) Ray, run the deployment behind Ray Serve's proxy on ``host:port``, wait for SIGTERM.
+
+    ``address``: the cluster to join (``auto``, ``ray://HOST:10001``); None or empty starts a local Ray instance.
+    """
     import ray
     from ray import serve
 
-    address = args.ray or None  # "" / None: a local Ray instance started here
-    gpus = 1.0 if uses_gpu(args.device) else 0.0
-    cpus = args.cpus_per_replica
-    init_kwargs: dict = {"log_to_driver": args.log_level in ("info", "debug"), "include_dashboard": False}
+    address = address or None  # "" / None: a local Ray instance started here
+    gpus = 1.0 if uses_gpu(spec.device) else 0.0
+    cpus = cpus_per_replica
+    init_kwargs: dict = {"log_to_driver": log_level in ("info", "debug"), "include_dashboard": False}
     if address is None:
         # the proxy of a local instance inherits this (on a cluster, set it where `ray start` runs)
         os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
         # a local instance: enough CPUs for the replicas even on a small machine (the proxy and controller need none)
-        init_kwargs["num_cpus"] = max(os.cpu_count() or 1, int(cpus * args.replicas + 0.999))
+        init_kwargs["num_cpus"] = max(os.cpu_count() or 1, int(cpus * replicas + 0.999))
     else:
         init_kwargs.pop("include_dashboard")
         if os.environ.get(PROXY_CALLBACK_ENV) != PROXY_CALLBACK:
-            log.warning("paadet serve: for 503 (not 500) answers when a replica dies, start the cluster's Ray with "
-                        "%s=%s", PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+            log.warning(
+                "paadet serve: for 503 (not 500) answers when a replica dies, start the cluster's Ray with %s=%s",
+                PROXY_CALLBACK_ENV,
+                PROXY_CALLBACK,
+            )
     ray.init(address=address, **init_kwargs)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     started_serve = False
     try:
-        serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": args.log_level.upper()})
+        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": log_level.upper()})
         started_serve = True
-        app = build_deployment(model_options(args), settings, replicas=args.replicas, cpus_per_replica=cpus,
-                               gpus_per_replica=gpus)
+        app = build_deployment(
+            absolute_paths(spec), settings, replicas=replicas, cpus_per_replica=cpus, gpus_per_replica=gpus
+        )
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        print(f"paadet serve: {args.replicas} replica(s) on Ray Serve at http://{args.host}:{args.port}", flush=True)
+        print(f"paadet serve: {replicas} replica(s) on Ray Serve at http://{host}:{port}", flush=True)
         while not stop.wait(1.0):
             pass
         log.info("paadet serve: stopping (draining the replicas)")
@@ -211,7 +235,7 @@ def run_on_ray(args: argparse.Namespace, settings: ServeSettings) -> int:
                     serve.shutdown()  # our own instance: take the proxy down with it
                 else:
                     serve.delete(APP_NAME)  # a shared cluster: remove only our application
-            except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            except Exception as exc:
                 log.warning("paadet serve: Ray Serve shutdown: %s", exc)
         ray.shutdown()
     return 0

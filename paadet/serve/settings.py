@@ -1,4 +1,5 @@
 """The one dataclass of ``paadet serve``'s settings, with its defaults (passed down, never re-read)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

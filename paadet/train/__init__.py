@@ -8,18 +8,23 @@ The Python API is :func:`train` with one :class:`TrainConfig`; it returns a :cla
 
 The names are imported lazily, so importing one piece (``paadet.train.gmm``) loads only that piece.
 """
+
 from __future__ import annotations
 
-__all__ = ["TrainConfig", "TrainSummary", "TrainingError", "train"]
+import importlib
+
+__all__ = ["TrainConfig", "TrainHook", "TrainSummary", "TrainingError", "train"]
+
+_WHERE = {
+    "TrainConfig": "config",
+    "TrainingError": "config",
+    "TrainHook": "hooks",
+    "TrainSummary": "summary",
+    "train": "setup",
+}
 
 
 def __getattr__(name: str):
-    if name in ("TrainConfig", "TrainingError"):
-        from . import config
-
-        return getattr(config, name)
-    if name in ("TrainSummary", "train"):
-        from . import loop
-
-        return getattr(loop, name)
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"paadet.train.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'paadet.train' has no attribute {name!r}")

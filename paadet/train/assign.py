@@ -14,6 +14,7 @@ assigner compares IoUs for equality.
 
 Box format everywhere: xyxy, float, in network-input pixels, no +1.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,56 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import PaadetError
-from ..postprocess import bbox_overlaps
-from .sparse_iou import AnchorGrid, PairOverlaps, anchor_max, candidate_pairs, gt_max, last_matching_gt
+from paadet.boxes import bbox_overlaps
+from paadet.errors import PaadetError
+from paadet.train.sparse_iou import AnchorGrid, PairOverlaps, anchor_max, candidate_pairs, gt_max, last_matching_gt
 
 DEFAULT_MAX_PAIR_DENSITY = 0.25  # see MaxIoUAssigner's max_pair_density
-
-
-def pairwise_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
-    """IoU of every box of ``boxes1 [..., M, 4]`` with every box of ``boxes2 [..., N, 4]``: ``[..., M, N]``.
-
-    mmdetection's ``bbox_overlaps(mode='iou', is_aligned=False)``: no +1, the union is clamped below at
-    ``eps`` (so two zero-area boxes have IoU 0, not NaN). The leading dimensions broadcast.
-    """
-    return bbox_overlaps(boxes1, boxes2, eps)
-
-
-def _aligned_terms(boxes1: Tensor, boxes2: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(IoU, clamped union, clamped enclosing area) of aligned pairs ``[..., 4]``, as mmdetection computes them."""
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    lt = torch.maximum(boxes1[..., :2], boxes2[..., :2])
-    rb = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = area1 + area2 - overlap
-    eps_t = union.new_tensor([eps])
-    union = torch.maximum(union, eps_t)
-    enclose_lt = torch.minimum(boxes1[..., :2], boxes2[..., :2])
-    enclose_rb = torch.maximum(boxes1[..., 2:], boxes2[..., 2:])
-    enclose_wh = (enclose_rb - enclose_lt).clamp(min=0)
-    enclose_area = torch.maximum(enclose_wh[..., 0] * enclose_wh[..., 1], eps_t)
-    return overlap / union, union, enclose_area
-
-
-def aligned_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
-    """IoU of the pairs ``boxes1[..., i]``, ``boxes2[..., i]`` (both ``[..., 4]``): ``[...]``.
-
-    mmdetection's ``bbox_overlaps(mode='iou', is_aligned=True)``; the union is clamped below at ``eps``.
-    """
-    return _aligned_terms(boxes1, boxes2, eps)[0]
-
-
-def aligned_giou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
-    """Generalised IoU of aligned pairs ``[..., 4]``: ``IoU - (enclosing - union) / enclosing``, ``[...]``.
-
-    mmdetection's ``bbox_overlaps(mode='giou', is_aligned=True)``: union and enclosing area are
-    clamped below at ``eps``. ``GIoULoss`` uses ``1 - giou``.
-    """
-    iou, union, enclose = _aligned_terms(boxes1, boxes2, eps)
-    return iou - (enclose - union) / enclose
 
 
 def valid_flags(
@@ -96,7 +52,7 @@ def valid_flags(
         raise PaadetError(f"got {len(feat_sizes)} feature sizes for {len(strides)} strides")
     pads = torch.tensor([[int(h), int(w)] for h, w in pad_shapes], dtype=torch.long).reshape(-1, 2)
     flags = []
-    for (feat_h, feat_w), stride in zip(feat_sizes, strides):
+    for (feat_h, feat_w), stride in zip(feat_sizes, strides, strict=False):
         valid_h = torch.clamp(-(-pads[:, 0] // stride), max=int(feat_h)).to(device)  # ceil(pad_h / s)
         valid_w = torch.clamp(-(-pads[:, 1] // stride), max=int(feat_w)).to(device)
         ys = torch.arange(int(feat_h), device=device)
@@ -131,7 +87,7 @@ def pad_targets(
     if len(gt_boxes) != len(gt_labels):
         raise PaadetError(f"got boxes for {len(gt_boxes)} images but labels for {len(gt_labels)}")
     counts = []
-    for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)):
+    for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels, strict=False)):
         if boxes.dim() != 2 or boxes.shape[-1] != 4:
             raise PaadetError(f"image {i}: gt boxes must be [M, 4], got {list(boxes.shape)}")
         if labels.shape != boxes.shape[:1]:
@@ -140,7 +96,7 @@ def pad_targets(
     batch, num = len(gt_boxes), max(counts, default=0)
     out_boxes = torch.zeros(batch, num, 4, dtype=torch.float32, device=device)
     out_labels = torch.full((batch, num), -1, dtype=torch.long, device=device)
-    for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)):
+    for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels, strict=False)):
         out_boxes[i, : counts[i]] = boxes.to(device=device, dtype=torch.float32)
         out_labels[i, : counts[i]] = labels.to(device=device, dtype=torch.long)
     mask = torch.arange(num, device=device)[None, :] < torch.tensor(counts, device=device).reshape(batch, 1)
@@ -259,7 +215,7 @@ class MaxIoUAssigner:
         and the low-quality match (``[B, A]`` GT ``i + 1`` or 0; None without ``match_low_quality``)."""
         num_gts = gt_mask.shape[1]
         # [B, M, A]; padded GTs and invalid anchors at -1, below every real IoU
-        overlaps = pairwise_iou(boxes, anchors[None], self.iou_eps)
+        overlaps = bbox_overlaps(boxes, anchors[None], self.iou_eps)
         real = gt_mask[:, :, None] & anchor_valid[:, None, :]
         overlaps = torch.where(real, overlaps, -1.0)
         max_overlaps, argmax_overlaps = overlaps.max(dim=1)  # first GT on ties
@@ -296,7 +252,12 @@ class MaxIoUAssigner:
         return max_overlaps, argmax_overlaps, last_matching_gt(pairs, best, gt_ok & (gt_max_overlaps == 0))
 
     def _finish(
-        self, max_overlaps: Tensor, argmax_overlaps: Tensor, last: Tensor | None, labels: Tensor, gt_mask: Tensor,
+        self,
+        max_overlaps: Tensor,
+        argmax_overlaps: Tensor,
+        last: Tensor | None,
+        labels: Tensor,
+        gt_mask: Tensor,
         anchor_valid: Tensor,
     ) -> AssignResult:
         """Thresholds, the low-quality overwrite ``last`` (``[B, A]`` ``i + 1`` or 0), invalid anchors and

@@ -14,6 +14,7 @@ Only tensors and plain Python values (dicts, lists, str, int, float, bool, None)
 finds its classes in ``meta.dataset_meta``. ``meta.epoch`` counts completed epochs and ``meta.iter``
 completed iterations; ``meta.train_state.batch_in_epoch`` the batches of the current epoch already run.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,15 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
-from ..checkpoint import CheckpointError, safe_torch_load
-from ..fileio import atomic_write_bytes
-from ..preprocess import Preset
-from .data import SIZE_DIVISOR
+from paadet.checkpoint import CheckpointError, safe_torch_load
+from paadet.fileio import atomic_write_bytes
+from paadet.preprocess import Preset
+from paadet.train.dataset import SIZE_DIVISOR
+from paadet.version import __version__
 
 __all__ = [
-    "LATEST_NAME",
     "BEST_NAME",
+    "LATEST_NAME",
     "MMDET_VERSION",
     "TrainState",
     "capture_rng",
@@ -81,14 +82,25 @@ class TrainState:
     threads: int | None = None
 
     def to_plain(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "iteration": self.iteration, "batch_in_epoch": self.batch_in_epoch,
-                "best_ap": self.best_ap, "best_epoch": self.best_epoch, "skipped_images": self.skipped_images,
-                "threads": self.threads}
+        return {
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_ap": self.best_ap,
+            "best_epoch": self.best_epoch,
+            "skipped_images": self.skipped_images,
+            "threads": self.threads,
+        }
 
     @classmethod
-    def from_plain(cls, data: dict[str, Any]) -> "TrainState":
-        return cls(**{k: data[k] for k in ("epoch", "iteration", "batch_in_epoch", "best_ap", "best_epoch",
-                                           "skipped_images", "threads") if k in data})
+    def from_plain(cls, data: dict[str, Any]) -> TrainState:
+        return cls(
+            **{
+                k: data[k]
+                for k in ("epoch", "iteration", "batch_in_epoch", "best_ap", "best_epoch", "skipped_images", "threads")
+                if k in data
+            }
+        )
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -110,8 +122,13 @@ def capture_rng() -> dict[str, Any]:
     out: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": {"version": int(version), "state": [int(v) for v in state], "gauss_next": gauss_next},
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
@@ -127,7 +144,9 @@ def restore_rng(rng: dict[str, Any]) -> None:
         random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
     if "numpy" in rng:
         n = rng["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        np.random.set_state(
+            (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
     cuda = rng.get("cuda")
     if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
         torch.cuda.set_rng_state_all(cuda)
@@ -213,6 +232,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     obj = safe_torch_load(path)
-    if not isinstance(obj, dict) or not isinstance(obj.get("meta"), dict) or not isinstance(obj.get("state_dict"), dict):
+    if (
+        not isinstance(obj, dict)
+        or not isinstance(obj.get("meta"), dict)
+        or not isinstance(obj.get("state_dict"), dict)
+    ):
         raise CheckpointError(f"{path}: not a paadet training checkpoint (no meta and state_dict)")
     return obj

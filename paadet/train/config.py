@@ -1,4 +1,5 @@
 """The settings of a training run: one :class:`TrainConfig`, with mmdetection's PAA R50-FPN 1x recipe as defaults."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import PaadetError
+from paadet.errors import PaadetError
 
 __all__ = ["AMP_MODES", "INIT_MODES", "OPTIMIZERS", "RESUME_KEYS", "TrainConfig", "TrainingError"]
 
@@ -23,9 +24,25 @@ OPTIMIZERS = ("sgd", "adamw")
 weight decay (betas 0.9, 0.999), which converges in fewer steps from scratch (:mod:`paadet.train.optim`)."""
 
 RESUME_KEYS = (
-    "ann_file", "image_dir", "scale", "flip_prob", "batch_size", "shuffle", "seed", "optimizer", "lr", "momentum",
-    "weight_decay", "lr_steps", "warmup_iters", "warmup_ratio", "bn_train",
-    "frozen_stages", "amp", "channels_last", "world_size",
+    "ann_file",
+    "image_dir",
+    "scale",
+    "flip_prob",
+    "batch_size",
+    "shuffle",
+    "seed",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "lr_steps",
+    "warmup_iters",
+    "warmup_ratio",
+    "bn_train",
+    "frozen_stages",
+    "amp",
+    "channels_last",
+    "world_size",
 )
 """The settings a resumed run must share with the run it continues (they change the weights it ends with).
 ``epochs`` and ``max_iters`` may grow; the device, workers, validation and progress bar may change. The
@@ -92,8 +109,8 @@ class TrainConfig:
             down, so it is off by default.
         save_interval_iters: also write ``latest.pth`` every this many iterations (None: only by time).
         save_interval_s: also write ``latest.pth`` when this many seconds passed since the last write.
-        loader: ``threads`` or ``processes`` (see :func:`paadet.train.data.build_train_loader`).
-        world_size: the processes training together (DDP under torchrun, see :mod:`paadet.train.distributed`);
+        loader: ``threads`` or ``processes`` (see :func:`paadet.train.loader.build_train_loader`).
+        world_size: the processes training together (DDP under torchrun, see :mod:`paadet.train.ddp`);
             :func:`~paadet.train.train` sets it from ``WORLD_SIZE``; recorded so that a resume with
             another one is refused.
         dist_timeout_s: the process group's timeout under DDP: the longest a rank waits in a collective
@@ -145,40 +162,57 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`TrainingError` (one line) for inconsistent settings."""
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise TrainingError(message)
 
         need(self.init in INIT_MODES, f"unknown init {self.init!r}; choose one of {', '.join(INIT_MODES)}")
         if not self.resume:
-            need(self.init == "scratch" or self.init_file is not None,
-                 f"init {self.init!r} needs a file (--checkpoint FILE or --backbone FILE)")
+            need(
+                self.init == "scratch" or self.init_file is not None,
+                f"init {self.init!r} needs a file (--checkpoint FILE or --backbone FILE)",
+            )
         need(len(self.scale) == 2 and min(self.scale) >= 1, f"scale must be two positive sizes, got {self.scale}")
         need(0.0 <= self.flip_prob <= 1.0, f"flip_prob must be in [0, 1], got {self.flip_prob}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
-        need(self.lr >= 0 and self.momentum >= 0 and self.weight_decay >= 0,
-             f"lr, momentum and weight_decay must be >= 0, got {self.lr}, {self.momentum}, {self.weight_decay}")
-        need(self.optimizer in OPTIMIZERS,
-             f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        need(
+            self.lr >= 0 and self.momentum >= 0 and self.weight_decay >= 0,
+            f"lr, momentum and weight_decay must be >= 0, got {self.lr}, {self.momentum}, {self.weight_decay}",
+        )
+        need(
+            self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+        )
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        need(all(s >= 1 for s in self.lr_steps) and list(self.lr_steps) == sorted(self.lr_steps),
-             f"lr_steps must be increasing epochs >= 1, got {','.join(map(str, self.lr_steps))}")
+        need(
+            all(s >= 1 for s in self.lr_steps) and list(self.lr_steps) == sorted(self.lr_steps),
+            f"lr_steps must be increasing epochs >= 1, got {','.join(map(str, self.lr_steps))}",
+        )
         need(self.warmup_iters >= 0, f"warmup_iters must be >= 0, got {self.warmup_iters}")
         need(0.0 <= self.warmup_ratio <= 1.0, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         need(self.max_iters is None or self.max_iters >= 1, f"max_iters must be >= 1, got {self.max_iters}")
-        need((self.val_ann is None) == (self.val_images is None),
-             "validation needs both --val-ann FILE and --val-images DIR")
+        need(
+            (self.val_ann is None) == (self.val_images is None),
+            "validation needs both --val-ann FILE and --val-images DIR",
+        )
         need(self.val_interval >= 1, f"val_interval must be >= 1, got {self.val_interval}")
         need(-1 <= self.frozen_stages <= 4, f"frozen_stages must be in -1..4, got {self.frozen_stages}")
-        need(self.amp is None or self.amp in AMP_MODES,
-             f"unknown amp {self.amp!r}; choose one of {', '.join(AMP_MODES)} (or none for float32)")
-        need(self.amp != "fp16" or self.device.startswith("cuda"),
-             "--amp fp16 needs a CUDA device (float16 on the CPU is slow and needs no scaler); on the CPU use --amp bf16")
+        need(
+            self.amp is None or self.amp in AMP_MODES,
+            f"unknown amp {self.amp!r}; choose one of {', '.join(AMP_MODES)} (or none for float32)",
+        )
+        need(
+            self.amp != "fp16" or self.device.startswith("cuda"),
+            "--amp fp16 needs a CUDA device (float16 on the CPU is slow and needs no scaler); "
+            "on the CPU use --amp bf16",
+        )
         need(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
-        need(self.save_interval_iters is None or self.save_interval_iters >= 1,
-             f"save_interval_iters must be >= 1, got {self.save_interval_iters}")
+        need(
+            self.save_interval_iters is None or self.save_interval_iters >= 1,
+            f"save_interval_iters must be >= 1, got {self.save_interval_iters}",
+        )
         need(self.save_interval_s > 0, f"save_interval_s must be > 0, got {self.save_interval_s}")
         need(self.world_size >= 1, f"world_size must be >= 1, got {self.world_size}")
         need(self.dist_timeout_s > 0, f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
@@ -193,7 +227,10 @@ class TrainConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("ann_file", "image_dir", "output_dir", "init_file", "val_ann", "val_images") and value is not None:
+            if (
+                f.name in ("ann_file", "image_dir", "output_dir", "init_file", "val_ann", "val_images")
+                and value is not None
+            ):
                 value = str(Path(value).resolve())
             elif isinstance(value, tuple):
                 value = list(value)
@@ -215,5 +252,8 @@ class TrainConfig:
         now = self.resolved(stored).settings()
         defaults = {f.name: f.default for f in dataclasses.fields(self)}  # for checkpoints older than a setting
         defaults["channels_last"] = False  # runs from before the setting were NCHW
-        return [f"{key} {stored.get(key, defaults[key])!r} -> {now[key]!r}" for key in RESUME_KEYS
-                if stored.get(key, defaults[key]) != now[key]]
+        return [
+            f"{key} {stored.get(key, defaults[key])!r} -> {now[key]!r}"
+            for key in RESUME_KEYS
+            if stored.get(key, defaults[key]) != now[key]
+        ]

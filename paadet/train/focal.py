@@ -20,6 +20,7 @@ The result equals mmdetection's formula up to float32 rounding (the sum is taken
 ``softplus`` and BCE-with-logits are the same function written two ways): relative differences of
 about 1e-7, checked against it, gradients included, in ``tests/test_focal.py``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,8 +44,9 @@ class FocalLossSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, labels: Tensor, weights: Tensor, alpha: float, gamma: float,
-                positives: Tensor | None) -> Tensor:
+    def forward(
+        ctx: Any, logits: Tensor, labels: Tensor, weights: Tensor, alpha: float, gamma: float, positives: Tensor | None
+    ) -> Tensor:
         num_classes = logits.shape[1]
         prob = logits.sigmoid()
         soft = F.softplus(logits)
@@ -79,8 +81,14 @@ class FocalLossSum(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def focal_loss_sum(logits: Tensor, labels: Tensor, weights: Tensor, alpha: float = 0.25, gamma: float = 2.0,
-                   positives: Tensor | None = None) -> Tensor:
+def focal_loss_sum(
+    logits: Tensor,
+    labels: Tensor,
+    weights: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    positives: Tensor | None = None,
+) -> Tensor:
     """The weighted focal-loss sum of :class:`FocalLossSum`.
 
     Args:

@@ -59,6 +59,7 @@ whether any row is still active only every :data:`SYNC_EVERY` iterations, so one
 ``ceil(max_iter / SYNC_EVERY) + 1`` host synchronisations whatever G is (plus one in
 :func:`gmm_positives`, and a few more there only when exact score ties occur).
 """
+
 from __future__ import annotations
 
 import math
@@ -67,9 +68,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from ..errors import PaadetError
+from paadet.errors import PaadetError
 
-__all__ = ["GMMError", "GMMFit", "SYNC_EVERY", "fit_gmm_1d", "gmm_positives"]
+__all__ = ["SYNC_EVERY", "GMMError", "GMMFit", "fit_gmm_1d", "gmm_positives"]
 
 SYNC_EVERY = 4
 """EM iterations between two host checks of "is any row still active" (speed only, exact for any value)."""
@@ -114,17 +115,16 @@ def _check_inputs(x: Tensor, mask: Tensor, reg_covar: float, tol: float, max_ite
     if x.dtype not in (torch.float32, torch.float64):
         raise GMMError(f"fit_gmm_1d: x must be float32 (or float64), got {x.dtype}")
     if mask.shape != x.shape or mask.dtype != torch.bool:
-        raise GMMError(f"fit_gmm_1d: mask must be bool of shape {tuple(x.shape)}, got {mask.dtype} "
-                       f"{tuple(mask.shape)}")
+        raise GMMError(f"fit_gmm_1d: mask must be bool of shape {tuple(x.shape)}, got {mask.dtype} {tuple(mask.shape)}")
     if mask.device != x.device:
         raise GMMError(f"fit_gmm_1d: x is on {x.device} but mask is on {mask.device}")
     if not (reg_covar >= 0.0 and tol >= 0.0 and max_iter >= 1):
-        raise GMMError(f"fit_gmm_1d: need reg_covar >= 0, tol >= 0, max_iter >= 1, got {reg_covar}, {tol}, "
-                       f"{max_iter}")
+        raise GMMError(f"fit_gmm_1d: need reg_covar >= 0, tol >= 0, max_iter >= 1, got {reg_covar}, {tol}, {max_iter}")
 
 
-def _weighted_log_prob(x: Tensor, x_sq: Tensor, means: Tensor, means_sq: Tensor, prec_chol: Tensor,
-                       weights: Tensor, centred: Tensor) -> Tensor:
+def _weighted_log_prob(
+    x: Tensor, x_sq: Tensor, means: Tensor, means_sq: Tensor, prec_chol: Tensor, weights: Tensor, centred: Tensor
+) -> Tensor:
     """scikit-learn's ``_estimate_weighted_log_prob``: [G, N, 2] float64 from [G, N] samples and [G, 2] params.
 
     Rows with ``centred`` [G] False use the diag form exactly as scikit-learn computes it: ``x`` is the
@@ -133,8 +133,11 @@ def _weighted_log_prob(x: Tensor, x_sq: Tensor, means: Tensor, means_sq: Tensor,
     rows, see the module docstring) use the 'full' form ``((x - mu) * c)^2`` in float64.
     """
     prec = prec_chol * prec_chol
-    diag = ((means_sq * prec).unsqueeze(1) - 2.0 * (x.unsqueeze(2) * (means * prec).unsqueeze(1))
-            + x_sq.unsqueeze(2) * prec.unsqueeze(1))
+    diag = (
+        (means_sq * prec).unsqueeze(1)
+        - 2.0 * (x.unsqueeze(2) * (means * prec).unsqueeze(1))
+        + x_sq.unsqueeze(2) * prec.unsqueeze(1)
+    )
     full = ((x.unsqueeze(2) - means.unsqueeze(1)) * prec_chol.unsqueeze(1)).square()
     log_prob = torch.where(centred[:, None, None], full, diag)
     return (-0.5 * (_LOG_2PI + log_prob) + torch.log(prec_chol).unsqueeze(1)) + torch.log(weights).unsqueeze(1)
@@ -154,8 +157,7 @@ def _sample_sum(t: Tensor, dim: int) -> Tensor:
     return t.cumsum(dim).select(dim, -1) if t.shape[dim] else t.sum(dim)
 
 
-def fit_gmm_1d(x: Tensor, mask: Tensor, *, reg_covar: float = 1e-6, tol: float = 1e-3,
-               max_iter: int = 100) -> GMMFit:
+def fit_gmm_1d(x: Tensor, mask: Tensor, *, reg_covar: float = 1e-6, tol: float = 1e-3, max_iter: int = 100) -> GMMFit:
     """Fit scikit-learn's 2-component diag GaussianMixture, initialised as mmdetection does, to every row.
 
     Args:
@@ -244,8 +246,12 @@ def _fit(x: Tensor, mask: Tensor, reg_covar: float, tol: float, max_iter: int) -
     return GMMFit(
         assign=torch.where(mask, assign, minus_one),
         log_density=torch.where(mask, _logsumexp2(wlp), -float("inf")),
-        means=means, variances=variances, weights=weights,
-        n_iter=n_iter, converged=converged, ill_defined=ill_defined,
+        means=means,
+        variances=variances,
+        weights=weights,
+        n_iter=n_iter,
+        converged=converged,
+        ill_defined=ill_defined,
     )
 
 
@@ -263,8 +269,9 @@ def gmm_positives(fit: GMMFit, mask: Tensor) -> Tensor:
         mask: [G, N] bool, the valid candidates.
     """
     if mask.shape != fit.assign.shape or mask.dtype != torch.bool:
-        raise GMMError(f"gmm_positives: mask must be bool of shape {tuple(fit.assign.shape)}, got {mask.dtype} "
-                       f"{tuple(mask.shape)}")
+        raise GMMError(
+            f"gmm_positives: mask must be bool of shape {tuple(fit.assign.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+        )
     num_cols = mask.shape[1]
     fg = mask & (fit.assign == 0) & (mask.sum(-1, keepdim=True) >= 2)
     rank = fg.cumsum(-1)

@@ -14,6 +14,7 @@ mmdetection 3.3 initialises ``paa_r50_fpn_1x_coco`` as follows (mmengine applies
 
 All random draws come from one CPU generator seeded by the caller, so a seed gives the same network.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,12 +25,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import CheckpointError, key_mismatch_report, load_checkpoint, load_state_dict
-from ..coco import ClassList
-from ..errors import one_line
-from ..model import PAANet
-from ..model.resnet import Bottleneck
-from .config import INIT_MODES
+from paadet.checkpoint import CheckpointError, key_mismatch_report, load_checkpoint, load_state_dict
+from paadet.classes import ClassList
+from paadet.errors import one_line
+from paadet.model import PAANet
+from paadet.model.resnet import Bottleneck
+from paadet.train.config import INIT_MODES
 
 __all__ = [
     "CLS_PRIOR_PROB",
@@ -127,7 +128,7 @@ def load_torchvision_backbone(net: PAANet, path: str | os.PathLike) -> None:
     """
     state = load_state_dict(path)
     if all(key.startswith("backbone.") for key in state):
-        state = {key[len("backbone."):]: value for key, value in state.items()}
+        state = {key[len("backbone.") :]: value for key, value in state.items()}
     state = {key: value for key, value in state.items() if not key.startswith("fc.")}
     report = key_mismatch_report(state, net.backbone.state_dict())
     if report is not None:
@@ -221,13 +222,17 @@ def build_train_model(
         ckpt_classes, stored = load_paa_checkpoint(net, path)
         if ckpt_classes != num_classes:
             init_cls_branch(net, generator)
-            note = (f"{Path(path).name} has {ckpt_classes} classes, the dataset {num_classes}: bbox_head.atss_cls "
-                    f"re-initialised (Normal(0, 0.01), bias {cls_bias_init():.3f}); every other weight loaded")
+            note = (
+                f"{Path(path).name} has {ckpt_classes} classes, the dataset {num_classes}: bbox_head.atss_cls "
+                f"re-initialised (Normal(0, 0.01), bias {cls_bias_init():.3f}); every other weight loaded"
+            )
         elif class_names is not None and stored is not None and tuple(stored) != tuple(class_names):
-            renamed = [f"{a!r} -> {b!r}" for a, b in zip(stored, class_names) if a != b]
-            note = (f"{Path(path).name} has {ckpt_classes} classes like the dataset, under other names "
-                    f"({', '.join(renamed[:3])}{', ...' if len(renamed) > 3 else ''}): its classifier is kept, "
-                    f"label i now means the dataset's i-th category")
+            renamed = [f"{a!r} -> {b!r}" for a, b in zip(stored, class_names, strict=False) if a != b]
+            note = (
+                f"{Path(path).name} has {ckpt_classes} classes like the dataset, under other names "
+                f"({', '.join(renamed[:3])}{', ...' if len(renamed) > 3 else ''}): its classifier is kept, "
+                f"label i now means the dataset's i-th category"
+            )
     else:
         if mode == "backbone":
             load_torchvision_backbone(net, path)

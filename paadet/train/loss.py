@@ -26,9 +26,11 @@ covariance", which crashes mmdetection's training step, mmdetection#4152) the GM
 result is used and the GT is counted in :attr:`LossOutput.num_ill_defined`.
 
 Host synchronisations per call: three (the sparse assigner's count of (GT, anchor) pairs; the pre-assigned
-and the final positives gathered with ``nonzero``) plus the GMM's (bounded independently of the number of boxes), whatever the number of
+and the final positives gathered with ``nonzero``) plus the GMM's (bounded independently of the number of boxes),
+whatever the number of
 images, boxes or anchors.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -37,13 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import PaadetError
-from ..model.anchors import AnchorGenerator
-from ..model.box_coder import DeltaXYWHBoxCoder
-from .assign import MaxIoUAssigner, aligned_giou, aligned_iou, pad_targets, valid_flags
-from .focal import focal_loss_sum
-from .reassign import paa_anchor_scores, paa_reassign
-from .sparse_iou import AnchorGrid
+from paadet.boxes import aligned_giou, aligned_iou
+from paadet.errors import PaadetError
+from paadet.model.anchors import AnchorGenerator
+from paadet.model.box_coder import DeltaXYWHBoxCoder
+from paadet.train.assign import MaxIoUAssigner, pad_targets, valid_flags
+from paadet.train.focal import focal_loss_sum
+from paadet.train.reassign import paa_anchor_scores, paa_reassign
+from paadet.train.sparse_iou import AnchorGrid
 
 EPS32 = float(torch.finfo(torch.float32).eps)  # mmdetection's avg_factor epsilon
 IOU_WEIGHT_EPS = 1e-12  # PAAHead's EPS: clamp of the IoU used as GIoU weight
@@ -169,8 +172,9 @@ class PAALoss:
         cfg = self.config
         self.anchor_generator = AnchorGenerator(cfg.strides, cfg.octave_base_scale)
         self.box_coder = DeltaXYWHBoxCoder(cfg.target_means, cfg.target_stds)
-        self.assigner = MaxIoUAssigner(cfg.pos_iou_thr, cfg.neg_iou_thr, cfg.min_pos_iou, cfg.gt_max_assign_all,
-                                       cfg.match_low_quality, cfg.iou_eps)
+        self.assigner = MaxIoUAssigner(
+            cfg.pos_iou_thr, cfg.neg_iou_thr, cfg.min_pos_iou, cfg.gt_max_assign_all, cfg.match_low_quality, cfg.iou_eps
+        )
         self._anchor_cache: dict[tuple, tuple[Tensor, Tensor, AnchorGrid]] = {}
 
     def settings(self) -> dict:
@@ -181,33 +185,51 @@ class PAALoss:
         """All levels' anchors ``[A, 4]`` and each anchor's level ``[A]`` int64, cached per size and device."""
         return self._anchors_and_grid(feat_sizes, device)[:2]
 
-    def _anchors_and_grid(self, feat_sizes: list[tuple[int, int]],
-                          device: torch.device) -> tuple[Tensor, Tensor, AnchorGrid]:
+    def _anchors_and_grid(
+        self, feat_sizes: list[tuple[int, int]], device: torch.device
+    ) -> tuple[Tensor, Tensor, AnchorGrid]:
         """:meth:`anchors` and their :class:`AnchorGrid` (for the assigner's sparse IoUs), cached together."""
         key = (tuple(feat_sizes), str(device))
         if key not in self._anchor_cache:
             levels = self.anchor_generator(feat_sizes, torch.float32, device)
-            level_ids = torch.cat([torch.full((a.shape[0],), i, dtype=torch.long, device=device)
-                                   for i, a in enumerate(levels)])
+            level_ids = torch.cat(
+                [torch.full((a.shape[0],), i, dtype=torch.long, device=device) for i, a in enumerate(levels)]
+            )
             anchors = torch.cat(levels)
             self._anchor_cache[key] = (anchors, level_ids, AnchorGrid.from_anchors(anchors, feat_sizes))
         return self._anchor_cache[key]
 
-    def _check(self, cls_logits: list[Tensor], box_deltas: list[Tensor], iou_logits: list[Tensor],
-               gt_boxes: list[Tensor], gt_labels: list[Tensor], pad_shapes: list[tuple[int, int]]) -> None:
+    def _check(
+        self,
+        cls_logits: list[Tensor],
+        box_deltas: list[Tensor],
+        iou_logits: list[Tensor],
+        gt_boxes: list[Tensor],
+        gt_labels: list[Tensor],
+        pad_shapes: list[tuple[int, int]],
+    ) -> None:
         num_levels = len(self.config.strides)
         if not (len(cls_logits) == len(box_deltas) == len(iou_logits) == num_levels):
-            raise PaadetError(f"expected {num_levels} levels of outputs, got {len(cls_logits)}, {len(box_deltas)}, "
-                              f"{len(iou_logits)}")
+            raise PaadetError(
+                f"expected {num_levels} levels of outputs, got {len(cls_logits)}, {len(box_deltas)}, {len(iou_logits)}"
+            )
         batch = cls_logits[0].shape[0]
-        for level, (c, b, i) in enumerate(zip(cls_logits, box_deltas, iou_logits)):
-            if c.dim() != 4 or c.shape[0] != batch or b.shape != (batch, 4, *c.shape[2:]) \
-                    or i.shape != (batch, 1, *c.shape[2:]):
-                raise PaadetError(f"level {level}: outputs of shapes {list(c.shape)}, {list(b.shape)}, "
-                                  f"{list(i.shape)} are not [B, C, H, W], [B, 4, H, W], [B, 1, H, W]")
+        for level, (c, b, i) in enumerate(zip(cls_logits, box_deltas, iou_logits, strict=False)):
+            if (
+                c.dim() != 4
+                or c.shape[0] != batch
+                or b.shape != (batch, 4, *c.shape[2:])
+                or i.shape != (batch, 1, *c.shape[2:])
+            ):
+                raise PaadetError(
+                    f"level {level}: outputs of shapes {list(c.shape)}, {list(b.shape)}, "
+                    f"{list(i.shape)} are not [B, C, H, W], [B, 4, H, W], [B, 1, H, W]"
+                )
         if not (len(gt_boxes) == len(gt_labels) == len(pad_shapes) == batch):
-            raise PaadetError(f"batch of {batch} images but {len(gt_boxes)} box sets, {len(gt_labels)} label sets "
-                              f"and {len(pad_shapes)} pad shapes")
+            raise PaadetError(
+                f"batch of {batch} images but {len(gt_boxes)} box sets, {len(gt_labels)} label sets "
+                f"and {len(pad_shapes)} pad shapes"
+            )
 
     @torch.no_grad()
     def targets(
@@ -222,12 +244,25 @@ class PAALoss:
         """The reassigned targets of a padded batch (arguments as :meth:`__call__`; nothing here has grad)."""
         self._check(cls_logits, box_deltas, iou_logits, gt_boxes, gt_labels, pad_shapes)
         feat_sizes = [(int(c.shape[-2]), int(c.shape[-1])) for c in cls_logits]
-        return self._targets(flatten_levels(cls_logits).float(), flatten_levels(box_deltas).float(), feat_sizes,
-                             gt_boxes, gt_labels, pad_shapes)
+        return self._targets(
+            flatten_levels(cls_logits).float(),
+            flatten_levels(box_deltas).float(),
+            feat_sizes,
+            gt_boxes,
+            gt_labels,
+            pad_shapes,
+        )
 
     @torch.no_grad()
-    def _targets(self, cls_flat: Tensor, deltas_flat: Tensor, feat_sizes: list[tuple[int, int]],
-                 gt_boxes: list[Tensor], gt_labels: list[Tensor], pad_shapes: list[tuple[int, int]]) -> PAATargets:
+    def _targets(
+        self,
+        cls_flat: Tensor,
+        deltas_flat: Tensor,
+        feat_sizes: list[tuple[int, int]],
+        gt_boxes: list[Tensor],
+        gt_labels: list[Tensor],
+        pad_shapes: list[tuple[int, int]],
+    ) -> PAATargets:
         """:meth:`targets` from the flattened outputs ``[B, A, C]`` and ``[B, A, 4]``."""
         cfg = self.config
         device = cls_flat.device
@@ -252,18 +287,36 @@ class PAALoss:
         cls_pos = cls_flat.reshape(-1, num_classes)[pre_pos]
         deltas_pos = deltas_flat.reshape(-1, 4)[pre_pos]
         scores = paa_anchor_scores(
-            cls_pos, pos_labels, pos_anchors, deltas_pos, pos_boxes, box_coder=self.box_coder,
-            focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma, cls_weight=cfg.loss_cls_weight,
-            bbox_weight=cfg.loss_bbox_weight, giou_eps=cfg.giou_eps)
-        result = paa_reassign(scores, pos_image * num_gts + pos_gt, anchor_levels[pos_anchor], batch * num_gts,
-                              len(cfg.strides), topk=cfg.topk, reg_covar=cfg.gmm_reg_covar, tol=cfg.gmm_tol,
-                              max_iter=cfg.gmm_max_iter)
+            cls_pos,
+            pos_labels,
+            pos_anchors,
+            deltas_pos,
+            pos_boxes,
+            box_coder=self.box_coder,
+            focal_alpha=cfg.focal_alpha,
+            focal_gamma=cfg.focal_gamma,
+            cls_weight=cfg.loss_cls_weight,
+            bbox_weight=cfg.loss_bbox_weight,
+            giou_eps=cfg.giou_eps,
+        )
+        result = paa_reassign(
+            scores,
+            pos_image * num_gts + pos_gt,
+            anchor_levels[pos_anchor],
+            batch * num_gts,
+            len(cfg.strides),
+            topk=cfg.topk,
+            reg_covar=cfg.gmm_reg_covar,
+            tol=cfg.gmm_tol,
+            max_iter=cfg.gmm_max_iter,
+        )
         keep = result.positive.nonzero().squeeze(1)  # sync 2
         final_pos = pre_pos[keep]
         labels = torch.full((batch * num_anchors,), num_classes, dtype=torch.long, device=device)
         labels[final_pos] = pos_labels[keep]
-        num_pos = torch.zeros(batch, dtype=torch.long, device=device).index_add_(0, pos_image[keep],
-                                                                              torch.ones_like(keep))
+        num_pos = torch.zeros(batch, dtype=torch.long, device=device).index_add_(
+            0, pos_image[keep], torch.ones_like(keep)
+        )
         return PAATargets(
             labels=labels,
             label_weights=(assigned.gt_inds >= 0).reshape(-1).float(),
@@ -311,8 +364,9 @@ class PAALoss:
         total_pos = int(final_pos.shape[0])
 
         # mmdetection's focal loss summed (weighted by the label weights), in few passes: paadet.train.focal
-        focal = focal_loss_sum(cls_flat, targets.labels, targets.label_weights, cfg.focal_alpha, cfg.focal_gamma,
-                               positives=final_pos)
+        focal = focal_loss_sum(
+            cls_flat, targets.labels, targets.label_weights, cfg.focal_alpha, cfg.focal_gamma, positives=final_pos
+        )
         loss_cls = cfg.loss_cls_weight * (focal / (max(total_pos, batch) + EPS32))
         if total_pos > 0:
             pred = self.box_coder.decode(targets.pos_anchors, deltas_flat[final_pos])

@@ -7,6 +7,7 @@ metrics). Rows are flushed as written, so a killed run loses at most the row bei
 run first drops the rows past its checkpoint (and a torn last line), so the file ends up as an
 uninterrupted run's would (timings aside).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write_text
+from paadet.fileio import atomic_write_text
 
 __all__ = ["METRICS_NAME", "MetricsLog", "read_rows"]
 
@@ -66,7 +67,7 @@ class MetricsLog:
             iteration, epoch = keep_upto
             self.rows = [r for r in read_rows(self.path) if _kept(r, iteration, epoch)]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-        self._stream = open(self.path, "a", encoding="utf-8")
+        self._stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run, closed by close())
 
     def append(self, row: dict[str, Any]) -> None:
         """Write one row and flush it."""

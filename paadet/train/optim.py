@@ -4,6 +4,7 @@ Both are PyTorch's own (``torch.optim.SGD``, ``torch.optim.AdamW``, fused on CPU
 warm-up and step schedule sets their lr at every iteration (:func:`paadet.train.schedule.set_lr`), whichever
 it is.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -11,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .config import OPTIMIZERS
+from paadet.train.config import OPTIMIZERS
 
 __all__ = ["OPTIMIZERS", "build_optimizer"]
 
@@ -19,8 +20,15 @@ FUSED_DEVICES = ("cpu", "cuda")
 """Devices where AdamW runs torch's fused implementation (the same update, rounded in another order)."""
 
 
-def build_optimizer(name: str, params: Iterable[Tensor], *, lr: float, momentum: float = 0.9,
-                    weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str,
+    params: Iterable[Tensor],
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
     """The optimiser ``name`` (one of :data:`OPTIMIZERS`) over ``params``, every one in one group.
 
     Args:

@@ -4,6 +4,7 @@ matplotlib is optional (``pip install paadet[train]``); :func:`plot_metrics` say
 The figure is drawn on matplotlib's object API (``Figure`` + the Agg canvas), so no global pyplot state
 or GUI backend is touched.
 """
+
 from __future__ import annotations
 
 import io
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write_bytes
+from paadet.fileio import atomic_write_bytes
 
 __all__ = ["LOSS_KEYS", "PLOT_NAME", "plot_metrics", "smooth"]
 
@@ -72,7 +73,9 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pat
             ax_ap.plot(epochs, [float(r["val"].get(key, float("nan"))) for r in val], marker="o", label=key)
         ax_ap.legend()
     else:
-        ax_ap.text(0.5, 0.5, "no validation\n(--val-ann, --val-images)", ha="center", va="center", transform=ax_ap.transAxes)
+        ax_ap.text(
+            0.5, 0.5, "no validation\n(--val-ann, --val-images)", ha="center", va="center", transform=ax_ap.transAxes
+        )
     ax_ap.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_ap.set_xlabel("epoch")
     ax_ap.set_title("validation")

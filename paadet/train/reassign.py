@@ -25,6 +25,7 @@ in practice: they mix a GIoU and 80 focal terms) this is exactly mmdetection's r
 ties the same *values* are kept and sorted (so the GMM sees the same data), only which of the tied
 anchors fills a slot may differ.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import PaadetError
-from ..model.box_coder import DeltaXYWHBoxCoder
-from . import gmm
-from .assign import aligned_giou
+from paadet.boxes import aligned_giou
+from paadet.errors import PaadetError
+from paadet.model.box_coder import DeltaXYWHBoxCoder
+from paadet.train import gmm
 
 
 def sigmoid_focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -150,8 +151,9 @@ class CandidateTable:
     slot: Tensor
 
 
-def candidate_table(scores: Tensor, gt_rows: Tensor, levels: Tensor, num_gts: int, num_levels: int,
-                    topk: int = 9) -> CandidateTable:
+def candidate_table(
+    scores: Tensor, gt_rows: Tensor, levels: Tensor, num_gts: int, num_levels: int, topk: int = 9
+) -> CandidateTable:
     """Per GT and level the ``min(count, topk)`` smallest scores, concatenated and sorted ascending.
 
     Args:
@@ -228,15 +230,19 @@ def paa_reassign(
         reg_covar, tol, max_iter: the GMM's settings (scikit-learn's defaults).
     """
     if not (scores.shape == gt_rows.shape == levels.shape and scores.dim() == 1):
-        raise PaadetError(f"scores, gt_rows and levels must be [P], got {list(scores.shape)}, "
-                          f"{list(gt_rows.shape)}, {list(levels.shape)}")
+        raise PaadetError(
+            f"scores, gt_rows and levels must be [P], got {list(scores.shape)}, "
+            f"{list(gt_rows.shape)}, {list(levels.shape)}"
+        )
     if topk < 1:
         raise PaadetError(f"topk must be >= 1, got {topk}")
     device = scores.device
     if scores.shape[0] == 0 or num_gts == 0:
-        return ReassignResult(torch.zeros(scores.shape[0], dtype=torch.bool, device=device),
-                              torch.zeros(num_gts, dtype=torch.long, device=device),
-                              torch.zeros(num_gts, dtype=torch.bool, device=device))
+        return ReassignResult(
+            torch.zeros(scores.shape[0], dtype=torch.bool, device=device),
+            torch.zeros(num_gts, dtype=torch.long, device=device),
+            torch.zeros(num_gts, dtype=torch.bool, device=device),
+        )
     with torch.inference_mode():  # many small operations: inference mode trims torch's per-call cost
         table = candidate_table(scores.detach().float(), gt_rows, levels, num_gts, num_levels, topk)
         fit = gmm.fit_gmm_1d(table.scores, table.mask, reg_covar=reg_covar, tol=tol, max_iter=max_iter)

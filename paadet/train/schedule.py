@@ -15,6 +15,7 @@ mmengine's repeated multiplications round differently from the closed form in th
 1e-16 relative); the closed form is used here because it depends only on ``(t, e)``, so a resumed run
 sets the same lr as an uninterrupted one by construction.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,8 +73,13 @@ class LRSchedule:
 
     def state_dict(self) -> dict[str, float | int | list[int]]:
         """Plain values (for a checkpoint's ``scheduler`` entry)."""
-        return {"base_lr": self.base_lr, "warmup_iters": self.warmup_iters, "warmup_ratio": self.warmup_ratio,
-                "milestones": list(self.milestones), "gamma": self.gamma}
+        return {
+            "base_lr": self.base_lr,
+            "warmup_iters": self.warmup_iters,
+            "warmup_ratio": self.warmup_ratio,
+            "milestones": list(self.milestones),
+            "gamma": self.gamma,
+        }
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

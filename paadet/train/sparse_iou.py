@@ -12,7 +12,7 @@ take as their starting value.
 
 :func:`candidate_pairs` lists the (GT, anchor) pairs of the windows of a padded batch as flat 1-D
 tensors (one host sync, for their number, whatever the number of images, boxes or anchors) and
-computes their IoUs with :func:`pair_iou`, :func:`paadet.postprocess.bbox_overlaps` operation for
+computes their IoUs with :func:`pair_iou`, :func:`paadet.boxes.bbox_overlaps` operation for
 operation, hence the same bits. The reductions (:func:`anchor_max`, :func:`gt_max`,
 :func:`last_matching_gt`) give what ``max`` and the equality tests of the dense ``[B, M, A]`` tensor
 give, ties included: float32 IoUs ``>= 0`` order as their int32 bits do, so an IoU and a tie-breaking
@@ -27,6 +27,7 @@ area or a ``-0.0`` right or bottom edge, a grid with such anchors (:attr:`Anchor
 other than float32, or more pairs than ``max_density`` times the dense tensor's size (the dense path
 is then as fast and needs less memory).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,8 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import PaadetError
-from ..postprocess import bbox_overlaps
+from paadet.errors import PaadetError
 
 LOW_BITS = 32  # an int64 key is (IoU bits << 32) | tie-break index
 LOW_MASK = (1 << LOW_BITS) - 1
@@ -86,8 +86,10 @@ class AnchorGrid:
         """
         sizes = tuple((int(h), int(w)) for h, w in feat_sizes)
         if anchors.dim() != 2 or anchors.shape[1] != 4 or anchors.shape[0] != sum(h * w for h, w in sizes):
-            raise PaadetError(f"anchors of shape {list(anchors.shape)} are not [sum(H * W) = "
-                              f"{sum(h * w for h, w in sizes)}, 4] for the feature sizes {list(sizes)}")
+            raise PaadetError(
+                f"anchors of shape {list(anchors.shape)} are not [sum(H * W) = "
+                f"{sum(h * w for h, w in sizes)}, 4] for the feature sizes {list(sizes)}"
+            )
         if not sizes or min(min(size) for size in sizes) < 1:
             raise PaadetError(f"feature sizes must be positive, got {list(sizes)}")
         width_max, height_max = max(w for _, w in sizes), max(h for h, _ in sizes)
@@ -96,20 +98,29 @@ class AnchorGrid:
         rows = anchors.new_full((len(sizes), 2, height_max), inf)
         start = 0
         for level, (height, width) in enumerate(sizes):
-            grid = anchors[start:start + height * width].reshape(height, width, 4)
+            grid = anchors[start : start + height * width].reshape(height, width, 4)
             _check_level(grid, level)
             cols[level, :, :width] = grid[0, :, 0::2].T
             rows[level, :, :height] = grid[:, 0, 1::2].T
             start += height * width
         areas = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
-        exact = bool(torch.isfinite(anchors).all() & ~_is_negative_zero(anchors[:, 2:]).any()
-                     & torch.isfinite(areas).all())
+        exact = bool(
+            torch.isfinite(anchors).all() & ~_is_negative_zero(anchors[:, 2:]).any() & torch.isfinite(areas).all()
+        )
         level_sizes = torch.tensor([h * w for h, w in sizes], dtype=torch.long, device=anchors.device)
-        return cls(sizes, cols[:, 0].contiguous(), cols[:, 1].contiguous(), rows[:, 0].contiguous(),
-                   rows[:, 1].contiguous(), cols.transpose(0, 1).reshape(2, -1).contiguous(),
-                   rows.transpose(0, 1).reshape(2, -1).contiguous(), level_sizes.cumsum(0) - level_sizes,
-                   torch.tensor([w for _, w in sizes], dtype=torch.long, device=anchors.device),
-                   int(anchors.shape[0]), exact)
+        return cls(
+            sizes,
+            cols[:, 0].contiguous(),
+            cols[:, 1].contiguous(),
+            rows[:, 0].contiguous(),
+            rows[:, 1].contiguous(),
+            cols.transpose(0, 1).reshape(2, -1).contiguous(),
+            rows.transpose(0, 1).reshape(2, -1).contiguous(),
+            level_sizes.cumsum(0) - level_sizes,
+            torch.tensor([w for _, w in sizes], dtype=torch.long, device=anchors.device),
+            int(anchors.shape[0]),
+            exact,
+        )
 
 
 def _check_level(grid: Tensor, level: int) -> None:
@@ -185,7 +196,7 @@ def _take(table: Tensor, index: Tensor) -> list[Tensor]:
 def pair_iou(boxes: Sequence[Tensor], anchors: Sequence[Tensor], eps: float) -> Tensor:
     """IoU of ``P`` aligned pairs, each box given as its four ``[P]`` coordinates (x0, y0, x1, y1): ``[P]``.
 
-    :func:`paadet.postprocess.bbox_overlaps` operation for operation, each axis on its own contiguous
+    :func:`paadet.boxes.bbox_overlaps` operation for operation, each axis on its own contiguous
     tensor, so the same bits (IEEE operations are correctly rounded, whatever the layout).
     """
     area1 = (boxes[2] - boxes[0]) * (boxes[3] - boxes[1])
@@ -239,8 +250,12 @@ def candidate_pairs(
     num_anchors = anchors.shape[0]
     if num_anchors != grid.num_anchors:
         raise PaadetError(f"{num_anchors} anchors for a grid of {grid.num_anchors}")
-    if not grid.exact or anchors.dtype != torch.float32 or boxes.dtype != torch.float32 \
-            or batch * max(num_gts, num_anchors) > INT32_MAX:
+    if (
+        not grid.exact
+        or anchors.dtype != torch.float32
+        or boxes.dtype != torch.float32
+        or batch * max(num_gts, num_anchors) > INT32_MAX
+    ):
         return None
     flat_boxes = boxes.reshape(-1, 4)
     x_lo, nx, y_lo, ny = _windows(grid, flat_boxes)

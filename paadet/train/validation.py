@@ -1,4 +1,5 @@
 """Validation during training: paadet's COCO evaluator on the in-memory network."""
+
 from __future__ import annotations
 
 import os
@@ -9,12 +10,12 @@ from typing import Any
 
 import torch
 
-from ..data.coco import CocoDataset
-from ..detector import Detector
-from ..evaluate import evaluate_detector
-from ..model import PAANet
-from ..preprocess import PRESETS, Preset
-from ..runtime.torch_backend import TorchBackend
+from paadet.data.coco import CocoDataset
+from paadet.detector import Detector
+from paadet.evaluation.run import evaluate_detector
+from paadet.model import PAANet
+from paadet.preprocess import PRESETS, Preset
+from paadet.runtime.torch_backend import TorchBackend
 
 __all__ = ["ValidationResult", "load_validation_set", "validate"]
 
@@ -33,8 +34,12 @@ class ValidationResult:
         return self.stats["AP"]
 
     def to_row(self) -> dict[str, Any]:
-        return {"val": dict(self.stats), "val_images": self.images, "val_unreadable": self.unreadable,
-                "val_time": self.seconds}
+        return {
+            "val": dict(self.stats),
+            "val_images": self.images,
+            "val_unreadable": self.unreadable,
+            "val_time": self.seconds,
+        }
 
 
 def load_validation_set(ann_file: str | os.PathLike, image_dir: str | os.PathLike) -> CocoDataset:
@@ -54,15 +59,21 @@ def validate(
     log: Callable[[str], None] | None = None,
 ) -> ValidationResult:
     """Evaluate ``net`` (its ``classes`` give the category ids) on ``dataset`` with
-    :func:`paadet.evaluate.evaluate_detector`, as ``paadet eval`` would (score voting on), with the images
+    :func:`paadet.evaluation.run.evaluate_detector`, as ``paadet eval`` would (score voting on), with the images
     resized to the training ``scale`` as mmdetection's test pipeline does (1333x800: the ``mmdet`` preset).
 
     The network is left in eval mode; the caller switches it back to training.
     """
     start = time.perf_counter()
-    preset = PRESETS["mmdet"] if tuple(scale) == PRESETS["mmdet"].scale else Preset(f"{scale[0]}x{scale[1]}", tuple(scale))
+    preset = (
+        PRESETS["mmdet"] if tuple(scale) == PRESETS["mmdet"].scale else Preset(f"{scale[0]}x{scale[1]}", tuple(scale))
+    )
     detector = Detector(TorchBackend(net, preset=preset, device=device), batch_size=batch_size, workers=workers)
     kwargs = {} if log is None else {"log": log}
     report = evaluate_detector(detector, dataset, output_dir=None, progress=progress, workers=workers, **kwargs)
-    return ValidationResult(dict(report.metrics.stats), report.images["evaluated"],
-                            report.images["missing"] + report.images["unreadable"], time.perf_counter() - start)
+    return ValidationResult(
+        dict(report.metrics.stats),
+        report.images["evaluated"],
+        report.images["missing"] + report.images["unreadable"],
+        time.perf_counter() - start,
+    )

@@ -1,0 +1,71 @@
+"""What a benchmark ran on: the CPU, its cores, the GPU, and the versions of paadet and its runtimes."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+from paadet.version import __version__
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else :func:`platform.processor`."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware_info(device: str) -> dict[str, Any]:
+    """CPU model and cores, PyTorch's thread count, and the GPU's name when the device is CUDA."""
+    import torch
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "gpu": None,
+    }
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(dev)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_multiprocessors=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    return info
+
+
+def _version_of(module: str) -> str | None:
+    try:
+        return getattr(__import__(module), "__version__", "unknown")
+    except ImportError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of paadet and what it runs on (None for what is not installed)."""
+    return {
+        "paadet": __version__,
+        "torch": _version_of("torch"),
+        "onnxruntime": _version_of("onnxruntime"),
+        "openvino": _version_of("openvino"),
+        "torchvision": _version_of("torchvision"),
+        "numpy": _version_of("numpy"),
+        "opencv": _version_of("cv2"),
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,170 @@
+"""The flags shared by the commands that run a model, read back as one :class:`~paadet.runtime.spec.DetectorSpec`,
+and the argparse types of every command's numbers.
+
+Each command that runs a model holds one :class:`ModelOptions` with its own defaults: it adds the flags to the
+command's parser and turns the parsed flags into the spec that is handed down (nothing below ``commands``
+sees an ``argparse.Namespace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from paadet.preprocess import PRESETS
+from paadet.runtime.spec import BACKEND_NAMES, TORCH, DetectorSpec, TorchOptions
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model flags of one command and that command's defaults.
+
+    Attributes:
+        default_preset: the preset when neither ``--preset`` nor the checkpoint names one (torch backend).
+        default_batch: ``--batch-size`` when not given and the graph has no static batch.
+    """
+
+    default_preset: str = "mmdet"
+    default_batch: int = 1
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """``--backend --checkpoint --model --providers --preset --device --batch-size --fp16 --bf16 --precision
+        --streams --no-score-voting --workers --optimize``."""
+        g = parser.add_argument_group("model")
+        g.add_argument(
+            "--backend",
+            choices=BACKEND_NAMES,
+            default=TORCH,
+            help='runtime (default: torch; openvino needs `pip install "paadet[openvino]"`)',
+        )
+        g.add_argument(
+            "--checkpoint",
+            default=None,
+            help="mmdetection checkpoint (.pth) for the torch backend; default: the official file, "
+            "downloaded to the cache folder if missing",
+        )
+        g.add_argument(
+            "--model",
+            default=None,
+            help="ONNX graph from `paadet export` (onnxruntime and openvino backends; openvino also reads an IR .xml)",
+        )
+        g.add_argument(
+            "--providers",
+            default=None,
+            help="comma-separated ONNX Runtime execution providers (default: the best installed)",
+        )
+        g.add_argument(
+            "--preset",
+            choices=tuple(PRESETS),
+            default=None,
+            help=f"pre-processing: mmdet = fit 1333x800, pad to /32; 800 = fit and pad to 800x800 "
+            f"(default: the checkpoint's training scale when it records one, else {self.default_preset}; "
+            "with --backend onnxruntime, the graph's)",
+        )
+        g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (torch backend; default: cpu)")
+        g.add_argument(
+            "--batch-size",
+            type=positive_int,
+            default=None,
+            help=f"images per network call (default: {self.default_batch}; "
+            "with --backend onnxruntime, the graph's static batch)",
+        )
+        g.add_argument("--fp16", action="store_true", help="half precision (CUDA for the torch backend)")
+        g.add_argument(
+            "--bf16",
+            action="store_true",
+            help="torch backend: bfloat16 autocast (CPUs with AVX512-BF16 or AMX, or CUDA); detections change slightly",
+        )
+        g.add_argument(
+            "--precision",
+            choices=("f32", "bf16"),
+            default=None,
+            help="openvino backend: inference precision (default: f32; bf16 uses AMX / AVX512_BF16 and "
+            "changes detections slightly)",
+        )
+        g.add_argument(
+            "--streams",
+            type=positive_int,
+            default=None,
+            help="openvino backend: batches run at once, each on its share of the threads (OpenVINO's "
+            "NUM_STREAMS; default: 1)",
+        )
+        g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting (torch backend)")
+        g.add_argument(
+            "--workers",
+            type=nonnegative_int,
+            default=2,
+            help="threads decoding images ahead of the network (default: 2)",
+        )
+        g.add_argument(
+            "--optimize",
+            action="store_true",
+            help="torch backend on CPU: trace and freeze the network (BatchNorm folded, oneDNN), "
+            "2-32%% more images/s in docs/benchmarks.md after a one-off ~15 s; "
+            "logits differ from the exact path by ~1e-5",
+        )
+
+    def spec(self, args: argparse.Namespace, **overrides: Any) -> DetectorSpec:
+        """The validated spec of the parsed flags (``overrides`` replace fields)."""
+        return spec_from_args(
+            args, default_preset=self.default_preset, default_batch=self.default_batch, **overrides
+        ).validate()
+
+
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(DetectorSpec) if f.name not in ("cuda", "score_voting"))
+_CUDA_FIELDS = tuple(f.name for f in dataclasses.fields(TorchOptions))
+
+
+def spec_from_args(args: argparse.Namespace, **overrides: Any) -> DetectorSpec:
+    """A :class:`DetectorSpec` from the flags ``args`` has (each flag's ``dest`` is the spec field it sets;
+    ``--no-score-voting`` sets ``score_voting``), then ``overrides``. Not validated."""
+    values: dict[str, Any] = {name: getattr(args, name) for name in _SPEC_FIELDS if hasattr(args, name)}
+    if hasattr(args, "no_score_voting"):
+        values["score_voting"] = not args.no_score_voting
+    cuda = {name: getattr(args, name) for name in _CUDA_FIELDS if hasattr(args, name)}
+    if cuda:
+        values["cuda"] = TorchOptions(**cuda)
+    values.update(overrides)
+    return DetectorSpec(**values)
+
+
+def _number(kind: type, minimum: float, strict: bool):
+    """An argparse ``type=`` that parses ``kind`` and requires ``> minimum`` (strict) or ``>= minimum``."""
+    relation = ">" if strict else ">="
+    bound = minimum
+    if kind is int and strict:  # "> 0" for an integer reads better as ">= 1"
+        relation, bound = ">=", minimum + 1
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if value != value or (value <= minimum if strict else value < minimum):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {relation} {bound:g}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {relation} {bound:g}"
+    return parse
+
+
+positive_int = _number(int, 0, strict=True)
+"""argparse type: an integer >= 1 (argparse names the flag in its message)."""
+nonnegative_int = _number(int, 0, strict=False)
+"""argparse type: an integer >= 0."""
+positive_float = _number(float, 0.0, strict=True)
+"""argparse type: a number > 0."""
+nonnegative_float = _number(float, 0.0, strict=False)
+"""argparse type: a number >= 0."""
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = nonnegative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
