@@ -7,9 +7,15 @@
    ``--overload-duration`` s: statuses (only 200 and 503 are acceptable), the server's resident memory
    before, at steady state and after.
 
-Example (seeded weights, small images, a quick run)::
+``--slow-clients`` measures slow clients instead (no offline run, no levels, no overload): the load at
+``--slow-concurrency`` for ``--duration`` s without, then with ``2 * max_queue`` slow senders open (half send
+their body, half their headers, one byte a second, reconnecting whenever the server closes them): the share
+of requests answered 200 and their latency, both in the same run.
+
+Examples (seeded weights, small images, quick runs)::
 
     python benchmarks/bench_serve.py --duration 10 --overload-duration 30 --output serve_bench.json
+    python benchmarks/bench_serve.py --slow-clients --duration 30 --output serve_slow.json
 """
 
 from __future__ import annotations
@@ -113,6 +119,76 @@ async def load(url: str, bodies: list[bytes], concurrency: int, seconds: float) 
     }
 
 
+async def slow_sender(port: int, head: bytes, trickle: bytes, stop: asyncio.Event, answers: collections.Counter):
+    """Send ``head``, then ``trickle`` one byte a second; reconnect whenever the server closes the connection."""
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError as exc:
+            answers[type(exc).__name__] += 1
+            await asyncio.sleep(1)
+            continue
+        read = asyncio.ensure_future(reader.read(64))
+        try:
+            writer.write(head)
+            for byte in trickle:
+                if stop.is_set() or read.done():
+                    break
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.wait([read], timeout=1.0)
+            if read.done():
+                answer = read.result()
+                answers[answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "closed"] += 1
+        except (ConnectionError, OSError) as exc:
+            answers[type(exc).__name__] += 1
+        finally:
+            read.cancel()
+            writer.close()
+
+
+async def slow_client_trial(url: str, port: int, bodies: list[bytes], senders: int, concurrency: int, seconds: float):
+    """The load at ``concurrency`` for ``seconds`` without, then with ``senders`` slow senders open."""
+    without = await load(url, bodies, concurrency, seconds)
+    stop, answers = asyncio.Event(), collections.Counter()
+    body_head = b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+    header_head = b"POST /v1/detect HTTP/1.1\r\nHost: x\r\n"
+    tasks = [
+        asyncio.ensure_future(
+            slow_sender(port, body_head if k % 2 == 0 else header_head, b"x" * 100_000, stop, answers)
+        )
+        for k in range(senders)
+    ]
+    await asyncio.sleep(2)  # the slow senders are connected and in the middle of their requests
+    with_slow = await load(url, bodies, concurrency, seconds)
+    stop.set()
+    await asyncio.gather(*tasks)
+    result = {"slow_senders": senders, "without": without, "with": with_slow}
+    for level in (without, with_slow):
+        answered = sum(level["statuses"].values())
+        level["share_200"] = round(level["ok"] / answered, 4) if answered else 0.0
+    result["slow_senders_answered"] = dict(answers)
+    return result
+
+
+def levels_and_overload(url: str, bodies: list[bytes], args: argparse.Namespace, report: dict, pid: int) -> None:
+    """Each concurrency level, then the overload, into ``report``."""
+    report["levels"] = []
+    for c in (int(v) for v in args.concurrency.split(",")):
+        level = asyncio.run(load(url, bodies, c, args.duration))
+        level["vs_offline"] = round(level["images_per_s"] / report["offline"]["images_per_s"], 3)
+        report["levels"].append(level)
+        print("serve:", level, flush=True)
+    report["rss_mib_steady"] = round(rss_mib(pid), 1)
+    over_c = 2 * (args.max_queue + args.max_batch)
+    over = asyncio.run(load(url, bodies, over_c, args.overload_duration))
+    over["rss_mib_after"] = round(rss_mib(pid), 1)
+    over["rss_vs_steady"] = round(over["rss_mib_after"] / report["rss_mib_steady"], 3)
+    over["only_200_and_503"] = set(over["statuses"]) <= {"200", "503"}
+    report["overload"] = over
+    print("overload:", over, flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="weights (default: seeded test weights)")
@@ -125,6 +201,9 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--duration", type=float, default=20, help="seconds per concurrency level")
     p.add_argument("--overload-duration", type=float, default=30)
+    p.add_argument("--slow-clients", action="store_true", help="measure 2 x --max-queue slow senders instead")
+    p.add_argument("--slow-concurrency", type=int, default=4, help="normal clients in --slow-clients (default 4)")
+    p.add_argument("--read-timeout-s", type=float, default=None, help="the server's (default: its own default)")
     p.add_argument("--output", default=None, help="write the figures as JSON here")
     args = p.parse_args()
 
@@ -142,8 +221,9 @@ def main() -> int:
         paths = make_images(tmp_path, args.images, h, w)
         bodies = [p.read_bytes() for p in paths]
         report: dict = {"settings": {k: v for k, v in vars(args).items() if k != "output"}}
-        report["offline"] = offline(checkpoint, args.preset, args.max_batch, paths, args.duration)
-        print("offline predict:", report["offline"], flush=True)
+        if not args.slow_clients:
+            report["offline"] = offline(checkpoint, args.preset, args.max_batch, paths, args.duration)
+            print("offline predict:", report["offline"], flush=True)
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -167,6 +247,7 @@ def main() -> int:
                 str(args.max_wait_ms),
                 "--log-level",
                 "warning",
+                *(["--read-timeout-s", str(args.read_timeout_s)] if args.read_timeout_s is not None else []),
             ]
         )
         try:
@@ -185,20 +266,12 @@ def main() -> int:
                     raise SystemExit("server not ready in 180 s")
                 time.sleep(0.25)
             report["rss_mib_ready"] = round(rss_mib(proc.pid), 1)
-            report["levels"] = []
-            for c in (int(v) for v in args.concurrency.split(",")):
-                level = asyncio.run(load(url, bodies, c, args.duration))
-                level["vs_offline"] = round(level["images_per_s"] / report["offline"]["images_per_s"], 3)
-                report["levels"].append(level)
-                print("serve:", level, flush=True)
-            report["rss_mib_steady"] = round(rss_mib(proc.pid), 1)
-            over_c = 2 * (args.max_queue + args.max_batch)
-            over = asyncio.run(load(url, bodies, over_c, args.overload_duration))
-            over["rss_mib_after"] = round(rss_mib(proc.pid), 1)
-            over["rss_vs_steady"] = round(over["rss_mib_after"] / report["rss_mib_steady"], 3)
-            over["only_200_and_503"] = set(over["statuses"]) <= {"200", "503"}
-            report["overload"] = over
-            print("overload:", over, flush=True)
+            if args.slow_clients:
+                trial = slow_client_trial(url, port, bodies, 2 * args.max_queue, args.slow_concurrency, args.duration)
+                report["slow_clients"] = asyncio.run(trial)
+                print("slow clients:", report["slow_clients"], flush=True)
+            else:
+                levels_and_overload(url, bodies, args, report, proc.pid)
             report["server_alive_after"] = httpx.get(url + "/healthz", timeout=10).status_code == 200
         finally:
             if proc.poll() is None:

@@ -7,6 +7,7 @@ of help), so ``paadet --help`` and ``paadet --version`` return at once, without 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -69,6 +70,10 @@ def add_unavailable(subparsers: argparse._SubParsersAction, name: str, exc: Impo
     p.set_defaults(func=run, accepts_any_arguments=True)
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+"""A full disk, a quota, a file too large, a read-only file system: the user's to fix, not a traceback."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_in(argv), all_commands=False)
@@ -85,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (PaadetError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"paadet {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        # a write that no command wrapped: still one line, naming the file where the OS says which
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"paadet {args.command}: error: {where}cannot write ({exc.strerror or exc})", file=sys.stderr)
         return 2
 
 

@@ -6,15 +6,18 @@
 * :func:`check_output_file` and :func:`check_output_dir` are the start-up checks of every command that
   writes: a folder where a file is expected, a parent that cannot be created or written, an output that is
   one of the inputs. Each raises :class:`OutputPathError` with a one-line message naming the path.
+* :func:`writing` turns a failed write (a full disk, a quota, an I/O error) into :class:`OutputWriteError`,
+  one line naming the file; :func:`atomic_write_bytes` writes inside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,27 @@ class OutputPathError(PaadetError):
     """An output path that cannot be written, or that would overwrite an input."""
 
 
+class OutputWriteError(OutputPathError):
+    """An output that could not be written (a full disk, a quota, an I/O error); the message names the file."""
+
+
+def write_error(path: str | os.PathLike, exc: OSError, hint: str | None = None) -> OutputWriteError:
+    """The one-line error for ``exc``, raised while writing ``path``: ``PATH: cannot write (No space left ...)``,
+    then ``; HINT`` when given."""
+    return OutputWriteError(f"{path}: cannot write ({exc.strerror or exc})" + (f"; {hint}" if hint else ""))
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, hint: str | None = None) -> Iterator[None]:
+    """Raise :class:`OutputWriteError` naming ``path`` (and adding ``hint``) for any ``OSError`` inside the block."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        raise write_error(path, exc, hint) from None
+
+
 def default_file_mode() -> int:
     """The mode ``open(path, "w")`` gives a new file: ``0666`` less the process umask (read by setting it back)."""
     mask = os.umask(0o022)
@@ -33,21 +57,27 @@ def default_file_mode() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
+
+    Raises:
+        OutputWriteError: the write failed (a full disk, for example); the target is untouched and no
+            temporary file is left.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), default_file_mode())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fchmod(f.fileno(), default_file_mode())
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
     return path
 
 

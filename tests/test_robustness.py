@@ -409,20 +409,25 @@ def test_save_vis_reports_how_many_boxes_it_drew(tmp_path: Path, checkpoint: Pat
 
 
 def _readme_commands() -> list[str]:
-    """Every ``paadet ...`` command in the README's bash blocks, continuation lines joined, comments dropped."""
-    text = README.read_text()
+    """Every ``paadet ...`` command in the shell blocks of the README and of the reference pages in ``docs/``
+    (``bash`` blocks, and the ``$ `` lines of ``console`` blocks), continuation lines joined, comments dropped."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
-        joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
-            for part in re.split(r"&&", line):
-                part = part.split(" #")[0].strip()
-                if part.startswith("paadet "):
-                    commands.append(part)
+    for page in [README, *sorted((README.parent / "docs").glob("*.md"))]:
+        for kind, block in re.findall(r"```(bash|console)\n(.*?)```", page.read_text(), re.DOTALL):
+            joined = re.sub(r"\\\n\s*", " ", block)
+            for line in joined.splitlines():
+                if kind == "console":
+                    if not line.startswith("$ "):
+                        continue
+                    line = line[2:]
+                for part in re.split(r"&&", line):
+                    part = part.split(" #")[0].strip().removesuffix(" &")
+                    if part.startswith("paadet "):
+                        commands.append(part)
     return commands
 
 
-def test_every_readme_command_parses() -> None:
+def test_every_documented_command_parses() -> None:
     commands = _readme_commands()
     assert len(commands) >= 10
     for command in commands:

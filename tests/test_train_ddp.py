@@ -220,4 +220,6 @@ def test_environment_and_single_process_agreement():
     agreed = one.agree_losses((1.0, 0.5, 0.25, 0.25), 7, 2)
     assert agreed.finite and agreed.losses == (1.0, 0.5, 0.25, 0.25) and (agreed.num_pos, agreed.images) == (7, 2)
     assert not one.agree_losses((float("nan"), 0.0, 0.0, 0.0), 0, 1).finite
-    assert one.agree_batch(False, True) == (False, True) and one.agree_batch(True, False) == (True, False)
+    assert one.agree_step(False, True, False) == (False, True, False)
+    assert one.agree_step(True, False, False) == (True, False, False)
+    assert one.agree_step(True, True, True) == (True, True, True)

@@ -20,7 +20,7 @@ from paadet.batch.errors import BatchError
 from paadet.batch.inputs import input_key
 from paadet.data.images import ImageSource
 from paadet.errors import one_line
-from paadet.fileio import atomic_write_bytes, atomic_write_json
+from paadet.fileio import atomic_write_bytes, atomic_write_json, writing
 
 if TYPE_CHECKING:
     from paadet.detections import ImageResult
@@ -111,8 +111,11 @@ class OutputFolder:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold an exclusive lock on the folder: two drivers must not write one folder."""
-        self.shards.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK_FILE, "a+") as handle:
+        with writing(self.shards):
+            self.shards.mkdir(parents=True, exist_ok=True)
+        with writing(self.root / LOCK_FILE):
+            handle = open(self.root / LOCK_FILE, "a+")  # noqa: SIM115 (closed below, after the run)
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -141,7 +144,7 @@ class OutputFolder:
             recorded = json.loads(run_file.read_text(encoding="utf-8"))
             if not isinstance(recorded, dict):
                 raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise BatchError(one_line(f"{run_file}: unreadable ({exc}); use a new --output-dir")) from None
         if recorded.get("model") != fingerprint:
             raise BatchError(
@@ -169,7 +172,7 @@ class OutputFolder:
         for path in sorted(self.shards.glob("shard-*.manifest.json")):
             try:
                 manifest = ShardManifest.load(path)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 warn(one_line(f"ignoring unreadable shard manifest {path}: {exc}"))
                 continue
             results = self.shards / manifest.results

@@ -30,6 +30,9 @@ from paadet.fileio import OutputPathError, atomic_write_json, atomic_write_text,
 from paadet.runtime.registry import with_explicit_preset
 from paadet.runtime.spec import DetectorSpec
 
+ERRORS_PRINTED = 5
+"""Unreadable inputs printed as a run finds them; the rest are counted at the end (errors.jsonl lists all)."""
+
 
 def _warn(message: str) -> None:
     print(f"paadet batch: {message}", file=sys.stderr)
@@ -196,6 +199,11 @@ def run_batch(
                     seen.add(error["path"])
                     error_lines.append(json.dumps(error) + "\n")
         atomic_write_text(folder.root / ERRORS_FILE, "".join(error_lines))
+        if counts["errors"] > ERRORS_PRINTED:
+            _warn(
+                f"{counts['errors'] - ERRORS_PRINTED} more unreadable inputs were not printed "
+                f"({counts['errors']} in this run); {folder.root / ERRORS_FILE} lists every one"
+            )
         if coco_output is not None:
             from paadet.runtime.registry import model_classes
 
@@ -336,9 +344,15 @@ def _run_pool(
                     n = len(items)
                     counts["images"] += n
                     counts["detected"] += len(outcome["records"])
-                    counts["errors"] += len(outcome["errors"])
-                    for error in outcome["errors"]:
+                    for error in outcome["errors"][: max(0, ERRORS_PRINTED - counts["errors"])]:
                         bar.write(one_line(f"paadet batch: unreadable: {error['error']}"), file=sys.stderr)
+                    if counts["errors"] <= ERRORS_PRINTED < counts["errors"] + len(outcome["errors"]):
+                        bar.write(
+                            f"paadet batch: more unreadable inputs: only the first {ERRORS_PRINTED} are printed; "
+                            f"{folder.root / ERRORS_FILE} will list them all",
+                            file=sys.stderr,
+                        )
+                    counts["errors"] += len(outcome["errors"])
                     ws = stats[w]
                     ws.images += n
                     ws.shards += 1

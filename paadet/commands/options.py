@@ -4,12 +4,16 @@ and the argparse types of every command's numbers.
 Each command that runs a model holds one :class:`ModelOptions` with its own defaults: it adds the flags to the
 command's parser and turns the parsed flags into the spec that is handed down (nothing below ``commands``
 sees an ``argparse.Namespace``).
+
+Every number type here refuses NaN and infinities (``nan``, ``inf``, ``1e999``) at parse time, with the range it
+takes, so that no command starts work on a value it cannot use.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,25 +134,55 @@ def spec_from_args(args: argparse.Namespace, **overrides: Any) -> DetectorSpec:
     return DetectorSpec(**values)
 
 
+def _parse(kind: type, text: str, expected: str):
+    """``kind(text)``, refusing what is not a number of that kind and (for floats) NaN and infinities; the
+    message says the range ``expected`` (``>= 0``)."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number {expected}, got {text!r}")
+    return value
+
+
 def _number(kind: type, minimum: float, strict: bool):
-    """An argparse ``type=`` that parses ``kind`` and requires ``> minimum`` (strict) or ``>= minimum``."""
+    """An argparse ``type=`` that parses ``kind`` (a finite one) and requires ``> minimum`` (strict) or
+    ``>= minimum``."""
     relation = ">" if strict else ">="
     bound = minimum
     if kind is int and strict:  # "> 0" for an integer reads better as ">= 1"
         relation, bound = ">=", minimum + 1
 
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-            ) from None
-        if value != value or (value <= minimum if strict else value < minimum):  # NaN fails too
+        value = _parse(kind, text, f"{relation} {bound:g}")
+        if value <= minimum if strict else value < minimum:
             raise argparse.ArgumentTypeError(f"must be {relation} {bound:g}, got {text}")
         return value
 
     parse.__name__ = f"{kind.__name__} {relation} {bound:g}"
+    return parse
+
+
+def bounded_float(low: float, high: float, lower_open: bool = False, upper_open: bool = False):
+    """An argparse ``type=``: a finite number from ``low`` to ``high`` (each end excluded when ``*_open``)."""
+
+    def show(v: float) -> str:
+        return str(int(v)) if v == int(v) else f"{v:g}"
+
+    interval = f"{'(' if lower_open else '['}{show(low)}, {show(high)}{')' if upper_open else ']'}"
+
+    def parse(text: str) -> float:
+        value = _parse(float, text, f"in {interval}")
+        too_low = value <= low if lower_open else value < low
+        too_high = value >= high if upper_open else value > high
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    parse.__name__ = f"float in {interval}"
     return parse
 
 
@@ -157,9 +191,9 @@ positive_int = _number(int, 0, strict=True)
 nonnegative_int = _number(int, 0, strict=False)
 """argparse type: an integer >= 0."""
 positive_float = _number(float, 0.0, strict=True)
-"""argparse type: a number > 0."""
+"""argparse type: a finite number > 0."""
 nonnegative_float = _number(float, 0.0, strict=False)
-"""argparse type: a number >= 0."""
+"""argparse type: a finite number >= 0."""
 
 
 def probability(text: str) -> float:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 
 import starlette  # noqa: F401  (a missing [serve] extra is reported by `paadet serve` in one line)
-import uvicorn
+import uvicorn  # noqa: F401
 
 from paadet.commands.options import ModelOptions, nonnegative_float, positive_float, positive_int
 
@@ -50,7 +51,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="largest image in pixels, read from its header before decoding (default 64e6; 413 beyond)",
     )
     g.add_argument(
-        "--timeout-s", type=positive_float, default=30.0, help="504 for a request not answered by then (default 30)"
+        "--timeout-s",
+        type=positive_float,
+        default=30.0,
+        help="504 for a request not answered this many seconds after its body arrived (default 30)",
+    )
+    g.add_argument(
+        "--read-timeout-s",
+        type=positive_float,
+        default=30.0,
+        help="408 for a request whose headers (from the connection opening) or whose body (from its headers) "
+        "take longer than this to arrive; slow senders never hold a --max-queue slot (default 30)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=512,
+        help="open connections at most; one more is answered 503 at once (default 512)",
     )
     g.add_argument(
         "--api-key",
@@ -97,7 +114,7 @@ def _pixels(text: str) -> int:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of pixels, got {text!r}") from None
-    if not value >= 1 or value != int(value):
+    if not math.isfinite(value) or value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
     return int(value)
 
@@ -123,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout_s,
         workers=max(1, args.workers),
         api_key=api_key,
+        read_timeout_s=args.read_timeout_s,
+        max_connections=args.max_connections,
     )
     spec = MODEL.spec(args, batch_size=args.batch_size or args.max_batch)
     if args.ray is not None:
@@ -141,23 +160,19 @@ def run(args: argparse.Namespace) -> int:
     if args.replicas != 1:
         raise ValueError("--replicas needs --ray (one process serves one model otherwise)")
     from paadet.detector import Detector
+    from paadet.serve.server import bind_sockets, run_server
 
-    app = create_app(Detector.from_spec(spec), settings)
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=int(args.timeout_s) + 5,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
-    # uvicorn drains on SIGTERM (stops accepting, answers what is in flight, runs the lifespan shutdown, which
-    # drains the batcher) and then re-raises the signal to the handler it found: make that a no-op, so
-    # a drained shutdown exits 0.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
-    if not server.started:
+    sockets = bind_sockets(args.host, args.port)  # a port in use is one line here, before the model loads
+    try:
+        app = create_app(Detector.from_spec(spec), settings)
+        # uvicorn drains on SIGTERM (stops accepting, answers what is in flight, runs the lifespan shutdown,
+        # which drains the batcher) and then re-raises the signal to the handler it found: make that a
+        # no-op, so a drained shutdown exits 0.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        started = run_server(app, sockets, settings, args.log_level)
+    finally:
+        for sock in sockets:
+            sock.close()
+    if not started:
         raise RuntimeError(f"the server did not start on {args.host}:{args.port} (see the log above)")
     return 0

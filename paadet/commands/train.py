@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from paadet.commands.options import nonnegative_float, nonnegative_int, positive_float, positive_int, probability
+from paadet.commands.options import (
+    bounded_float,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    probability,
+)
 from paadet.data.coco import DatasetError, layout_paths, resolve_layout
 from paadet.errors import PaadetError
 from paadet.fileio import check_output_dir
+from paadet.train.config import MAX_DIST_TIMEOUT_S, MAX_SCALE
 
 if TYPE_CHECKING:
     from paadet.train.config import TrainConfig
+    from paadet.train.hooks import TrainHook
 
 DESCRIPTION = """\
 Train PAA (ResNet-50 + FPN) on a COCO-format dataset, with mmdetection 3.3's recipe as the defaults:
@@ -31,8 +41,9 @@ The lr: 0.01 is for 16 images per iteration (8 GPUs x 2 images). Scale it linear
 iteration: --lr 0.000625 x images, e.g. --lr 0.00125 for --batch-size 2 on one GPU.
 
 The output folder gets metrics.jsonl (a row per iteration), epoch_N.pth, latest.pth, best.pth (with
---val-ann/--val-images) and metrics.png. --resume continues an interrupted run (Ctrl-C saves first; a
-killed run restarts from its last latest.pth, written every 10 minutes and at each epoch's end).
+--val-ann/--val-images) and metrics.png. --resume continues an interrupted run (Ctrl-C and SIGTERM save
+first, then exit 130 and 143; a killed run restarts from its last latest.pth, written every 10 minutes and at
+each epoch's end).
 
 Many GPUs or machines: PyTorch DDP over torchrun, e.g. `torchrun --nproc-per-node 8 -m paadet train
 --device cuda ...` (NCCL; gloo on CPUs), or `--nproc N` on one machine. --batch-size is per process,
@@ -44,7 +55,7 @@ TRAIN_ANNOTATIONS, _ = layout_paths(TRAIN_SPLIT)
 
 
 def scale_pair(text: str) -> tuple[int, int]:
-    """argparse type: ``LONGxSHORT`` (``1333x800``) as two positive integers."""
+    """argparse type: ``LONGxSHORT`` (``1333x800``) as two integers from 1 to :data:`MAX_SCALE`."""
     parts = text.lower().split("x")
     try:
         values = tuple(int(p) for p in parts)
@@ -52,7 +63,15 @@ def scale_pair(text: str) -> tuple[int, int]:
         values = ()
     if len(values) != 2 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected LONGxSHORT such as 1333x800, got {text!r}")
+    if max(values) > MAX_SCALE:
+        raise argparse.ArgumentTypeError(f"{text} cannot fit: each side must be at most {MAX_SCALE} px (docs/train.md)")
     return values  # type: ignore[return-value]
+
+
+momentum_value = bounded_float(0.0, 1.0, upper_open=True)
+"""argparse type of ``--momentum``: a number in [0, 1) (SGD diverges from 1 on)."""
+dist_timeout = bounded_float(0.0, MAX_DIST_TIMEOUT_S, lower_open=True)
+"""argparse type of ``--dist-timeout``: seconds, > 0 and at most 30 days."""
 
 
 def epoch_list(text: str) -> tuple[int, ...]:
@@ -91,7 +110,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="LONGxSHORT",
         type=scale_pair,
         default=(1333, 800),
-        help="keep-ratio resize to fit LONG x SHORT (default: 1333x800)",
+        help=f"keep-ratio resize to fit LONG x SHORT, each at most {MAX_SCALE} (default: 1333x800)",
     )
     d.add_argument(
         "--flip-prob", metavar="P", type=probability, default=0.5, help="horizontal flip probability (default: 0.5)"
@@ -137,7 +156,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="sgd (the recipe's momentum SGD) or adamw (torch's AdamW, betas 0.9, 0.999: fewer steps to "
         "learn from scratch; give it its own --lr, e.g. 0.0003, and --weight-decay) (default: sgd)",
     )
-    o.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD momentum (default: 0.9)")
+    o.add_argument("--momentum", type=momentum_value, default=0.9, help="SGD momentum, in [0, 1) (default: 0.9)")
     o.add_argument(
         "--weight-decay",
         type=nonnegative_float,
@@ -213,7 +232,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--dist-timeout",
         metavar="S",
-        type=positive_float,
+        type=dist_timeout,
         default=1800.0,
         help="seconds a process waits for the others (a validation on rank 0 included) before the run "
         "fails (default: 1800)",
@@ -244,16 +263,27 @@ def train_files(data: str | None, ann: str | None, images: str | None) -> tuple[
     if data is not None:
         if ann is not None or images is not None:
             raise DatasetError("give the dataset as --data ROOT or as --ann FILE --images DIR, not both")
+        if (Path(data) / TRAIN_ANNOTATIONS).is_dir():
+            raise DatasetError(f"{Path(data) / TRAIN_ANNOTATIONS}: --data needs it to be a file, but this is a folder")
         return resolve_layout(data, TRAIN_SPLIT)
     if ann is None:
         raise DatasetError("no dataset: give --data ROOT, or --ann FILE --images DIR")
     if images is None:
         raise DatasetError(f"--ann {ann} needs --images DIR (the folder its file_name entries are relative to)")
-    if not Path(ann).is_file():
-        raise DatasetError(f"{ann}: annotation file not found")
-    if not Path(images).is_dir():
-        raise DatasetError(f"{images}: image folder not found")
+    check_input(ann, "--ann", "annotation file")
+    check_input(images, "--images", "image folder")
     return Path(ann), Path(images)
+
+
+def check_input(path: str, flag: str, what: str) -> None:
+    """Raise :class:`DatasetError` (one line) unless ``path`` exists and is ``what`` (a ``... folder`` or a file)."""
+    target = Path(path)
+    if what.endswith("folder") and target.is_file():
+        raise DatasetError(f"{path}: {flag} needs a folder, but this is a file")
+    if not what.endswith("folder") and target.is_dir():
+        raise DatasetError(f"{path}: {flag} needs a file, but this is a folder")
+    if not target.exists():
+        raise DatasetError(f"{path}: {what} not found")
 
 
 def _init_choice(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -270,8 +300,7 @@ def _init_choice(args: argparse.Namespace) -> tuple[str, str | None]:
             "no initialisation: give --checkpoint FILE (fine-tune a PAA model), --backbone FILE "
             "(torchvision's ImageNet ResNet-50) or --from-scratch"
         )
-    if not Path(path).is_file():
-        raise PaadetError(f"{path}: --{'checkpoint' if mode == 'checkpoint' else 'backbone'} file not found")
+    check_input(path, f"--{mode}", f"--{mode} file")
     return mode, path
 
 
@@ -282,10 +311,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     init, init_file = _init_choice(args)
     if (args.val_ann is None) != (args.val_images is None):
         raise PaadetError("validation needs both --val-ann FILE and --val-images DIR")
-    if args.val_ann is not None and not Path(args.val_ann).is_file():
-        raise DatasetError(f"{args.val_ann}: validation annotation file not found")
-    if args.val_images is not None and not Path(args.val_images).is_dir():
-        raise DatasetError(f"{args.val_images}: validation image folder not found")
+    if args.val_ann is not None:
+        check_input(args.val_ann, "--val-ann", "validation annotation file")
+        check_input(args.val_images, "--val-images", "validation image folder")
     inputs = [p for p in (ann_file, init_file, args.val_ann) if p is not None]
     check_output_dir(args.output_dir, "--output-dir", inputs=inputs)
 
@@ -326,16 +354,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+EXIT_TERMINATED = 143
+"""The exit status after SIGTERM (128 + 15, as a process killed by it reports), once ``latest.pth`` is saved."""
+
+
+def run(args: argparse.Namespace, hooks: Iterable[TrainHook] = ()) -> int:
+    """Train as the flags say (``hooks``: :class:`~paadet.train.TrainHook` s for scripts that run the command
+    themselves); returns the exit status: 0, or 143 after SIGTERM (Ctrl-C raises ``KeyboardInterrupt``)."""
     config = config_from_args(args)
-    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from paadet.train.launch import launch_local
+    from paadet.train import TrainingTerminated
 
-        print(launch_local(config, args.nproc))
-        return 0
-    from paadet.train import train
+    try:
+        if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            from paadet.train.launch import launch_local
 
-    summary = train(config)
+            print(launch_local(config, args.nproc))  # hooks run in this process only
+            return 0
+        from paadet.train import train
+
+        summary = train(config, hooks=hooks)
+    except TrainingTerminated:
+        print("paadet: terminated (SIGTERM); continue with --resume", file=sys.stderr)
+        return EXIT_TERMINATED
     if summary.rank == 0:
         print(summary.line())
     return 0

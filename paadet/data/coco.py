@@ -19,8 +19,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
+import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +73,11 @@ def resolve_layout(root: str | os.PathLike, split: str = "val2017") -> tuple[Pat
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Parse a JSON file, turning every failure into a one-line :class:`DatasetError` naming it."""
+    """Parse a JSON file, turning every failure into a one-line :class:`DatasetError` naming it.
+
+    Python's JSON reader takes ``NaN``, ``Infinity`` and numbers too large for a float (``1e999`` is infinite);
+    the validators below refuse them where a number must be finite.
+    """
     path = Path(path)
     if path.is_dir():
         raise DatasetError(f"{path}: {what} is a directory, not a JSON file")
@@ -87,32 +94,94 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         ) from None
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: {what} is not valid JSON (not UTF-8 text: {exc.reason})") from None
+    except RecursionError:
+        raise DatasetError(
+            f"{path}: {what} is nested too deeply to read (arrays or objects inside each other beyond "
+            f"Python's recursion limit, {sys.getrecursionlimit()})"
+        ) from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
 
 
-def is_coco_id(value: Any) -> bool:
-    """A usable COCO id: a JSON number or string (pycocotools only uses ids as dict keys)."""
-    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
-
-
 def is_number(value: Any) -> bool:
+    """A JSON number (not a bool); it may be NaN or infinite (see :func:`is_finite_number`)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def validate_annotations(data: Any, path: str | os.PathLike, need_file_names: bool = True) -> list[str]:
-    """Check a parsed COCO ``instances`` file for what box evaluation needs; returns warnings.
+def is_finite_number(value: Any) -> bool:
+    """A JSON number that is neither NaN nor infinite (an integer of any size is finite)."""
+    return is_number(value) and (isinstance(value, int) or math.isfinite(value))
 
-    Errors are what would make pycocotools fail or silently score the wrong boxes: no ``images``,
-    ``annotations`` or ``categories`` list; an image or category without an ``id``, or an id used
-    twice; an annotation without a unique ``id`` or without a ``bbox`` of four numbers; and, with
-    ``need_file_names`` (when images are to be read), an image without a string ``file_name``.
+
+def is_coco_id(value: Any) -> bool:
+    """A usable COCO id: a string or a finite number (pycocotools only uses ids as dict keys; NaN is no key)."""
+    return isinstance(value, str) or is_finite_number(value)
+
+
+def is_flag(value: Any) -> bool:
+    """A 0/1 flag as pycocotools and mmdetection test it: 0, 1, true or false (``"0"`` or 2.5 would be truthy)."""
+    return isinstance(value, int) and value in (0, 1)
+
+
+def shown(value: Any, limit: int = 120) -> str:
+    """``value`` as JSON text (``"0"`` with its quotes, ``NaN``, ``null``), cut at ``limit`` characters."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, TypeError, ValueError):
+        text = f"(a {type(value).__name__} nested too deeply to show)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+FLAG_RULE = "must be 0 or 1 (an integer, or true/false)"
+
+
+def _check_annotation(ann: dict, fail: Callable[[str], DatasetError]) -> None:
+    """The fields of one annotation that pycocotools' box evaluation (and mmdetection's parser) reads."""
+    which = f"annotation {shown(ann['id'])}"
+    if not is_coco_id(ann.get("image_id")) or not is_coco_id(ann.get("category_id")):
+        raise fail(f"{which} needs an 'image_id' and a 'category_id' (strings or finite numbers)")
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
+        raise fail(f"{which} needs a 'bbox' of four numbers [x, y, w, h], got {shown(bbox)}")
+    if not all(is_finite_number(v) for v in bbox):
+        raise fail(f"{which} has a non-finite 'bbox' {shown(bbox)}; every value must be a finite number")
+    if bbox[2] < 0 or bbox[3] < 0:
+        raise fail(f"{which} has a 'bbox' of negative width or height {shown(bbox)}; w and h must be >= 0")
+    if "area" not in ann:
+        ann["area"] = float(bbox[2]) * float(bbox[3])
+    elif not is_finite_number(ann["area"]) or ann["area"] < 0:
+        raise fail(f"{which}: 'area' must be a finite number >= 0, got {shown(ann['area'])}")
+    if "iscrowd" not in ann:
+        ann["iscrowd"] = 0  # COCOeval reads it (int(o['iscrowd'])); absent means an ordinary box
+    elif not is_flag(ann["iscrowd"]):
+        raise fail(f"{which}: 'iscrowd' {FLAG_RULE}, got {shown(ann['iscrowd'])}")
+    if "ignore" in ann and not is_flag(ann["ignore"]):
+        raise fail(f"{which}: 'ignore' {FLAG_RULE}, got {shown(ann['ignore'])}")
+
+
+def validate_annotations(data: Any, path: str | os.PathLike, need_file_names: bool = True) -> list[str]:
+    """Check a parsed COCO ``instances`` file for what box evaluation and training read; returns warnings.
+
+    Errors are what would make pycocotools fail or silently score the wrong boxes, checked field by
+    field as pycocotools' ``COCO`` index, ``loadRes`` and ``COCOeval`` (bbox) and mmdetection's parser
+    read them:
+
+    * ``images``, ``annotations``, ``categories``: lists;
+    * each image and category: a unique ``id`` (a string or a finite number); with ``need_file_names``
+      (when images are to be read) an image's ``file_name`` (a string); an image's ``width`` and
+      ``height``, where given, finite numbers > 0; a category's ``name``, where given, a string;
+    * each annotation: a unique ``id``, an ``image_id`` and ``category_id``, a ``bbox`` of four finite
+      numbers with ``w, h >= 0``, an ``area`` (finite, >= 0), an ``iscrowd`` of 0 or 1 (an integer or a
+      bool: pycocotools takes any truthy value, ``"0"`` included, as a crowd), and mmdetection's
+      ``ignore`` likewise where given.
+
     Annotations on image or category ids that are not listed are ignored by pycocotools: a warning.
     A missing ``area`` is filled in as the box's ``w * h`` (pycocotools needs it for the size
-    ranges); a missing ``iscrowd`` means 0, as in pycocotools. The dict is modified in place.
+    ranges); a missing ``iscrowd`` is filled in as 0. The dict is modified in place.
 
     Raises:
-        DatasetError: the first problem found, naming ``path``.
+        DatasetError: the first problem found, naming ``path`` (and the image, category or annotation id,
+            the field and its value).
     """
 
     def fail(reason: str) -> DatasetError:
@@ -128,18 +197,23 @@ def validate_annotations(data: Any, path: str | os.PathLike, need_file_names: bo
     image_ids: set[Any] = set()
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict) or not is_coco_id(image.get("id")):
-            raise fail(f"images[{i}] needs an 'id', got {json.dumps(image)[:120]}")
+            raise fail(f"images[{i}] needs an 'id', got {shown(image)}")
         if need_file_names and not isinstance(image.get("file_name"), str):
             raise fail(f"image {image['id']} has no 'file_name' (the image file, relative to the image folder)")
         if image["id"] in image_ids:
             raise fail(f"image id {image['id']} is listed twice")
+        for key in ("width", "height"):
+            if key in image and not (is_finite_number(image[key]) and image[key] > 0):
+                raise fail(f"image {shown(image['id'])}: '{key}' must be a finite number > 0, got {shown(image[key])}")
         image_ids.add(image["id"])
     category_ids: set[Any] = set()
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or not is_coco_id(cat.get("id")):
-            raise fail(f"categories[{i}] needs an 'id', got {json.dumps(cat)[:120]}")
+            raise fail(f"categories[{i}] needs an 'id', got {shown(cat)}")
         if cat["id"] in category_ids:
             raise fail(f"category id {cat['id']} is listed twice")
+        if "name" in cat and not isinstance(cat["name"], str):
+            raise fail(f"category {shown(cat['id'])}: 'name' must be a string, got {shown(cat['name'])}")
         category_ids.add(cat["id"])
     ann_ids: set[Any] = set()
     orphans: list[Any] = []
@@ -151,15 +225,7 @@ def validate_annotations(data: Any, path: str | os.PathLike, need_file_names: bo
         if ann["id"] in ann_ids:
             raise fail(f"annotation id {ann['id']} is used twice")
         ann_ids.add(ann["id"])
-        if not is_coco_id(ann.get("image_id")) or not is_coco_id(ann.get("category_id")):
-            raise fail(f"annotation {ann['id']} needs an 'image_id' and a 'category_id'")
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
-            raise fail(f"annotation {ann['id']} needs a 'bbox' of four numbers [x, y, w, h], got {bbox!r}")
-        if "area" not in ann:
-            ann["area"] = float(bbox[2]) * float(bbox[3])
-        elif not is_number(ann["area"]):
-            raise fail(f"annotation {ann['id']} has a non-numeric 'area' {ann['area']!r}")
+        _check_annotation(ann, fail)
         if ann["image_id"] not in image_ids or ann["category_id"] not in category_ids:
             orphans.append(ann["id"])
     warnings = []

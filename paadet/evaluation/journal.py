@@ -3,11 +3,13 @@
 A header line holds the run's settings; each later line one image's detections (or why it has none).
 Lines are flushed as written and fsynced once per batch of images by the caller, so a run killed at any
 point loses at most the line being written; :meth:`Journal.open` with ``resume`` drops a torn last line
-and refuses a journal made with other settings or damaged before its end.
+and refuses a journal made with other settings or damaged before its end. A write that fails (a full disk)
+is an :class:`~paadet.fileio.OutputWriteError` naming the journal, in one line that says to ``--resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,10 +21,12 @@ from typing import Any
 from paadet.console import stderr
 from paadet.data.coco import is_coco_id
 from paadet.errors import PaadetError
+from paadet.fileio import writing
 
 JOURNAL_NAME = "journal.jsonl"
 JOURNAL_FORMAT = "paadet-eval-journal"
 JOURNAL_VERSION = 1
+RESUME_HINT = "the images before it are kept: free some space, then rerun with --resume to continue"
 
 
 class JournalError(PaadetError):
@@ -111,18 +115,25 @@ class Journal:
                     )
                 if good_bytes < path.stat().st_size:
                     log(f"warning: {path}: dropping a torn last line (the earlier run stopped while writing it)")
-                stream = open(path, "r+b")  # noqa: SIM115 (the journal's handle, open until close())
-                stream.truncate(good_bytes)
-                stream.seek(good_bytes)
+                with writing(path, RESUME_HINT):
+                    stream = open(path, "r+b")  # noqa: SIM115 (the journal's handle, open until close())
+                    stream.truncate(good_bytes)
+                    stream.seek(good_bytes)
                 return cls(path, stream, records)
             log(f"warning: {path}: no complete header line; starting a new journal")
         elif resume:
             log(f"note: {path} does not exist; nothing to resume, starting from the first image")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        stream = open(path, "wb")  # noqa: SIM115 (the journal's handle, open until close())
-        stream.write((json.dumps(header, separators=(",", ":")) + "\n").encode("utf-8"))
-        stream.flush()
-        os.fsync(stream.fileno())
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stream = open(path, "wb")  # noqa: SIM115 (the journal's handle, open until close())
+            try:
+                stream.write((json.dumps(header, separators=(",", ":")) + "\n").encode("utf-8"))
+                stream.flush()
+                os.fsync(stream.fileno())
+            except BaseException:
+                _close_quietly(stream)
+                path.unlink(missing_ok=True)  # a journal without its header would only be refused later
+                raise
         return cls(path, stream, records)
 
     @staticmethod
@@ -156,7 +167,7 @@ class Journal:
                     else:
                         record = JournalRecord.from_obj(obj)
                         records[record.image_id] = record
-                except (ValueError, UnicodeDecodeError):
+                except (ValueError, UnicodeDecodeError, RecursionError):
                     if bad_line is None:
                         bad_line = number
                 else:
@@ -172,16 +183,23 @@ class Journal:
         return good, header, records
 
     def append(self, record: JournalRecord) -> None:
-        self._stream.write(record.to_line())
-        self._stream.flush()
+        """Write and flush one record.
+
+        Raises:
+            OutputWriteError: the write failed (a full disk); names the journal and says to ``--resume``.
+        """
+        with writing(self.path, RESUME_HINT):
+            self._stream.write(record.to_line())
+            self._stream.flush()
         self.records[record.image_id] = record
         self._unsynced += 1
 
     def sync(self) -> None:
         """fsync what was appended since the last call."""
         if self._unsynced:
-            self._stream.flush()
-            os.fsync(self._stream.fileno())
+            with writing(self.path, RESUME_HINT):
+                self._stream.flush()
+                os.fsync(self._stream.fileno())
             self._unsynced = 0
 
     @property
@@ -189,9 +207,18 @@ class Journal:
         return self._unsynced
 
     def close(self) -> None:
+        """Sync and close; the handle is closed even when the last write fails (which then raises)."""
         if not self._stream.closed:
-            self.sync()
-            self._stream.close()
+            try:
+                self.sync()
+            finally:
+                _close_quietly(self._stream)
+
+
+def _close_quietly(stream: io.BufferedIOBase) -> None:
+    """Close ``stream``; a flush that fails on the way (a full disk) has been reported, or will be, by the caller."""
+    with contextlib.suppress(OSError):
+        stream.close()
 
 
 def _diff(stored: Any, current: dict[str, Any]) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,7 +19,16 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from paadet.console import listed, stderr
-from paadet.data.coco import DatasetError, coco_from_dict, is_coco_id, is_number, load_coco, read_json
+from paadet.data.coco import (
+    DatasetError,
+    coco_from_dict,
+    is_coco_id,
+    is_finite_number,
+    is_number,
+    load_coco,
+    read_json,
+    shown,
+)
 from paadet.errors import PaadetError
 
 METRIC_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -75,10 +83,18 @@ class CocoMetrics:
 
 def _results_coco(gt: COCO, detections: list[dict]) -> COCO:
     """``gt.loadRes(detections)`` (on copies: it adds keys); an empty list gives an empty index
-    (pycocotools' ``loadRes`` fails on one)."""
+    (pycocotools' ``loadRes`` fails on one).
+
+    ``loadRes`` is called on a stand-in holding only ``gt``'s images: it deep-copies the ground truth's ``info``
+    and ``categories``, which ``COCOeval`` never reads from the results, and a deep copy of a deeply nested
+    ``info`` would fail after the detector has run.
+    """
     if detections:
+        images_only = COCO()
+        images_only.dataset = {"images": gt.dataset["images"], "categories": []}
+        images_only.imgs = gt.imgs
         with contextlib.redirect_stdout(io.StringIO()):
-            return gt.loadRes([dict(d) for d in detections])
+            return images_only.loadRes([dict(d) for d in detections])
     return coco_from_dict(
         {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]), "annotations": []}
     )
@@ -123,10 +139,12 @@ def coco_evaluate(
 
 
 def validate_results(data: Any, path: str | os.PathLike, gt: COCO, ann_file: str | os.PathLike) -> list[dict]:
-    """Check a parsed COCO results file: a list of ``{image_id, category_id, bbox, score}`` on ``gt``'s images.
+    """Check a parsed COCO results file: a list of ``{image_id, category_id, bbox, score}`` on ``gt``'s images,
+    every score and box value finite (pycocotools would sort a NaN score and match a NaN box, and report an AP).
 
     Raises:
-        ResultsError: the first problem found, naming ``path``.
+        ResultsError: the first malformed entry, naming ``path``; or the non-finite values, counted, with the
+            first one named; or image ids that ``gt`` lacks.
     """
     if not isinstance(data, list):
         raise ResultsError(
@@ -145,12 +163,33 @@ def validate_results(data: Any, path: str | os.PathLike, gt: COCO, ann_file: str
         if not ok:
             raise ResultsError(
                 f"{path}: entry {i} is not a box detection {{image_id, category_id, bbox: [x, y, w, h], score}}: "
-                f"{json.dumps(d)[:120]}"
+                f"{shown(d)}"
             )
+    _refuse_non_finite(data, path)
     unknown = sorted({d["image_id"] for d in data} - set(gt.imgs))
     if unknown:
         raise ResultsError(f"{path}: {len(unknown)} image ids are not in {ann_file}: {listed(unknown)}")
     return data
+
+
+def _refuse_non_finite(detections: list[dict], path: str | os.PathLike) -> None:
+    """Raise :class:`ResultsError` counting the NaN and infinite scores and box values, naming the first."""
+    count = entries = 0
+    first = ""
+    for i, d in enumerate(detections):
+        bad = [f"bbox[{k}]" for k, v in enumerate(d["bbox"]) if not is_finite_number(v)]
+        bad += ["score"] if not is_finite_number(d["score"]) else []
+        if bad:
+            if not first:
+                value = d["score"] if bad[0] == "score" else d["bbox"][int(bad[0][5])]
+                first = f"entry {i}'s {bad[0]} is {shown(value)}"
+            count += len(bad)
+            entries += 1
+    if count:
+        raise ResultsError(
+            f"{path}: {count} non-finite values (NaN or infinite) in the scores and boxes of {entries} of its "
+            f"{len(detections)} detections; the first: {first}. Every score and box value must be a finite number"
+        )
 
 
 def evaluate_results_file(

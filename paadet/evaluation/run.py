@@ -6,7 +6,9 @@ flushed as written and fsynced once per batch of images, so a run killed at any 
 crash, SIGKILL) loses at most the image being written; ``resume=True`` reads the journal back, drops
 a torn last line, and computes only the images that are not in it. The final ``detections.json``
 and ``metrics.json`` are written atomically from the journal, so a resumed run's files equal an
-uninterrupted run's. The journal itself is :mod:`paadet.evaluation.journal`.
+uninterrupted run's; ``metrics.json`` is the mark of a finished run: an earlier run's is removed before
+``detections.json`` is written and it is written last, so a write that fails (a full disk) leaves no
+``metrics.json`` that describes other detections. The journal itself is :mod:`paadet.evaluation.journal`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from paadet.data.pipeline import iter_images
 from paadet.detector import Detector
 from paadet.evaluation.journal import JOURNAL_NAME, Journal, JournalError, JournalRecord, journal_entries
 from paadet.evaluation.metrics import CocoMetrics, coco_evaluate
-from paadet.fileio import atomic_write_json
+from paadet.fileio import atomic_write_json, writing
 from paadet.runtime.base import StageTimer
 from paadet.version import __version__
 
@@ -201,6 +203,8 @@ def evaluate_detector(
             extra={"annotations": str(dataset.ann_file), "image_dir": str(dataset.image_dir)},
         )
         if output_dir is not None:
+            with writing(out / METRICS_NAME):  # the mark of a finished run: not beside other detections
+                (out / METRICS_NAME).unlink(missing_ok=True)
             atomic_write_json(out / DETECTIONS_NAME, detections)
             atomic_write_json(out / METRICS_NAME, report.to_json(), indent=2)
         return report

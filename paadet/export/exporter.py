@@ -237,6 +237,8 @@ def export_onnx(
 
     Raises:
         ExportError: impossible settings, or an export that fails its checks.
+        OutputWriteError: ``output`` could not be written (a full disk): one line naming it; the file is written
+            atomically, so no partial graph is left.
     """
     import onnx
 

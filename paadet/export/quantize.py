@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from paadet.errors import PaadetError, one_line
-from paadet.fileio import atomic_write_bytes, check_output_file
+from paadet.fileio import atomic_write_bytes, check_output_file, writing
 from paadet.runtime.graph_info import METADATA_KEY, ExportFormatError, load_export
 
 METHODS = ("nncf", "ort")
@@ -197,7 +197,8 @@ def _ort_quantize(model, feeds: list[dict], float_nodes: list[str]):
         def get_next(self):
             return next(self.items, None)
 
-    with tempfile.TemporaryDirectory(prefix="paadet-quantize-") as workdir:
+    hint = "ONNX Runtime's quantiser writes its temporary files there; set TMPDIR to a folder with space"
+    with tempfile.TemporaryDirectory(prefix="paadet-quantize-") as workdir, writing(workdir, hint):
         source, out = os.path.join(workdir, "fp32.onnx"), os.path.join(workdir, "ort_int8.onnx")
         onnx.save(model, source)
         q.quantize_static(
@@ -236,6 +237,8 @@ def quantize_export(
 
     Raises:
         QuantizeError / ExportFormatError / OutputPathError: bad input, each in one line, before any long work.
+        OutputWriteError: ``output`` (or, with ``ort``, a temporary file) could not be written (a full disk);
+            one line naming it, and no partial ``output`` is left.
     """
     start = time.perf_counter()
     if method not in METHODS:

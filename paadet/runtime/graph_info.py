@@ -102,10 +102,9 @@ class ExportInfo:
             return cls(preset=preset, input_size=tuple(size) if size else None, classes=classes, **data)
         except ExportFormatError:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ExportFormatError(
-                f"{path}: malformed paadet metadata ({type(exc).__name__}: {exc}); re-export it"
-            ) from exc
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+            raise ExportFormatError(f"{path}: malformed paadet metadata ({reason}); re-export it") from None
 
     def describe(self) -> str:
         """One line: ``full fp32 graph, preset 800, input 800x800, batch 1, score voting on``."""

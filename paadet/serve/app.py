@@ -28,6 +28,7 @@ from paadet.detector import Detector
 from paadet.serve.batcher import Batcher
 from paadet.serve.limits import RequestError, check_api_key
 from paadet.serve.page import PAGE_HTML
+from paadet.serve.receive import Receiving, image_from_body
 from paadet.serve.settings import ServeSettings
 
 log = logging.getLogger("paadet.serve")
@@ -70,6 +71,11 @@ class Metrics:
             "paadet_queue_depth", "detect requests admitted and not yet answered", registry=self.registry
         )
         self.queue_depth.set_function(batcher.queue_depth)
+        self.receiving = Gauge(
+            "paadet_receiving_requests",
+            "detect requests whose bodies are arriving (not admitted yet)",
+            registry=self.registry,
+        )
         self.ready = Gauge("paadet_ready", "1 once the model is loaded and warm", registry=self.registry)
         self.ready.set_function(lambda: 1.0 if batcher.ready.is_set() else 0.0)
 
@@ -127,49 +133,14 @@ def _query(request: Request) -> tuple[float | None, int | None]:
     return score_thr, max_dets
 
 
-async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
-    """The image's bytes: the raw body, or the ``image`` field of a multipart form; 413 past ``max_bytes``."""
-    length = request.headers.get("content-length")
-    if length is not None and length.strip().isdigit() and int(length) > max_bytes:
-        raise RequestError(413, f"body of {int(length)} bytes is over the limit of {max_bytes}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise RequestError(413, f"body is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        return body
-    sent = False
-
-    async def replay() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    form_request = Request(request.scope, replay)
-    try:
-        form = await form_request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
-    except Exception as exc:
-        raise RequestError(400, f"unreadable multipart form: {exc}") from None
-    try:
-        field = form.get("image")
-        if field is None or isinstance(field, str):
-            raise RequestError(400, "the multipart form has no file field 'image'")
-        return await field.read()
-    finally:
-        await form.close()
-
-
 def create_app(detector: Detector, settings: ServeSettings | None = None) -> Starlette:
     """The service for ``detector`` (see the module docstring); ``settings`` default to :class:`ServeSettings`."""
     settings = settings or ServeSettings()
     batcher = Batcher(detector, settings)
     metrics = Metrics(batcher, settings.max_batch)
     batcher.on_batch = metrics.on_batch
+    receiving = Receiving(settings)
+    metrics.receiving.set_function(receiving.count)
     classes = detector.classes
 
     async def detect(request: Request) -> Response:
@@ -191,14 +162,18 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Sta
         score_thr, max_dets = _query(request)
         if not batcher.ready.is_set():
             raise RequestError(503, batcher.warmup_error or "the model is still loading", {"Retry-After": "2"})
+        full = RequestError(
+            503,
+            "too many requests in the queue; retry later" if not batcher.closed else "the server is shutting down",
+            {"Retry-After": str(settings.retry_after_s)},
+        )
+        if batcher.closed or batcher.admitted >= settings.max_queue:  # refuse early, before reading the body
+            raise full
+        body = await receiving.body(request)  # admitted only once it has all arrived: see paadet.serve.receive
         if not batcher.try_admit():
-            raise RequestError(
-                503,
-                "too many requests in the queue; retry later" if not batcher.closed else "the server is shutting down",
-                {"Retry-After": str(settings.retry_after_s)},
-            )
+            raise full
         try:
-            result, timings = await asyncio.wait_for(_receive_and_run(request), settings.timeout_s)
+            result, timings = await asyncio.wait_for(_run(request, body), settings.timeout_s)
         except asyncio.TimeoutError:
             raise RequestError(504, f"not answered within {settings.timeout_s:g} s") from None
         finally:
@@ -211,9 +186,8 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Sta
             headers={"Server-Timing": server_timing, "X-Batch-Size": str(batch)},
         )
 
-    async def _receive_and_run(request: Request):
-        data = await read_image_bytes(request, settings.max_bytes)
-        return await batcher.detect(data)
+    async def _run(request: Request, body: bytes):
+        return await batcher.detect(await image_from_body(request, body))
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -327,13 +301,20 @@ def openapi_schema(settings: ServeSettings) -> dict:
                         },
                         "400": {"description": "not an image, or unreadable", "content": error},
                         "401": {"description": "missing or wrong API key", "content": error},
+                        "408": {
+                            "description": f"headers or body not received within {settings.read_timeout_s:g} s",
+                            "content": error,
+                        },
                         "413": {
                             "description": f"body over {settings.max_bytes} bytes or image over "
                             f"{settings.max_pixels} pixels",
                             "content": error,
                         },
                         "503": {"description": "queue full or not ready (see Retry-After)", "content": error},
-                        "504": {"description": f"not answered within {settings.timeout_s:g} s", "content": error},
+                        "504": {
+                            "description": f"not answered within {settings.timeout_s:g} s of its body's arrival",
+                            "content": error,
+                        },
                     },
                 }
             },

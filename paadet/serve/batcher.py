@@ -1,8 +1,9 @@
 """Dynamic batching: images decoded in worker threads, queued, and run in batches of one padded shape.
 
-Requests are admitted up to ``max_queue`` at once (:meth:`Batcher.try_admit`), their bytes checked,
-decoded and resized in a thread pool (OpenCV releases the GIL; the event loop never decodes), then put
-on a queue that one inference thread reads. That thread keeps one bucket per padded shape and runs a
+Requests are admitted up to ``max_queue`` at once (:meth:`Batcher.try_admit`) once their bodies have
+arrived (see :mod:`paadet.serve.receive`), their bytes checked, decoded and resized in a thread pool
+(OpenCV releases the GIL; the event loop never decodes), then put on a queue that one inference thread
+reads. That thread keeps one bucket per padded shape and runs a
 bucket when it holds ``max_batch`` images or when its oldest image has waited ``max_wait_ms``, through
 :meth:`Detector.run` exactly as ``paadet predict`` does, so an image's detections do not depend on the
 images it is batched with. Results go back to each request's future.
@@ -20,13 +21,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from paadet.data.images import ImageReadError, decode_image
 from paadet.data.pipeline import LoadedImage
 from paadet.detections import ImageResult
 from paadet.detector import Detector
-from paadet.preprocess import resize
+from paadet.preprocess import Preset, resize
 from paadet.runtime.base import StageTimer
 from paadet.serve.limits import RequestError, image_size_from_header
 from paadet.serve.settings import ServeSettings
@@ -41,6 +43,33 @@ class _Job:
     loaded: LoadedImage
     future: concurrent.futures.Future
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+def prepare_image(data: bytes, index: int, max_pixels: int, preset: str | Preset) -> LoadedImage:
+    """An encoded image checked (its header), decoded and resized for ``preset``, with its stage times.
+
+    Raises:
+        RequestError: 400 for bytes that are not an image or cannot be decoded or resized, 413 for an image
+            over ``max_pixels`` (from its header, or once decoded when the header lied).
+    """
+    start = time.perf_counter()
+    image_size_from_header(data, max_pixels)
+    try:
+        image = decode_image(data, "the request body")
+    except ImageReadError as exc:
+        raise RequestError(400, str(exc)) from None
+    if image.shape[0] * image.shape[1] > max_pixels:  # the header lied
+        raise RequestError(
+            413, f"image decodes to {image.shape[1]}x{image.shape[0]}, over the limit of {max_pixels} pixels"
+        )
+    decoded = time.perf_counter()
+    try:
+        resized, meta = resize(image, preset)
+    except (ValueError, cv2.error) as exc:
+        raise RequestError(400, f"cannot pre-process the image: {exc}") from None
+    loaded = LoadedImage(index=index, name=None, resized=resized, meta=meta)
+    loaded.timings = {"decode": decoded - start, "preprocess": time.perf_counter() - decoded}
+    return loaded
 
 
 class Batcher:
@@ -99,7 +128,7 @@ class Batcher:
         return self._closed
 
     def queue_depth(self) -> int:
-        """Detect requests admitted and not yet answered (receiving, decoding, queued or running)."""
+        """Detect requests admitted and not yet answered (decoding, queued or running)."""
         return self.admitted
 
     # -- admission (called on the event loop) -------------------------------------------------------
@@ -116,26 +145,7 @@ class Batcher:
     # -- one request --------------------------------------------------------------------------------
     def prepare(self, data: bytes, index: int) -> LoadedImage:
         """Check the header, decode and resize (runs in a worker thread). Raises :class:`RequestError`."""
-        start = time.perf_counter()
-        _width, _height = image_size_from_header(data, self.settings.max_pixels)
-        try:
-            image = decode_image(data, "the request body")
-        except ImageReadError as exc:
-            raise RequestError(400, str(exc)) from None
-        if image.shape[0] * image.shape[1] > self.settings.max_pixels:  # the header lied
-            raise RequestError(
-                413,
-                f"image decodes to {image.shape[1]}x{image.shape[0]}, over the limit of "
-                f"{self.settings.max_pixels} pixels",
-            )
-        decoded = time.perf_counter()
-        try:
-            resized, meta = resize(image, self.detector.preset)
-        except ValueError as exc:
-            raise RequestError(400, f"cannot pre-process the image: {exc}") from None
-        loaded = LoadedImage(index=index, name=None, resized=resized, meta=meta)
-        loaded.timings = {"decode": decoded - start, "preprocess": time.perf_counter() - decoded}
-        return loaded
+        return prepare_image(data, index, self.settings.max_pixels, self.detector.preset)
 
     async def detect(self, data: bytes) -> tuple[ImageResult, dict[str, float]]:
         """Detections for one encoded image and its stage times in ms (decode, preprocess, queue, network, ...).

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["TrainConfig", "TrainHook", "TrainSummary", "TrainingError", "train"]
+__all__ = ["TrainConfig", "TrainHook", "TrainSummary", "TrainingError", "TrainingTerminated", "train"]
 
 _WHERE = {
     "TrainConfig": "config",
     "TrainingError": "config",
+    "TrainingTerminated": "signals",
     "TrainHook": "hooks",
     "TrainSummary": "summary",
     "train": "setup",

@@ -34,6 +34,10 @@ Differences from mmdetection, on purpose:
   carries ``error`` and :func:`collate_train` lists it in ``TrainBatch.skipped``.
 * A missing ``area`` is taken as ``w * h`` (by :func:`paadet.data.coco.validate_annotations`), and a
   category without a ``name`` is named by its id; mmdet raises ``KeyError`` on both.
+* Values mmdet would misread are refused before training, in one line naming the file, the annotation and
+  the value (:func:`paadet.data.coco.validate_annotations`): mmdet takes any truthy ``iscrowd`` or
+  ``ignore`` as set, so ``"0"`` would silently drop the box; here they must be 0 or 1 (an integer or a
+  bool). Boxes, areas and image sizes must be finite numbers (``w, h, area >= 0``; sizes > 0).
 * A dataset left with no image after filtering is a :class:`DatasetError`.
 """
 
@@ -45,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from paadet.data.coco import DatasetError, is_number
+from paadet.data.coco import DatasetError, is_finite_number
 
 DROP_NO_ANNOTATIONS = "no annotations"
 DROP_TOO_SMALL = "smaller than min_size"
@@ -76,10 +80,15 @@ class TrainImage:
 
 
 def check_image_sizes(data: dict, path: Path) -> None:
+    """Every image has the ``width`` and ``height`` training filters on: finite numbers > 0.
+
+    Raises:
+        DatasetError: the first image without them, naming ``path``, the image id and the value.
+    """
     for image in data["images"]:
         for key in ("width", "height"):
             value = image.get(key)
-            if not is_number(value) or not value > 0:
+            if not is_finite_number(value) or not value > 0:
                 raise DatasetError(
                     f"{path}: image {image['id']} needs a positive '{key}' (training filters on it), got {value!r}"
                 )

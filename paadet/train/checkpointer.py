@@ -13,6 +13,10 @@ Only tensors and plain Python values (dicts, lists, str, int, float, bool, None)
 (:func:`paadet.checkpoint.load_state_dict` takes ``state_dict``), and mmdetection's ``init_detector``
 finds its classes in ``meta.dataset_meta``. ``meta.epoch`` counts completed epochs and ``meta.iter``
 completed iterations; ``meta.train_state.batch_in_epoch`` the batches of the current epoch already run.
+
+A write that fails (a full disk) raises :class:`~paadet.fileio.OutputWriteError` naming the file and leaves the
+previous file whole. A write killed outright leaves its temporary (``.epoch_N.pth.XXXXXXXX.tmp``);
+:func:`remove_stale_temporaries` deletes a run's own at its next start.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 
 from paadet.checkpoint import CheckpointError, safe_torch_load
-from paadet.fileio import atomic_write_bytes
+from paadet.fileio import atomic_write_bytes, writing
 from paadet.preprocess import Preset
 from paadet.train.dataset import SIZE_DIVISOR
 from paadet.version import __version__
@@ -43,6 +48,7 @@ __all__ = [
     "link_or_copy",
     "make_checkpoint",
     "read_checkpoint",
+    "remove_stale_temporaries",
     "restore_rng",
     "save_checkpoint",
 ]
@@ -217,10 +223,40 @@ def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
         os.link(source, tmp)
         os.replace(tmp, target)
     except OSError:
-        if tmp.exists():
-            tmp.unlink()
-        atomic_write_bytes(target, source.read_bytes())
+        with writing(target):
+            if tmp.exists():
+                tmp.unlink()
+            atomic_write_bytes(target, source.read_bytes())
     return target
+
+
+_OWN_TEMPORARY = re.compile(
+    r"\.(?:epoch_\d+\.pth|latest\.pth|best\.pth|metrics\.jsonl|metrics\.png)\.(?:[a-z0-9_]{8}\.tmp|\d+\.link)"
+)
+"""The temporaries a training run writes beside its outputs: :func:`paadet.fileio.atomic_write_bytes`'s
+``.NAME.XXXXXXXX.tmp`` (``mkstemp``'s 8 characters) and :func:`link_or_copy`'s ``.NAME.PID.link``."""
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """Delete the temporaries that an interrupted write of a run left in ``folder`` (a killed checkpoint write
+    leaves up to a whole checkpoint); only files matching the run's own pattern, nothing else.
+
+    Call it at the start of a run, before it writes (rank 0 alone under DDP). Returns ``(name, bytes)`` of
+    each file removed.
+    """
+    removed: list[tuple[str, int]] = []
+    if not os.path.isdir(folder):
+        return removed
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if _OWN_TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                size = entry.stat(follow_symlinks=False).st_size
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                removed.append((entry.name, size))
+    return sorted(removed)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

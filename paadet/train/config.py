@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,16 @@ from typing import Any
 
 from paadet.errors import PaadetError
 
-__all__ = ["AMP_MODES", "INIT_MODES", "OPTIMIZERS", "RESUME_KEYS", "TrainConfig", "TrainingError"]
+__all__ = [
+    "AMP_MODES",
+    "INIT_MODES",
+    "MAX_DIST_TIMEOUT_S",
+    "MAX_SCALE",
+    "OPTIMIZERS",
+    "RESUME_KEYS",
+    "TrainConfig",
+    "TrainingError",
+]
 
 INIT_MODES = ("checkpoint", "backbone", "scratch")
 """Where the weights come from: a PAA checkpoint, torchvision's ImageNet ResNet-50, or nothing."""
@@ -22,6 +32,14 @@ with a gradient scaler); the targets, the assignment and the losses always run i
 OPTIMIZERS = ("sgd", "adamw")
 """``sgd``: momentum SGD with L2 weight decay (mmdetection's PAA recipe). ``adamw``: Adam with decoupled
 weight decay (betas 0.9, 0.999), which converges in fewer steps from scratch (:mod:`paadet.train.optim`)."""
+
+MAX_SCALE = 4096
+"""The largest side ``--scale`` takes, a chosen bound: an image resized to 4096x4096 already has 16x the pixels of
+the recipe's 1333x800, and training memory grows with the pixels (activations, the GMM's candidates);
+99999x99999 made OpenCV ask for 30 GB for the resized image alone."""
+
+MAX_DIST_TIMEOUT_S = 30 * 86400.0
+"""The longest ``--dist-timeout`` (30 days): longer ones overflow the process group's timeout."""
 
 RESUME_KEYS = (
     "ann_file",
@@ -174,6 +192,16 @@ class TrainConfig:
                 f"init {self.init!r} needs a file (--checkpoint FILE or --backbone FILE)",
             )
         need(len(self.scale) == 2 and min(self.scale) >= 1, f"scale must be two positive sizes, got {self.scale}")
+        need(
+            max(self.scale) <= MAX_SCALE,
+            f"scale {self.scale[0]}x{self.scale[1]} cannot fit: each side must be at most {MAX_SCALE} px",
+        )
+        finite = [
+            f"{name} {getattr(self, name)}"
+            for name in ("flip_prob", "lr", "momentum", "weight_decay", "warmup_ratio", "dist_timeout_s")
+            if not math.isfinite(getattr(self, name))
+        ]
+        need(not finite, f"{', '.join(finite)}: must be a finite number")
         need(0.0 <= self.flip_prob <= 1.0, f"flip_prob must be in [0, 1], got {self.flip_prob}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
@@ -182,6 +210,7 @@ class TrainConfig:
             self.lr >= 0 and self.momentum >= 0 and self.weight_decay >= 0,
             f"lr, momentum and weight_decay must be >= 0, got {self.lr}, {self.momentum}, {self.weight_decay}",
         )
+        need(self.momentum < 1, f"momentum must be below 1 (SGD diverges from 1 on), got {self.momentum}")
         need(
             self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
         )
@@ -215,7 +244,10 @@ class TrainConfig:
         )
         need(self.save_interval_s > 0, f"save_interval_s must be > 0, got {self.save_interval_s}")
         need(self.world_size >= 1, f"world_size must be >= 1, got {self.world_size}")
-        need(self.dist_timeout_s > 0, f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        need(
+            0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
+            f"dist_timeout_s must be > 0 and at most {MAX_DIST_TIMEOUT_S:g}, got {self.dist_timeout_s}",
+        )
         need(self.loader in ("threads", "processes"), f"loader must be threads or processes, got {self.loader!r}")
 
     @property

@@ -18,9 +18,10 @@ so that no collective waits forever) and trains a ``DistributedDataParallel`` co
   ones validated and saved, and a resumed run starts every rank from them. The other ranks' running
   statistics are never used (training normalises with batch statistics).
 * **Agreement**: two small all-reduces per iteration. Before the forward pass
-  (:meth:`Distributed.agree_batch`): whether each rank's batch held a readable image (when one did not,
-  every rank skips that step, so DDP's collectives stay paired) and a pending Ctrl-C (every rank stops
-  after the same iteration, and rank 0 saves; torchrun gives the workers 30 s before it kills them).
+  (:meth:`Distributed.agree_step`): whether each rank's batch held a readable image (when one did not,
+  every rank skips that step, so DDP's collectives stay paired) and a pending Ctrl-C or SIGTERM
+  (:mod:`paadet.train.signals`: every rank stops after the same iteration, and rank 0 alone saves, once,
+  whichever ranks got the signal; torchrun gives the workers 30 s before it kills them).
   Before the backward pass (:meth:`Distributed.agree_losses`): the losses (a non-finite loss on any rank
   stops every rank before the weights change), the positives and the images.
 * **Outputs**: rank 0 alone writes the checkpoints (the unwrapped module's ``state_dict``, mmdetection's
@@ -148,10 +149,11 @@ class Distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.cpu().tolist()
 
-    def agree_batch(self, has_batch: bool, stop: bool) -> tuple[bool, bool]:
-        """Before the forward pass: ``(every rank has a batch, some rank has a pending Ctrl-C)``."""
-        total = self._sum([float(has_batch), float(stop)])
-        return round(total[0]) == self.world_size, total[1] > 0
+    def agree_step(self, has_batch: bool, stop: bool, terminated: bool) -> tuple[bool, bool, bool]:
+        """Before the forward pass: ``(every rank has a batch, some rank has a pending stop, some rank's stop
+        came from a SIGTERM)`` (one all-reduce)."""
+        total = self._sum([float(has_batch), float(stop), float(terminated)])
+        return round(total[0]) == self.world_size, total[1] > 0, total[2] > 0
 
     def agree_losses(self, losses: Sequence[float], num_pos: int, images: int) -> Agreement:
         """Before the backward pass: the losses averaged over the ranks (a NaN or inf on any rank makes

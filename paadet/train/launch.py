@@ -7,9 +7,11 @@ The launcher is apart from the loop (:mod:`paadet.train.loop`) and from the proc
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from paadet.train.config import TrainConfig, TrainingError
+from paadet.train.signals import TrainingTerminated
 
 
 def _shortcut_worker(config: TrainConfig) -> str:
@@ -24,7 +26,9 @@ def launch_local(config: TrainConfig, nproc: int) -> str:
     (``torch.distributed.run``'s engine, standalone rendezvous on a free port); returns rank 0's summary line.
 
     Each process gets ``max(1, cpu_count // nproc)`` CPU threads unless ``config.threads`` or
-    ``OMP_NUM_THREADS`` says otherwise. Raises :class:`TrainingError` naming the failed ranks.
+    ``OMP_NUM_THREADS`` says otherwise. Raises :class:`TrainingError` naming the failed ranks, and
+    ``KeyboardInterrupt`` / :class:`~paadet.train.signals.TrainingTerminated` when Ctrl-C / SIGTERM reached this
+    process (the launcher passes the signal on to the workers, which stop and save as one).
     """
     import dataclasses
     import uuid
@@ -47,7 +51,9 @@ def launch_local(config: TrainConfig, nproc: int) -> str:
     )
     try:
         results = elastic_launch(launch, _shortcut_worker)(config)
-    except SignalException:  # Ctrl-C / SIGTERM reached the launcher: the workers stopped (rank 0 saved first)
+    except SignalException as exc:  # Ctrl-C / SIGTERM reached the launcher: the workers stopped (rank 0 saved first)
+        if exc.sigval == signal.SIGTERM:
+            raise TrainingTerminated from None
         raise KeyboardInterrupt from None
     except ChildFailedError as exc:
         failed = ", ".join(f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(exc.failures.items()))

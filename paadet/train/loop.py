@@ -4,8 +4,10 @@ Per iteration: the batch's forward pass in training mode, :class:`~paadet.train.
 finiteness check, backward, one optimiser step; a row in ``metrics.jsonl``. Per epoch: ``epoch_N.pth``,
 ``latest.pth`` (the same file, hard-linked) and, with a validation set, paadet's COCO evaluation and
 ``best.pth``. ``latest.pth`` is also written every ``save_interval_iters`` iterations or
-``save_interval_s`` seconds, when ``max_iters`` stops the run, and on Ctrl-C (the first Ctrl-C stops
-after the current iteration and saves; a second one aborts at once).
+``save_interval_s`` seconds, when ``max_iters`` stops the run, and on Ctrl-C or SIGTERM (the run stops after
+the current iteration and saves, :mod:`paadet.train.signals`). An epoch in which no iteration could run (every
+image unreadable) stops the run without a checkpoint; a write that fails (a full disk) stops it at once,
+keeping the last good checkpoint.
 
 A resumed run (``resume=True``) reloads ``latest.pth``: weights, the optimiser's state (SGD momentum or AdamW
 moments), the position in the epoch (the batch order and flips are functions of the seed and the epoch, see
@@ -20,12 +22,11 @@ run's objects and calls :meth:`Trainer.run`; hooks (:mod:`paadet.train.hooks`) r
 
 from __future__ import annotations
 
+import contextlib
 import math
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from paadet.classes import ClassList
+from paadet.fileio import OutputWriteError
 from paadet.model import PAANet
 from paadet.train.checkpointer import (
     BEST_NAME,
@@ -53,43 +55,10 @@ from paadet.train.loss import PAALoss
 from paadet.train.metrics import MetricsLog
 from paadet.train.plots import PLOT_NAME, plot_metrics
 from paadet.train.schedule import LRSchedule, set_lr
+from paadet.train.signals import StopRequest
 from paadet.train.summary import TrainSummary
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class _StopFlag:
-    """Ctrl-C during training: the first one asks the loop to stop after the current iteration (and save);
-    the second raises ``KeyboardInterrupt`` at once. Installed only in the main thread.
-
-    ``deferred`` (DDP): the first Ctrl-C only sets ``pending``; ``requested`` is set when the ranks
-    have agreed on it (so that every rank stops after the same iteration). A repeat within 2 s counts
-    as the same Ctrl-C: torchrun forwards the terminal's to workers that got it already."""
-
-    def __init__(self, log: Callable[[str], None], deferred: bool = False) -> None:
-        self.requested = self.pending = False
-        self.deferred, self._first = deferred, 0.0
-        self.log = log
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        now = time.monotonic()
-        if self.requested or self.pending:
-            if self.deferred and now - self._first < 2.0:
-                return
-            raise KeyboardInterrupt
-        self.pending, self._first = True, now
-        self.requested = not self.deferred
-        self.log("interrupt: stopping after this iteration to save latest.pth (Ctrl-C again to abort without saving)")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 class Trainer:
@@ -134,6 +103,7 @@ class Trainer:
             world_size=self.dist.world_size,
         )
         self.last_save = time.monotonic()
+        self.first_skip: str | None = None  # why the first skipped image of this call could not be read
         self.saved: Path | None = self.out / LATEST_NAME if (self.out / LATEST_NAME).is_file() else None
 
     # ---------------------------------------------------------------------------------- checkpoints
@@ -146,12 +116,10 @@ class Trainer:
             flags = torch.isfinite(torch.stack([p.sum() for p in self.net.parameters()])).cpu()
         if not bool(flags.all()):
             names = [n for (n, _), ok in zip(self.net.named_parameters(), flags.tolist(), strict=False) if not ok]
-            kept = (
-                f"the last good checkpoint is {self.saved}" if self.saved is not None else "no checkpoint was written"
-            )
             raise TrainingError(
                 f"after iteration {self.state.iteration} (epoch {self.state.epoch + 1}): the optimiser step made "
-                f"{len(names)} weight tensors non-finite ({', '.join(names[:3])}); not saved, {kept}; try a lower --lr"
+                f"{len(names)} weight tensors non-finite ({', '.join(names[:3])}); not saved, {self._kept()}; "
+                "try a lower --lr"
             )
 
     def checkpoint(self) -> dict[str, Any]:
@@ -172,12 +140,28 @@ class Trainer:
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
         )
 
+    def _kept(self) -> str:
+        return f"the last good checkpoint is {self.saved}" if self.saved is not None else "no checkpoint was written"
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write (a full disk) stops the run at once, in one line naming the file and the checkpoint kept."""
+        try:
+            yield
+        except OutputWriteError as exc:
+            raise OutputWriteError(f"{exc}; stopped after iteration {self.state.iteration}, {self._kept()}") from None
+
+    def _append_row(self, row: dict[str, Any]) -> None:
+        with self._writing():
+            self.metrics.append(row)
+
     def save_latest(self) -> Path:
         if not self.dist.is_main:  # rank 0 alone writes
             return self.out / LATEST_NAME
         self._check_weights()
-        self.metrics.sync()
-        path = save_checkpoint(self.out / LATEST_NAME, self.checkpoint())
+        with self._writing():
+            self.metrics.sync()
+            path = save_checkpoint(self.out / LATEST_NAME, self.checkpoint())
         self.last_save, self.saved = time.monotonic(), path
         return path
 
@@ -193,24 +177,26 @@ class Trainer:
     def run(self) -> TrainSummary:
         """Run the rest of the training (every epoch left, or up to ``max_iters``); returns the summary.
 
-        Raises ``KeyboardInterrupt`` after saving ``latest.pth`` on Ctrl-C."""
+        Raises ``KeyboardInterrupt`` (Ctrl-C) or :class:`~paadet.train.signals.TrainingTerminated` (SIGTERM)
+        after saving ``latest.pth``."""
         config, state = self.config, self.state
         self.hooks.before_train(self)
         if self._done():
             self.summary.stopped = "nothing to do"
             self.log(f"nothing to do: the run in {self.out} is at {state.epoch} epochs, {state.iteration} iterations")
             return self._finish()
-        with _StopFlag(self.log, deferred=self.dist.active) as stop:
+        with StopRequest(self.log, deferred=self.dist.active) as stop:
             while state.epoch < config.epochs:
                 reached_max = self._run_epoch(stop)
                 if stop.requested:
                     path = self.save_latest()
                     self.dist.barrier()  # no rank exits (making torchrun stop rank 0) before the save is done
                     self.log(
-                        f"interrupted: saved {path} at iteration {state.iteration} (epoch {state.epoch + 1}, "
-                        f"batch {state.batch_in_epoch}); continue with --resume (same --output-dir)"
+                        f"{'terminated' if stop.terminated else 'interrupted'}: saved {path} at iteration "
+                        f"{state.iteration} (epoch {state.epoch + 1}, batch {state.batch_in_epoch}); continue "
+                        "with --resume (same --output-dir)"
                     )
-                    raise KeyboardInterrupt
+                    raise stop.interruption()
                 if reached_max:
                     self.summary.stopped = "max_iters"
                     break
@@ -220,7 +206,7 @@ class Trainer:
         max_iters = self.config.max_iters
         return self.state.epoch >= self.config.epochs or (max_iters is not None and self.state.iteration >= max_iters)
 
-    def _run_epoch(self, stop: _StopFlag) -> bool:
+    def _run_epoch(self, stop: StopRequest) -> bool:
         """Run the rest of the current epoch; returns whether ``max_iters`` stopped it."""
         config, state = self.config, self.state
         epoch = state.epoch
@@ -246,6 +232,7 @@ class Trainer:
             file=sys.stderr,
         )
         reached_max = False
+        start_batch, start_iteration = state.batch_in_epoch, state.iteration
         self.net.train()
         tick = time.perf_counter()
         batches = iter(loader)
@@ -258,7 +245,7 @@ class Trainer:
                 if row is not None:
                     now = time.perf_counter()
                     row.update(time=now - tick, data_time=fetched - tick)
-                    self.metrics.append(row)
+                    self._append_row(row)
                     self.summary.seconds += now - tick
                     self.hooks.after_step(self, row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
@@ -276,20 +263,36 @@ class Trainer:
                 close()
             bar.close()
         if state.batch_in_epoch == loader.total_batches and not stop.requested:
+            if state.iteration == start_iteration and (start_batch == 0 or state.iteration == 0):
+                raise self._nothing_read(epoch)
             self._end_epoch()
         elif reached_max:
             path = self.save_latest()
             self.log(f"stopped at --max-iters {config.max_iters}: saved {path}")
         return reached_max
 
+    def _nothing_read(self, epoch: int) -> TrainingError:
+        """An epoch that ran no iteration: every batch held only unreadable images (on some rank, under DDP)."""
+        kept = "no checkpoint was written" if self.saved is None else f"{self._kept()}, not replaced"
+        if not self.summary.skipped_files:  # DDP: this rank read its images, another rank could not
+            why = "every step was skipped because another rank's batches held no readable image"
+        else:
+            why = (
+                f"no batch held a readable image, {self.summary.skipped} images skipped as unreadable (first: "
+                f"{self.summary.skipped_files[0]}: {self.first_skip})"
+            )
+        return TrainingError(f"epoch {epoch + 1} ran no iteration: {why}; {kept}; check --images and the image files")
+
     def _note_skipped(self, batch: TrainBatch) -> None:
         for name, reason in batch.skipped:
+            if self.first_skip is None:
+                self.first_skip = reason
             self.state.skipped_images += 1
             self.summary.skipped += 1
             self.summary.skipped_files.append(name)
             self.log(f"warning: skipped unreadable image {name}: {reason}")
 
-    def _step(self, batch: TrainBatch, epoch: int, stop: _StopFlag) -> dict[str, Any] | None:
+    def _step(self, batch: TrainBatch, epoch: int, stop: StopRequest) -> dict[str, Any] | None:
         """One optimiser step on ``batch``; returns its metrics row (timings added by the caller), or None when
         (under DDP) some rank's batch held no readable image and every rank skips the step."""
         state = self.state
@@ -355,12 +358,12 @@ class Trainer:
             "skipped": [name for name, _ in batch.skipped],
         }
 
-    def _agree_batch(self, batch: TrainBatch, epoch: int, stop: _StopFlag) -> bool:
+    def _agree_batch(self, batch: TrainBatch, epoch: int, stop: StopRequest) -> bool:
         """DDP, before the forward pass (DDP's forward may communicate): whether every rank has a readable
-        image (else every rank skips this step, so the gradient reductions stay paired); a pending Ctrl-C
-        on any rank becomes ``stop.requested`` on all."""
-        all_have_batch, any_stop = self.dist.agree_batch(len(batch) > 0, stop.pending)
-        stop.requested = stop.requested or any_stop
+        image (else every rank skips this step, so the gradient reductions stay paired); a pending Ctrl-C or
+        SIGTERM on any rank becomes ``stop.requested`` on all."""
+        all_have_batch, any_stop, any_term = self.dist.agree_step(len(batch) > 0, stop.pending, stop.terminated)
+        stop.agreed(any_stop, any_term)
         if not all_have_batch and self.dist.is_main:
             self.log(
                 f"warning: iteration {self.state.iteration + 1} (epoch {epoch + 1}, batch "
@@ -389,12 +392,9 @@ class Trainer:
         return agreed.losses, agreed.num_pos, agreed.images
 
     def _not_finite(self, batch: TrainBatch, epoch: int, lr: float, what: str) -> TrainingError:
-        kept = (
-            f"the last good checkpoint is {self.saved}" if self.saved is not None else "no checkpoint was written yet"
-        )
         return TrainingError(
             f"iteration {self.state.iteration + 1} (epoch {epoch + 1}, lr {lr:.3g}): {what} on "
-            f"{', '.join(batch.file_names)}; stopped before updating the weights, {kept}; try a lower --lr"
+            f"{', '.join(batch.file_names)}; stopped before updating the weights, {self._kept()}; try a lower --lr"
         )
 
     def _end_epoch(self) -> None:
@@ -408,7 +408,7 @@ class Trainer:
             and (finished % config.val_interval == 0 or finished == config.epochs)
         ):
             result = self._validate()
-            self.metrics.append({"epoch": finished, "iter": state.iteration, **result.to_row()})
+            self._append_row({"epoch": finished, "iter": state.iteration, **result.to_row()})
             self.log(
                 f"epoch {finished}: val AP {result.ap:.4f} (AP50 {result.stats['AP50']:.4f}) "
                 f"on {result.images} images in {result.seconds:.1f} s"
@@ -419,12 +419,13 @@ class Trainer:
         self.summary.epochs = finished
         if self.dist.is_main:  # rank 0 alone validates and writes; the others wait here
             self._check_weights()
-            self.metrics.sync()
-            path = save_checkpoint(self.out / epoch_name(finished), self.checkpoint())
-            link_or_copy(path, self.out / LATEST_NAME)
-            self.last_save, self.saved = time.monotonic(), self.out / LATEST_NAME
-            if improved:
-                link_or_copy(path, self.out / BEST_NAME)
+            with self._writing():
+                self.metrics.sync()
+                path = save_checkpoint(self.out / epoch_name(finished), self.checkpoint())
+                link_or_copy(path, self.out / LATEST_NAME)
+                self.last_save, self.saved = time.monotonic(), self.out / LATEST_NAME
+                if improved:
+                    link_or_copy(path, self.out / BEST_NAME)
         self.dist.barrier()
         self.hooks.after_epoch(self)
 
@@ -447,12 +448,14 @@ class Trainer:
 
     def _finish(self) -> TrainSummary:
         summary, state = self.summary, self.state
-        self.metrics.close()
+        with self._writing():
+            self.metrics.close()
         summary.iterations, summary.epochs = state.iteration, state.epoch
         summary.best_ap, summary.best_epoch = state.best_ap, state.best_epoch
         summary.checkpoint = self.out / LATEST_NAME if (self.out / LATEST_NAME).is_file() else None
         if self.metrics.rows:
-            summary.plot = plot_metrics(self.metrics.rows, self.out / PLOT_NAME)
+            with self._writing():
+                summary.plot = plot_metrics(self.metrics.rows, self.out / PLOT_NAME)
             if summary.plot is None:
                 self.log(f"no {PLOT_NAME}: matplotlib is not installed (pip install 'paadet[train]')")
         self.hooks.after_train(self, summary)

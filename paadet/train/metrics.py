@@ -5,18 +5,21 @@ Training rows hold ``iter`` (1-based, over the whole run), ``epoch`` (1-based), 
 the batch), ``files`` and ``time``; validation rows hold ``epoch``, ``iter`` and ``val`` (the COCO
 metrics). Rows are flushed as written, so a killed run loses at most the row being written; a resumed
 run first drops the rows past its checkpoint (and a torn last line), so the file ends up as an
-uninterrupted run's would (timings aside).
+uninterrupted run's would (timings aside). A failed write (a full disk) raises
+:class:`~paadet.fileio.OutputWriteError` naming the file, at the row that could not be written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from paadet.fileio import atomic_write_text
+from paadet.fileio import OutputWriteError, atomic_write_text, writing
 
 __all__ = ["METRICS_NAME", "MetricsLog", "read_rows"]
 
@@ -66,25 +69,48 @@ class MetricsLog:
         if keep_upto is not None:
             iteration, epoch = keep_upto
             self.rows = [r for r in read_rows(self.path) if _kept(r, iteration, epoch)]
+        self._failed = False
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-        self._stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run, closed by close())
+        with writing(self.path):
+            self._stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run, closed by close())
 
     def append(self, row: dict[str, Any]) -> None:
-        """Write one row and flush it."""
+        """Write one row and flush it.
+
+        Raises:
+            OutputWriteError: the row could not be written (a full disk); the message names the file.
+        """
         row = _plain(row)
+        with self._write():
+            self._stream.write(json.dumps(row) + "\n")
+            self._stream.flush()
         self.rows.append(row)
-        self._stream.write(json.dumps(row) + "\n")
-        self._stream.flush()
 
     def sync(self) -> None:
         """fsync the rows written so far."""
-        self._stream.flush()
-        os.fsync(self._stream.fileno())
+        with self._write():
+            self._stream.flush()
+            os.fsync(self._stream.fileno())
 
     def close(self) -> None:
-        if not self._stream.closed:
-            self.sync()
-            self._stream.close()
+        """Sync and close; after a failed write, close without raising again (the first error is the one to see)."""
+        if self._stream.closed:
+            return
+        try:
+            if not self._failed:
+                self.sync()
+        finally:
+            with contextlib.suppress(OSError):  # the unwritten rest of a failed write: already reported
+                self._stream.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        try:
+            with writing(self.path):
+                yield
+        except OutputWriteError:
+            self._failed = True
+            raise
 
 
 def _kept(row: dict[str, Any], iteration: int, epoch: int) -> bool:

@@ -1,6 +1,7 @@
 """Starting a training run: :func:`train` checks the settings, joins the process group (under torchrun), reads
-the data and the checkpoint to resume, builds the network and the optimiser, and runs the
-:class:`~paadet.train.loop.Trainer` with the caller's hooks."""
+the data and the checkpoint to resume (refusing other settings or other data: the annotation files' sha256 is
+recorded in the checkpoint), clears the temporaries an interrupted write left, builds the network and the
+optimiser, and runs the :class:`~paadet.train.loop.Trainer` with the caller's hooks."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 
 from paadet.classes import ClassList
 from paadet.console import stderr
-from paadet.fileio import check_output_dir
+from paadet.data.coco import DatasetError
+from paadet.fileio import OutputWriteError, check_output_dir, sha256_file
 from paadet.model import PAANet
-from paadet.train.checkpointer import LATEST_NAME, TrainState, read_checkpoint, restore_rng
+from paadet.train.checkpointer import LATEST_NAME, TrainState, read_checkpoint, remove_stale_temporaries, restore_rng
 from paadet.train.config import TrainConfig, TrainingError
 from paadet.train.dataset import CocoTrainDataset
 from paadet.train.ddp import Distributed, NullMetrics, start_distributed
@@ -60,11 +62,67 @@ def _resume_checkpoint(config: TrainConfig, latest: Path) -> dict[str, Any]:
     return ckpt
 
 
+DATA_HASHES = "data_sha256"
+"""The key of ``meta.settings`` that records the sha256 of the training (``ann_file``) and validation
+(``val_ann``) annotation files, so that ``--resume`` refuses a file that changed at the same path."""
+
+
+def _data_hashes(config: TrainConfig) -> dict[str, str | None]:
+    """The sha256 of the annotation files (None for a file that is not given or not there: the dataset's own
+    checks say so)."""
+    hashes: dict[str, str | None] = {}
+    for key in ("ann_file", "val_ann"):
+        path = getattr(config, key)
+        hashes[key] = sha256_file(path) if path is not None and Path(path).is_file() else None
+    return hashes
+
+
+def _check_same_data(
+    config: TrainConfig, latest: Path, stored: dict[str, Any], hashes: dict[str, str | None], log: Callable[[str], None]
+) -> None:
+    """Refuse to resume on annotation files whose content differs from the run's own (the validation file too,
+    when both runs validate). A checkpoint from before the hashes were recorded is checked by path only."""
+    recorded = stored.get(DATA_HASHES)
+    if not isinstance(recorded, dict):
+        log(
+            f"warning: {latest} records no content hash of its annotation files (written by an older paadet): "
+            "only their paths are compared, a file changed in place is not detected"
+        )
+        return
+    for key, what in (("ann_file", "training"), ("val_ann", "validation")):
+        old, new = recorded.get(key), hashes.get(key)
+        if old is not None and new is not None and old != new:
+            raise TrainingError(
+                f"{latest}: the {what} data changed since this run started: {getattr(config, key)} is not the "
+                f"file it was trained on (sha256 {old[:12]}..., now {new[:12]}...); --resume continues a run on "
+                "its own data only, start a new --output-dir to train on this one"
+            )
+
+
+def _check_validation_categories(config: TrainConfig, val_set: Any, classes: ClassList, log: Callable[[str], None]):
+    """Refuse a validation set whose categories are none of the training set's (its AP would be 0, as ``paadet
+    eval`` refuses it); warn when only some are."""
+    val_ids = [int(c["id"]) for c in val_set.coco.dataset["categories"]]
+    train_ids = set(classes.category_ids)
+    if not any(i in train_ids for i in val_ids):
+        raise DatasetError(
+            f"{config.val_ann}: none of its category ids ({', '.join(map(str, sorted(val_ids)[:20]))}) is one of "
+            f"the training set's ({', '.join(map(str, sorted(train_ids)[:20]))}, from {config.ann_file}): "
+            "validation would score AP 0; map the validation categories to the training ids"
+        )
+    if set(val_ids) != train_ids:
+        log(
+            f"warning: {config.val_ann} lists category ids {sorted(val_ids)}, the training set "
+            f"{sorted(train_ids)}: categories the model does not predict score AP 0"
+        )
+
+
 def _datasets(
     config: TrainConfig, log: Callable[[str], None], with_validation: bool = True
 ) -> tuple[CocoTrainDataset, ClassList, Any]:
     """The training set, its classes (the annotation file's categories, in its order) and the validation set
-    (None without one, or when not ``with_validation``: DDP ranks other than 0)."""
+    (None without one, or when not ``with_validation``: DDP ranks other than 0, which still check its categories
+    so that every rank refuses a mismatch)."""
     dataset = CocoTrainDataset(
         config.ann_file, config.image_dir, scale=config.scale, flip_prob=config.flip_prob, seed=config.seed
     )
@@ -74,17 +132,12 @@ def _datasets(
         log(f"{len(dataset.dropped)} images left out by mmdetection's filter (no annotations, or under 32 px)")
     classes = ClassList(tuple(str(c) for c in dataset.classes), tuple(int(i) for i in dataset.category_ids))
     val_set = None
-    if config.val_ann is not None and with_validation:
+    if config.val_ann is not None:
         from paadet.train.validation import load_validation_set
 
         val_set = load_validation_set(config.val_ann, config.val_images)
-        val_ids = {int(c["id"]) for c in val_set.coco.dataset["categories"]}
-        if val_ids != set(classes.category_ids):
-            log(
-                f"warning: {config.val_ann} lists category ids {sorted(val_ids)}, the training set "
-                f"{sorted(classes.category_ids)}: categories the model does not predict score AP 0"
-            )
-    return dataset, classes, val_set
+        _check_validation_categories(config, val_set, classes, log if with_validation else lambda _: None)
+    return dataset, classes, val_set if with_validation else None
 
 
 def _network(
@@ -128,6 +181,9 @@ def train(
             iteration and the batch's files; the last good checkpoint is kept).
         DatasetError, CheckpointError, OutputPathError: an unusable dataset, checkpoint or output folder.
         KeyboardInterrupt: Ctrl-C, after ``latest.pth`` was saved.
+        TrainingTerminated: SIGTERM (a ``KeyboardInterrupt``), after ``latest.pth`` was saved.
+        OutputWriteError: an output could not be written (a full disk): at the first failed write, naming the
+            file; the last good checkpoint is kept.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) each process joins the process group and
     trains its shard as DDP (:mod:`paadet.train.ddp`); ``config.world_size`` is set from it.
@@ -153,6 +209,17 @@ def _train(
             f"or choose another --output-dir"
         )
     resume_ckpt = _resume_checkpoint(config, latest) if config.resume else None
+    hashes = _data_hashes(config)
+    if resume_ckpt is not None:
+        _check_same_data(config, latest, resume_ckpt["meta"].get("settings", {}), hashes, log)
+    if dist.is_main:
+        removed = remove_stale_temporaries(out)
+        if removed:
+            log(
+                f"removed {len(removed)} temporary files ({sum(n for _, n in removed) / 2**20:.1f} MiB) that an "
+                f"interrupted write left in {out}: {', '.join(name for name, _ in removed[:3])}"
+                + (", ..." if len(removed) > 3 else "")
+            )
     chosen_here = config.channels_last is None and resume_ckpt is None
     config = config.resolved(resume_ckpt["meta"].get("settings", {}) if resume_ckpt is not None else None)
     if chosen_here and config.channels_last:
@@ -160,6 +227,7 @@ def _train(
     device = dist.device
     dataset, classes, val_set = _datasets(config, log, with_validation=dist.is_main)
     state, threads, settings = TrainState(), config.threads, config.settings()
+    settings[DATA_HASHES] = hashes
     if resume_ckpt is not None:
         meta = resume_ckpt["meta"]
         state = TrainState.from_plain(meta.get("train_state", {}))
@@ -224,7 +292,10 @@ def _train(
             trainer.scaler.load_state_dict(resume_ckpt["scaler"])
         try:
             summary = trainer.run()
-        finally:
-            metrics.close()
+        except BaseException:
+            with contextlib.suppress(OutputWriteError):  # the run's own error is the one to report
+                metrics.close()
+            raise
+        metrics.close()
         summary.init_note = init_note
         return summary
