@@ -122,6 +122,19 @@ def wait_for_rows(child: subprocess.Popen, metrics: Path) -> None:
         time.sleep(0.02)
 
 
+def terminate_after_first_row(argv: list[str], out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``argv``, send it a real SIGTERM once ``out/metrics.jsonl`` has its first row, and wait for it."""
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for_rows(child, out / "metrics.jsonl")
+        child.send_signal(signal.SIGTERM)
+        stdout, stderr = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    return subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
+
+
 # ------------------------------------------------------------------------------------------ flags (items 6, 9, 10)
 def usage_error(capsys, argv: list[str]) -> str:
     with pytest.raises(SystemExit) as info:
@@ -262,15 +275,7 @@ def terminated(three_images, tmp_path_factory) -> tuple[Path, subprocess.Complet
     out = tmp_path_factory.mktemp("terminated") / "run"
     argv = [sys.executable, "-m", "paadet", *train_args(*three_images[:2], out, "--epochs", "50")]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        wait_for_rows(child, out / "metrics.jsonl")
-        child.send_signal(signal.SIGTERM)
-        stdout, stderr = child.communicate(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    return out, subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
+    return out, terminate_after_first_row(argv, out, env)
 
 
 def linked_copy(source: Path, target: Path) -> Path:
@@ -382,15 +387,9 @@ def test_sigterm_under_ddp_stops_every_rank_and_rank_0_saves_once(tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "paadet", *train_args(ann, images, out, "--epochs", "50", "--nproc", "2")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        wait_for_rows(child, out / "metrics.jsonl")
-        child.send_signal(signal.SIGTERM)
-        _, stderr = child.communicate(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert child.returncode == 143, stderr[-3000:]
+    done = terminate_after_first_row(argv, out, env)
+    stderr = done.stderr
+    assert done.returncode == 143, stderr[-3000:]
     assert stderr.count("terminated: saved") == 1 and "paadet: terminated (SIGTERM)" in stderr
     saved = read_checkpoint(out / "latest.pth")["meta"]
     assert saved["settings"]["world_size"] == 2 and saved["iter"] == len(read_rows(out / "metrics.jsonl")) >= 1
