@@ -215,7 +215,7 @@ def test_a_folder_given_for_a_file_is_named_a_folder(capsys, tmp_path):
     layout = tmp_path / "root" / "annotations" / "instances_train2017.json"
     layout.mkdir(parents=True)
     code, err = run_cli(capsys, ["train", "--data", str(tmp_path / "root"), "--from-scratch", "--output-dir", str(out)])
-    assert code == 2 and f"{layout}: --data needs it to be a file, but this is a folder" in err
+    assert code == 2 and f"{layout}: the annotation file is a folder (expected a JSON file at ROOT/" in err
     assert not out.exists()
 
 

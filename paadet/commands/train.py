@@ -263,8 +263,6 @@ def train_files(data: str | None, ann: str | None, images: str | None) -> tuple[
     if data is not None:
         if ann is not None or images is not None:
             raise DatasetError("give the dataset as --data ROOT or as --ann FILE --images DIR, not both")
-        if (Path(data) / TRAIN_ANNOTATIONS).is_dir():
-            raise DatasetError(f"{Path(data) / TRAIN_ANNOTATIONS}: --data needs it to be a file, but this is a folder")
         return resolve_layout(data, TRAIN_SPLIT)
     if ann is None:
         raise DatasetError("no dataset: give --data ROOT, or --ann FILE --images DIR")

@@ -63,6 +63,10 @@ def resolve_layout(root: str | os.PathLike, split: str = "val2017") -> tuple[Pat
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
     ann_file = root / annotations
+    if ann_file.is_dir():
+        raise DatasetError(
+            f"{ann_file}: the annotation file is a folder (expected a JSON file at ROOT/{annotations.as_posix()})"
+        )
     if not ann_file.is_file():
         raise DatasetError(f"{ann_file}: annotation file not found (expected the layout ROOT/{annotations.as_posix()})")
     for candidate in image_dirs:
