@@ -418,6 +418,31 @@ def test_slow_or_huge_requests_get_a_one_line_answer_and_are_closed(guarded, cas
     assert guarded.alive()
 
 
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_a_client_still_sending_after_the_408_reads_it_rather_than_a_reset(guarded, where) -> None:
+    """The server closes a connection it answered with ``Connection: close`` by a lingering close: a client
+    that goes on sending for a while (a slow upload) is not reset, which would discard the answer unread."""
+    head = {
+        "headers": b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nX-Slow: s",
+        "body": b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nbbb",
+    }[where]
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=30) as sock:
+        sock.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        for _ in range(5):  # closed at once, the server's kernel would reset the second of these
+            sock.sendall(b"s" * 100)
+            time.sleep(0.1)
+        assert sock.recv(65536) == b""  # then the server's end of file, not a reset
+    status, headers, body = _parse(answer)
+    assert status == 408 and headers["connection"] == "close", (status, headers)
+    assert "--read-timeout-s 1 s" in body["error"], body
+    assert guarded.alive()
+
+
 def test_connections_past_max_connections_get_503_at_once(guarded) -> None:
     async def trial() -> list[bytes]:
         streams = [await asyncio.open_connection("127.0.0.1", guarded.port) for _ in range(16)]

@@ -13,9 +13,11 @@
     answered ``400`` in JSON (uvicorn answers it in plain text);
   * ``max_connections`` open connections at most: one more is answered ``503`` at once, before it is read.
 
-  Each refusal is ``{"error": "one line"}`` with ``Connection: close``; the connection then stops being
-  read and closes after :data:`LINGER_S` (a lingering close, so that the client reads the answer rather
-  than a reset).
+  Each refusal is ``{"error": "one line"}`` with ``Connection: close``.
+  * every close the server starts (a refusal, or an answer with ``Connection: close`` such as the app's
+    body-deadline ``408``) is a lingering close: the answer is flushed with a FIN, the connection's further
+    input is discarded, and it closes when the client does or after :data:`LINGER_S`. Closing at once while
+    the client still sends would make the kernel answer with a reset, which discards the answer unread.
 - :func:`make_server` / :func:`run_server` run the app on those sockets with that protocol.
 """
 
@@ -76,6 +78,23 @@ def bind_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+class _LingeringTransport:
+    """The connection's transport as uvicorn's protocol sees it: ``close()`` is the guard's lingering close."""
+
+    def __init__(self, transport: asyncio.Transport, guard: _Guard) -> None:
+        self._transport = transport
+        self._guard = guard
+
+    def close(self) -> None:
+        self._guard._close_lingering()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing() or self._guard._linger is not None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _Guard:
     """The connection guard (see the module docstring), mixed into one of uvicorn's HTTP protocols."""
 
@@ -91,9 +110,11 @@ class _Guard:
         self._refused = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._shutting_down = False
         self._head_bytes = 0
         self._head_of: Any = None
-        super().connection_made(transport)  # type: ignore[misc]
+        self._raw = transport
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[misc]
         open_connections = sum(1 for c in self.connections if not getattr(c, "_refused", False))
         if open_connections > self.max_connections:
             self._refuse(
@@ -123,6 +144,11 @@ class _Guard:
         """uvicorn's answer to a request it cannot parse, as one-line JSON like every other refusal."""
         self._refuse(400, f"invalid HTTP request: {msg}")
 
+    def shutdown(self) -> None:
+        """The server stops: close at once (no lingering), answering what is in flight as uvicorn does."""
+        self._shutting_down = True
+        super().shutdown()  # type: ignore[misc]
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         if self._linger is not None:
@@ -146,7 +172,7 @@ class _Guard:
         if self.transport.is_closing() or self._refused or self.cycle is not self._head_of:
             return
         if self._head_bytes == 0:  # an idle connection: nothing to answer
-            self.transport.close()
+            self._raw.close()
             return
         self._refuse(408, f"the request's headers did not arrive within --read-timeout-s {self.read_timeout_s:g} s")
 
@@ -161,12 +187,24 @@ class _Guard:
             "connection: close",
             *(f"{name}: {value}" for name, value in (headers or {}).items()),
         ]
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-            self._linger = self.loop.call_later(LINGER_S, self.transport.close)
-        else:
-            self.transport.close()
+        self._raw.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        """Flush what was written with a FIN, discard further input, close when the client does or after
+        :data:`LINGER_S`."""
+        raw = self._raw
+        if raw.is_closing() or self._linger is not None:
+            return
+        if self._shutting_down or not raw.can_write_eof():
+            raw.close()
+            return
+        self._disarm()
+        self._refused = True  # data_received discards from now on
+        raw.write_eof()
+        self._linger = self.loop.call_later(LINGER_S, raw.close)
+        if not raw.is_reading():
+            raw.resume_reading()  # read (and discard) rather than leave input for a reset
 
 
 def guarded_protocol(settings: ServeSettings, base: type[asyncio.Protocol] | None = None) -> type[asyncio.Protocol]:
