@@ -4,13 +4,35 @@ from __future__ import annotations
 
 import os
 
-from paadet.checkpoint import Checkpoint, load_checkpoint, load_weights
+from paadet.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_weights
 from paadet.classes import COCO_CLASSES, ClassList
-from paadet.model.paa import PAANet
+from paadet.model.paa import PAANet, depth_of_state_dict
+from paadet.model.resnet import STAGE_BLOCKS
+
+
+def checkpoint_depth(checkpoint: Checkpoint) -> int:
+    """The backbone depth of a PAA checkpoint (50 or 101), read from its keys: ``backbone.layer3`` has 6
+    blocks in R-50 and 23 in R-101.
+
+    Raises:
+        CheckpointError: a backbone of another depth (the message counts its ``layer3`` blocks).
+    """
+    depth = depth_of_state_dict(checkpoint.state_dict)
+    if depth is not None:
+        return depth
+    prefix = "backbone.layer3."
+    blocks = len({key[len(prefix) :].split(".", 1)[0] for key in checkpoint.state_dict if key.startswith(prefix)})
+    if blocks == 0:
+        return 50  # no backbone keys at all: the strict load names what is missing
+    known = ", ".join(f"R-{depth} has {stages[2]}" for depth, stages in STAGE_BLOCKS.items())
+    raise CheckpointError(
+        f"{checkpoint.path}: checkpoint does not match PAANet: its backbone.layer3 has {blocks} blocks ({known})"
+    )
 
 
 def load_network(path: str | os.PathLike | Checkpoint) -> PAANet:
-    """A PAANet with the checkpoint's weights, sized to its head (80 classes or any other count).
+    """A PAANet with the checkpoint's weights, sized to its head (80 classes or any other count) and to its
+    backbone (R-50 or R-101, from its keys: no flag to give).
 
     The network's ``classes`` attribute is the checkpoint's :class:`~paadet.classes.ClassList`
     (``meta.dataset_meta``; COCO's 80 for the official file).
@@ -20,7 +42,7 @@ def load_network(path: str | os.PathLike | Checkpoint) -> PAANet:
     """
     checkpoint = path if isinstance(path, Checkpoint) else load_checkpoint(path)
     classes = checkpoint.classes
-    net = PAANet(num_classes=len(classes))
+    net = PAANet(num_classes=len(classes), depth=checkpoint_depth(checkpoint))
     load_weights(net, checkpoint)
     net.classes = classes
     return net

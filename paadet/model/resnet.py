@@ -1,7 +1,7 @@
-"""ResNet-50 backbone, "pytorch" style, with torchvision's (and so mmdetection's) parameter names.
+"""ResNet-50 and ResNet-101 backbones, "pytorch" style, with torchvision's (and so mmdetection's) parameter names.
 
 The stride of each stage sits on the 3x3 convolution of its first bottleneck. BatchNorm has eps 1e-5.
-For training, :class:`ResNet50` follows mmdetection's ``frozen_stages`` and ``norm_eval``: the frozen
+For training, :class:`ResNet` follows mmdetection's ``frozen_stages`` and ``norm_eval``: the frozen
 stages (the stem for 0, the stem and ``layer1`` for 1, ...) never take gradients and stay in eval mode,
 and with ``norm_eval`` every BatchNorm keeps its running statistics (eval mode) while the affine
 parameters of the unfrozen stages still train.
@@ -44,22 +44,30 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
-class ResNet50(nn.Module):
-    """ResNet-50 returning the outputs of stages 1-4 (C2..C5: 256/512/1024/2048 channels).
+STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+"""Bottlenecks per stage (``layer1..layer4``) of each supported depth."""
 
-    Input ``[N, 3, H, W]``; outputs at strides 4, 8, 16, 32.
+
+class ResNet(nn.Module):
+    """ResNet-50 or ResNet-101 returning the outputs of stages 1-4 (C2..C5: 256/512/1024/2048 channels).
+
+    Input ``[N, 3, H, W]``; outputs at strides 4, 8, 16, 32. The two depths differ only in the number of
+    bottlenecks of ``layer3`` (6 or 23), so their parameter names are the same up to that count.
 
     Args:
+        depth: 50 or 101 (:data:`STAGE_BLOCKS`).
         frozen_stages: -1 freezes nothing; 0 the stem (``conv1``, ``bn1``); k >= 1 the stem and
             ``layer1..layerk``. Frozen parameters get ``requires_grad=False`` and their modules stay
             in eval mode (mmdetection's ``_freeze_stages``).
         norm_eval: keep every BatchNorm in eval mode in :meth:`train` (running statistics frozen).
     """
 
-    stage_blocks = (3, 4, 6, 3)
-
-    def __init__(self, frozen_stages: int = -1, norm_eval: bool = True) -> None:
+    def __init__(self, depth: int = 50, frozen_stages: int = -1, norm_eval: bool = True) -> None:
         super().__init__()
+        if depth not in STAGE_BLOCKS:
+            raise ValueError(f"ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {depth}")
+        self.depth = depth
+        self.stage_blocks = STAGE_BLOCKS[depth]
         if not -1 <= frozen_stages <= len(self.stage_blocks):
             raise ValueError(f"frozen_stages must be in -1..{len(self.stage_blocks)}, got {frozen_stages}")
         self.frozen_stages = frozen_stages
@@ -86,7 +94,7 @@ class ResNet50(nn.Module):
             return []
         return [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
 
-    def train(self, mode: bool = True) -> ResNet50:
+    def train(self, mode: bool = True) -> ResNet:
         """Set the training mode, then put the frozen stages (and, with ``norm_eval``, every BatchNorm) in eval mode."""
         super().train(mode)
         if mode:

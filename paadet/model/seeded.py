@@ -21,9 +21,10 @@ SEEDED_WEIGHTS: dict[str, tuple[int, float]] = {"dense": (0, -8.0), "sparse": (2
 
 
 def seeded_state_dict(
-    seed: int = 0, cls_bias: float = -8.0, cls_std: float = 0.035, num_classes: int = 80
+    seed: int = 0, cls_bias: float = -8.0, cls_std: float = 0.035, num_classes: int = 80, depth: int = 50
 ) -> dict[str, Tensor]:
-    """A random PAA state dict with mmdetection's 369 keys, identical for the same arguments.
+    """A random PAA state dict with mmdetection's keys (369 for R-50, 675 for R-101), identical for the same
+    arguments.
 
     Args:
         seed: seed of the CPU generator.
@@ -31,9 +32,10 @@ def seeded_state_dict(
             (anchor, class) pairs pass the 0.05 score threshold (thousands at the defaults).
         cls_std: standard deviation of the classification conv weights.
         num_classes: classes of the head.
+        depth: the backbone's depth, 50 or 101 (the R-50 draws are unchanged by the option).
     """
     gen = torch.Generator().manual_seed(seed)
-    template = PAANet(num_classes=num_classes).state_dict()
+    template = PAANet(num_classes=num_classes, depth=depth).state_dict()
     out: dict[str, Tensor] = {}
 
     def normal(shape: torch.Size, std: float, mean: float = 0.0) -> Tensor:
@@ -70,10 +72,10 @@ def seeded_state_dict(
     return out
 
 
-def seeded_net(seed: int = 0, cls_bias: float = -8.0) -> PAANet:
-    """A :class:`PAANet` in eval mode holding :func:`seeded_state_dict` ``(seed, cls_bias)``."""
-    net = PAANet()
-    net.load_state_dict(seeded_state_dict(seed, cls_bias=cls_bias))
+def seeded_net(seed: int = 0, cls_bias: float = -8.0, depth: int = 50) -> PAANet:
+    """A :class:`PAANet` in eval mode holding :func:`seeded_state_dict` ``(seed, cls_bias, depth=depth)``."""
+    net = PAANet(depth=depth)
+    net.load_state_dict(seeded_state_dict(seed, cls_bias=cls_bias, depth=depth))
     return net.eval()
 
 
