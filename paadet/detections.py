@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
-from paadet.classes import CATEGORY_IDS
+from paadet.classes import CATEGORY_IDS, ClassList
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -142,3 +142,61 @@ def coco_entries(results: dict, sources: Sequence[HasPath], category_ids: Sequen
     for index in sorted(results):
         entries.extend(results[index].to_coco(ids[index], category_ids=category_ids))
     return entries
+
+
+def detections_json(
+    result: ImageResult, classes: ClassList, score_thr: float | None = None, max_dets: int | None = None
+) -> dict:
+    """One image's detections as ``paadet serve`` answers them (``/v1/detect``) and ``paadet predict`` writes each
+    JSON line: ``{"width", "height", "detections": [{"bbox": [x1, y1, x2, y2], "score", "label", "category_id",
+    "name"}]}``, sorted by score (ties keep the model's order), at least ``score_thr``, at most ``max_dets``."""
+    order = np.argsort(-result.scores, kind="stable")
+    if score_thr is not None:
+        order = order[result.scores[order] >= np.float32(score_thr)]
+    if max_dets is not None:
+        order = order[:max_dets]
+    boxes, scores, labels = result.boxes[order].tolist(), result.scores[order].tolist(), result.labels[order].tolist()
+    height, width = result.ori_shape
+    return {
+        "width": int(width),
+        "height": int(height),
+        "detections": [
+            {
+                "bbox": box,
+                "score": score,
+                "label": label,
+                "category_id": classes.category_ids[label],
+                "name": classes.names[label],
+            }
+            for box, score, label in zip(boxes, scores, labels, strict=False)
+        ],
+    }
+
+
+@dataclass
+class FrameResult:
+    """Detections of one frame of a video, webcam or stream (what :meth:`paadet.detector.Detector.stream` yields).
+
+    Attributes:
+        source: the source's report name.
+        frame: the frame's 0-based index among the source's decoded frames.
+        time_ms: its timestamp in milliseconds from the stream's start (None for a still image).
+        result: its detections (boxes xyxy in the frame's pixels).
+        image: the decoded frame, BGR ``uint8`` ``[H, W, 3]``, when asked for (to draw on), else None.
+    """
+
+    source: str
+    frame: int
+    time_ms: float | None
+    result: ImageResult
+    image: np.ndarray | None = None
+
+    def to_json(self, classes: ClassList) -> dict:
+        """The frame's JSON line: ``{"source", "frame", "time_ms", "width", "height", "detections"}`` with the
+        detections of :func:`detections_json`."""
+        return {
+            "source": self.source,
+            "frame": self.frame,
+            "time_ms": self.time_ms,
+            **detections_json(self.result, classes),
+        }

@@ -18,8 +18,9 @@ import numpy as np
 from paadet.classes import CLASS_NAMES
 from paadet.fileio import OutputPathError
 
-VIS_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-"""Suffixes a drawn copy keeps (OpenCV encodes them); any other input gets ``.jpg`` appended."""
+VIS_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".mp4"})
+"""Suffixes a drawn copy keeps (OpenCV encodes the images; ``.mp4`` is the annotated video of a video source, see
+:meth:`paadet.sources.VideoSource.vis_name`); any other input gets ``.jpg`` appended."""
 
 _PARENT = "__"
 """What a ``..`` component of an input's name becomes under the visualisation folder."""

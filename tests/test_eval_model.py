@@ -26,6 +26,7 @@ from paadet.data.coco import CocoDataset
 from paadet.data.synthetic import synthetic_image
 from paadet.evaluation.journal import JOURNAL_NAME, JournalError
 from paadet.evaluation.metrics import METRIC_KEYS, evaluate_results_file
+from paadet.evaluation.plots import PLOT_FILES, PlotOptions
 from paadet.evaluation.run import DETECTIONS_NAME, METRICS_NAME, evaluate_detector
 from paadet.model.seeded import seeded_state_dict
 
@@ -201,6 +202,21 @@ def test_batching_changes_detections_only_by_rounding(
     np.testing.assert_allclose(
         [d["bbox"] + [d["score"]] for d in batched], [d["bbox"] + [d["score"]] for d in single], atol=1e-3
     )
+
+
+def test_plots_are_drawn_before_metrics_json(tmp_path: Path, helper: ModuleType, tiny_data: tuple[Path, Path]) -> None:
+    """``--plots`` from a detector run: the pictures of its detections, listed in metrics.json, written before it."""
+    report = evaluate_detector(
+        helper.build(), CocoDataset.load(*tiny_data), tmp_path, weights="seed0", progress=False, plots=PlotOptions(0.0)
+    )
+    saved = json.loads((tmp_path / METRICS_NAME).read_text())
+    assert saved["plots"] == {"files": list(PLOT_FILES), "iou_thr": 0.5, "score_thr": 0.0}
+    drawn = json.loads((tmp_path / "plots.json").read_text())
+    assert abs(drawn["pr_curves"]["AP"]["0.50:0.95"] - report.metrics.stats["AP"]) < 1e-6
+    counts = np.array(drawn["confusion_matrix"]["counts"])
+    assert np.trace(counts) > 0 and counts[-1].sum() > 0  # boxes found (they were shifted detections), and others
+    written = (tmp_path / METRICS_NAME).stat().st_mtime_ns
+    assert all((tmp_path / name).stat().st_mtime_ns <= written for name in PLOT_FILES)
 
 
 def test_missing_and_unreadable_images_count_as_no_detections(

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paadet.classes import COCO_CLASSES
-from paadet.commands.options import ModelOptions, positive_int
+from paadet.commands.options import ModelOptions, positive_int, probability
 from paadet.data.coco import LOADERS, VAL2017_ANNOTATIONS, CocoDataset, DatasetError, resolve_layout
 from paadet.errors import PaadetError
-from paadet.fileio import atomic_write_json, check_output_dir
+from paadet.fileio import OutputPathError, atomic_write_json, check_output_dir
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from paadet.evaluation.journal import JournalRecord
     from paadet.evaluation.metrics import CocoMetrics
+    from paadet.evaluation.plots import PlotOptions
     from paadet.evaluation.run import EvalReport
     from paadet.runtime.spec import DetectorSpec
 
@@ -29,7 +31,8 @@ or score an existing COCO results file (--results) without running a model.
 
 Data: --data ROOT (ROOT/annotations/instances_val2017.json, images in ROOT/images/val2017/ or
 ROOT/val2017/), or --ann FILE --images DIR. With --output-dir the run writes journal.jsonl as it
-goes (resume an interrupted run with --resume), then detections.json and metrics.json.
+goes (resume an interrupted run with --resume), then detections.json and metrics.json; with --plots
+also precision-recall curves, confusion matrices and example images (docs/eval.md, "Pictures").
 """
 
 
@@ -80,6 +83,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="continue the interrupted run in --output-dir (same model settings), computing only the images it lacks",
     )
     o.add_argument("--per-class", action="store_true", help="also report AP per category")
+    o.add_argument(
+        "--plots",
+        action="store_true",
+        help="also draw precision-recall curves, confusion matrices and example images into --output-dir "
+        "(needs matplotlib: pip install 'paadet[plots]')",
+    )
+    o.add_argument(
+        "--plot-score-thr",
+        metavar="T",
+        type=probability,
+        default=0.3,
+        help="lowest score counted by --plots' confusion matrix and drawn on its examples (default 0.3; IoU 0.5)",
+    )
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -107,16 +123,50 @@ def _print_metrics(metrics: CocoMetrics) -> None:
     print(format_metrics(metrics))
 
 
+def plot_options(args: argparse.Namespace) -> PlotOptions | None:
+    """``--plots``' settings (None without it), after checking that they can be drawn: an output folder is named
+    and matplotlib is installed (one-line errors, before any work)."""
+    if not args.plots:
+        return None
+    if args.output_dir is None:
+        raise OutputPathError("--plots needs --output-dir DIR (the pictures are written beside metrics.json)")
+    from paadet.evaluation.plots import PlotOptions, require_matplotlib
+
+    require_matplotlib()
+    return PlotOptions(score_thr=args.plot_score_thr)
+
+
+def _print_plots(files: list[str], folder: str | Path, examples: bool) -> None:
+    print(f"wrote {', '.join(files)} in {folder}")
+    if not examples:
+        print("note: no image folder (--images DIR, or --data ROOT with its images): no examples.jpg", file=sys.stderr)
+
+
 def run_results(
-    results: str, ann_file: Path, limit: int | None, per_class: bool, output_dir: str | None
+    results: str,
+    ann_file: Path,
+    limit: int | None,
+    per_class: bool,
+    output_dir: str | None,
+    image_dir: Path | None = None,
+    plots: PlotOptions | None = None,
 ) -> CocoMetrics:
-    """Score a results file; print the table; write ``metrics.json`` when ``output_dir`` is given."""
+    """Score a results file; print the table; write ``metrics.json`` (and with ``plots`` the pictures, drawn on
+    the images in ``image_dir`` where given) when ``output_dir`` is given."""
     if output_dir is not None:
         check_output_dir(output_dir, "--output-dir", inputs=[results, ann_file])
-    from paadet.evaluation.metrics import evaluate_results_file
+        from paadet.evaluation.plots import PLOT_FILES
+
+        for name in PLOT_FILES:  # replaced, or removed as an earlier run's
+            if any(os.path.realpath(Path(output_dir) / name) == os.path.realpath(p) for p in (results, ann_file)):
+                raise OutputPathError(f"{Path(output_dir) / name}: --output-dir would overwrite this input")
+    if plots is not None and image_dir is not None and not image_dir.is_dir():
+        raise DatasetError(f"{image_dir}: image folder not found")
+    from paadet.evaluation.metrics import coco_evaluate, load_results_file
     from paadet.evaluation.run import METRICS_NAME
 
-    metrics = evaluate_results_file(results, ann_file, limit=limit, per_class=per_class)
+    gt, detections, img_ids = load_results_file(results, ann_file, limit=limit)
+    metrics = coco_evaluate(gt, detections, img_ids=img_ids, per_class=per_class)
     _print_metrics(metrics)
     print(f"images: {metrics.num_images} evaluated; {metrics.num_detections} detections from {results}")
     if output_dir is not None:
@@ -127,6 +177,13 @@ def run_results(
             results=str(results),
             annotations=str(ann_file),
         )
+        from paadet.evaluation.plots import remove_plots, write_eval_plots
+
+        remove_plots(output_dir)  # an earlier run's pictures describe other detections
+        if plots is not None:
+            drawn = write_eval_plots(output_dir, gt, detections, metrics, img_ids, image_dir, plots)
+            out["plots"] = drawn.summary()
+            _print_plots(out["plots"]["files"], output_dir, image_dir is not None)
         atomic_write_json(Path(output_dir) / METRICS_NAME, out, indent=2)
     return metrics
 
@@ -142,6 +199,7 @@ def run_model(
     loader: str = "threads",
     progress: bool = True,
     on_record: Callable[[JournalRecord], None] | None = None,
+    plots: PlotOptions | None = None,
 ) -> EvalReport:
     """Load the dataset, open the model, evaluate; print warnings, the table and the summary.
 
@@ -184,6 +242,7 @@ def run_model(
         workers=spec.workers,
         progress=progress,
         on_record=on_record,
+        plots=plots,
     )
     _print_metrics(report.metrics)
     print(report.summary())
@@ -195,6 +254,8 @@ def run_model(
         )
     if report.output_dir is not None:
         print(f"wrote {report.output_dir / 'detections.json'} and {report.output_dir / METRICS_NAME}")
+    if "plots" in report.extra:
+        _print_plots(report.extra["plots"]["files"], report.output_dir, True)
     if report.missing_images and len(report.missing_images) == report.images["evaluated"]:
         raise DatasetError(
             f"{image_dir}: all {len(report.missing_images)} images were missing or unreadable; "
@@ -204,9 +265,23 @@ def run_model(
 
 
 def run(args: argparse.Namespace) -> int:
+    plots = plot_options(args)
     if args.results is not None:
-        ann_file, _ = dataset_files(args.data, args.ann, args.images, need_images=False)
-        run_results(args.results, ann_file, limit=args.limit, per_class=args.per_class, output_dir=args.output_dir)
+        ann_file, image_dir = dataset_files(args.data, args.ann, args.images, need_images=False)
+        if plots is not None and args.data is not None:  # the images are only needed for the examples
+            try:
+                image_dir = resolve_layout(args.data)[1]
+            except DatasetError:
+                image_dir = None
+        run_results(
+            args.results,
+            ann_file,
+            limit=args.limit,
+            per_class=args.per_class,
+            output_dir=args.output_dir,
+            image_dir=image_dir,
+            plots=plots,
+        )
         return 0
     spec = MODEL.spec(args)
     ann_file, image_dir = dataset_files(args.data, args.ann, args.images)
@@ -220,5 +295,6 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         loader=args.loader,
         progress=not args.no_progress,
+        plots=plots,
     )
     return 0

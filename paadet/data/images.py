@@ -96,8 +96,9 @@ class ImageSource:
     error: str | None = None
 
 
-def _folder_images(folder: pathlib.Path) -> list[ImageSource]:
-    """Image files under ``folder`` (recursively, symlinked sub-folders not followed), sorted by relative name.
+def _folder_images(folder: pathlib.Path, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> list[ImageSource]:
+    """Files under ``folder`` with a suffix in ``extensions`` (recursively, symlinked sub-folders not followed),
+    sorted by relative name.
 
     A sub-folder that cannot be listed and a symlink that loops become sources with ``error`` set,
     so that they are reported and skipped while the rest is processed.
@@ -115,7 +116,7 @@ def _folder_images(folder: pathlib.Path) -> list[ImageSource]:
 
     for root, _dirs, files in os.walk(folder, onerror=unlistable):
         for file in files:
-            if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS:
+            if os.path.splitext(file)[1].lower() in extensions:
                 path = pathlib.Path(root, file)
                 found.append(ImageSource(path, path.relative_to(folder).as_posix()))
     found.sort(key=lambda source: source.file_name)
@@ -152,14 +153,17 @@ def _distinct_names(sources: list[ImageSource], prefixes: list[str]) -> list[Ima
     return out
 
 
-def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[ImageSource]:
+def list_images(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTENSIONS
+) -> list[ImageSource]:
     """List the images named by ``inputs``: any mix of image files and folders, in input order.
 
-    Folders are searched recursively for files with an extension in :data:`IMAGE_EXTENSIONS`
-    (case-insensitive), sorted by their path relative to the folder, which becomes their
-    ``file_name``. A file given directly is taken whatever its extension (an undecodable one fails
-    later, in :func:`read_image`), with the argument as given as its ``file_name``. A file reached
-    twice (same real path) is listed once, at its first occurrence. Names are made distinct (see
+    Folders are searched recursively for files with an extension in ``extensions`` (default
+    :data:`IMAGE_EXTENSIONS`; ``paadet.sources`` adds the video suffixes; case-insensitive), sorted
+    by their path relative to the folder, which becomes their ``file_name``. A file given directly is
+    taken whatever its extension (an undecodable one fails later, in :func:`read_image`), with the
+    argument as given as its ``file_name``. A file reached twice (same real path) is listed once, at
+    its first occurrence. Names are made distinct (see
     :class:`ImageSource`). A sub-folder that cannot be listed, or a symlink loop, is listed with its
     ``error`` set instead of raising. A single path may be passed instead of a sequence.
 
@@ -176,7 +180,7 @@ def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list
         if not path.exists() and not path.is_symlink():
             raise FileNotFoundError(f"no such image file or folder: {os.fspath(item)}")
         if path.is_dir():
-            found, prefix = _folder_images(path), os.fspath(item)
+            found, prefix = _folder_images(path, extensions), os.fspath(item)
         else:
             found, prefix = [ImageSource(path, os.fspath(item))], ""
         for source in found:

@@ -11,7 +11,7 @@ import contextlib
 import io
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,44 @@ class ResultsError(PaadetError):
 
 
 @dataclass
+class PrecisionArrays:
+    """pycocotools' own precision array of one evaluation, with the axes it is indexed by.
+
+    Attributes:
+        precision: ``COCOeval.eval["precision"]``, ``[T, R, K, A, M]``: IoU thresholds, recall points,
+            categories, area ranges, max detections; -1 where a category has no ground truth.
+        iou_thrs: ``[T]`` IoU thresholds (0.5, 0.55 ... 0.95).
+        rec_thrs: ``[R]`` recall points (0, 0.01 ... 1: the 101-point interpolation).
+        cat_ids: ``[K]`` category ids, in the array's order.
+        names: ``[K]`` category names (the id as text where the file gives none).
+        area_labels: ``[A]`` area range names (``all``, ``small``, ``medium``, ``large``).
+        max_dets: ``[M]`` detections per image (1, 10, 100).
+    """
+
+    precision: np.ndarray
+    iou_thrs: np.ndarray
+    rec_thrs: np.ndarray
+    cat_ids: list[Any]
+    names: list[str]
+    area_labels: list[str]
+    max_dets: list[int]
+
+    @classmethod
+    def of(cls, evaluator: COCOeval, gt: COCO) -> PrecisionArrays:
+        """The arrays of an accumulated ``evaluator`` (copied; the evaluator may be dropped)."""
+        p = evaluator.params
+        return cls(
+            precision=np.array(evaluator.eval["precision"], dtype=np.float64),
+            iou_thrs=np.array(p.iouThrs, dtype=np.float64),
+            rec_thrs=np.array(p.recThrs, dtype=np.float64),
+            cat_ids=[c.item() if isinstance(c, np.generic) else c for c in p.catIds],  # np.unique made them numpy
+            names=[str(gt.cats[c].get("name", c)) for c in p.catIds],
+            area_labels=list(p.areaRngLbl),
+            max_dets=[int(m) for m in p.maxDets],
+        )
+
+
+@dataclass
 class CocoMetrics:
     """The result of one COCO evaluation.
 
@@ -67,12 +105,14 @@ class CocoMetrics:
         per_class: category name -> AP@[0.5:0.95] (None for a category with no ground truth), when asked.
         num_images: images evaluated (``params.imgIds``).
         num_detections: detections given for those images.
+        arrays: pycocotools' precision array and its axes (what the evaluation pictures draw); not in the JSON.
     """
 
     stats: dict[str, float]
     per_class: dict[str, float | None] | None
     num_images: int
     num_detections: int
+    arrays: PrecisionArrays | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.stats)
@@ -135,7 +175,7 @@ def coco_evaluate(
             classes[name] = float(np.mean(p)) if p.size else None
     wanted = set(evaluator.params.imgIds)
     num_dets = sum(1 for d in detections if d["image_id"] in wanted)
-    return CocoMetrics(stats, classes, len(evaluator.params.imgIds), num_dets)
+    return CocoMetrics(stats, classes, len(evaluator.params.imgIds), num_dets, PrecisionArrays.of(evaluator, gt))
 
 
 def validate_results(data: Any, path: str | os.PathLike, gt: COCO, ann_file: str | os.PathLike) -> list[dict]:
@@ -208,6 +248,21 @@ def evaluate_results_file(
         DatasetError: the annotation file is missing or malformed.
         ResultsError: the results file is missing, malformed or names images the annotations lack.
     """
+    gt, detections, img_ids = load_results_file(results, ann_file, limit, log)
+    return coco_evaluate(gt, detections, img_ids=img_ids, per_class=per_class)
+
+
+def load_results_file(
+    results: str | os.PathLike,
+    ann_file: str | os.PathLike,
+    limit: int | None = None,
+    log: Callable[[str], None] = stderr,
+) -> tuple[COCO, list[dict], list[Any] | None]:
+    """Read and check a results file and its annotation file (see :func:`evaluate_results_file`).
+
+    Returns:
+        The ground truth, the results entries, and the images to evaluate (None: all, pycocotools' default).
+    """
     if limit is not None and limit < 1:
         raise DatasetError(f"--limit must be at least 1, got {limit}")
     gt, warnings = load_coco(ann_file, need_file_names=False)
@@ -233,7 +288,7 @@ def evaluate_results_file(
             f"({listed(foreign)}); their detections cannot match"
         )
     img_ids = sorted(gt.imgs)[:limit] if limit is not None else None
-    return coco_evaluate(gt, detections, img_ids=img_ids, per_class=per_class)
+    return gt, detections, img_ids
 
 
 def format_metrics(metrics: CocoMetrics) -> str:

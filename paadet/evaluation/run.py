@@ -33,6 +33,7 @@ from paadet.data.pipeline import iter_images
 from paadet.detector import Detector
 from paadet.evaluation.journal import JOURNAL_NAME, Journal, JournalError, JournalRecord, journal_entries
 from paadet.evaluation.metrics import CocoMetrics, coco_evaluate
+from paadet.evaluation.plots import PlotOptions, remove_plots, require_matplotlib, write_eval_plots
 from paadet.fileio import atomic_write_json, writing
 from paadet.runtime.base import StageTimer
 from paadet.version import __version__
@@ -125,6 +126,7 @@ def evaluate_detector(
     progress: bool = True,
     log: Callable[[str], None] = stderr,
     on_record: Callable[[JournalRecord], None] | None = None,
+    plots: PlotOptions | None = None,
 ) -> EvalReport:
     """Run ``detector`` over ``dataset``'s images and score the detections.
 
@@ -146,11 +148,17 @@ def evaluate_detector(
         log: where warnings go.
         on_record: called with each image's record right after it is journaled (monitoring; tests use it to
             stop a run at a chosen image).
+        plots: draw the evaluation pictures into ``output_dir`` (:mod:`paadet.evaluation.plots`) after
+            ``detections.json`` and before ``metrics.json``, which lists them; needs ``output_dir``.
 
     Raises:
         JournalError: see :meth:`Journal.open`, or the journal lists another file for an image id.
     """
     settings = detector_settings(detector, weights)
+    if plots is not None:
+        if output_dir is None:
+            raise ValueError("plots need an output_dir to be written to")
+        require_matplotlib()
     with contextlib.ExitStack() as stack:
         if output_dir is None:
             if resume:
@@ -205,7 +213,13 @@ def evaluate_detector(
         if output_dir is not None:
             with writing(out / METRICS_NAME):  # the mark of a finished run: not beside other detections
                 (out / METRICS_NAME).unlink(missing_ok=True)
+            remove_plots(out)  # nor are an earlier run's pictures
             atomic_write_json(out / DETECTIONS_NAME, detections)
+            if plots is not None:
+                drawn = write_eval_plots(
+                    out, dataset.coco, detections, metrics, dataset.image_ids, dataset.image_dir, plots
+                )
+                report.extra["plots"] = drawn.summary()
             atomic_write_json(out / METRICS_NAME, report.to_json(), indent=2)
         return report
 
