@@ -2,6 +2,7 @@
 same JPEG files, the fraction of the machine's measured peak that the network reaches, and where the time goes.
 
     python benchmarks/bench_cpu_backends.py --num-images 6 --presets mmdet,800 --json cpu_backends.json
+    python benchmarks/bench_cpu_backends.py --depths 50,101 --num-images 4 --presets mmdet --modes torch-fp32,ort-fp32
 
 Contenders (``--modes``; each after one untimed warm-up image, batch 1, ``paadet predict``'s code path:
 JPEG files -> COCO results JSON on disk, two decoding threads ahead of the network):
@@ -19,8 +20,9 @@ JPEG files -> COCO results JSON on disk, two decoding threads ahead of the netwo
   the model, its post-processing) in the mmdetection environment (``--mmdet-python``), as a subprocess.
 
 Weights: ``paadet.model.seeded.seeded_state_dict`` (``--weights dense``: thousands of candidates per image, so NMS
-and score voting work hard; ``sparse``: a few dozen), saved once as an mmdetection checkpoint. Detections of
-every contender are matched against mmdetection's (same label, IoU >= 0.99, |score difference| <= 1e-4).
+and score voting work hard; ``sparse``: a few dozen), saved once as an mmdetection checkpoint per backbone depth
+(``--depths 50,101``: R-50 and R-101 in the same run, each against mmdetection's ``paa_r<depth>_fpn_1x_coco``).
+Detections of every contender are matched against mmdetection's (same label, IoU >= 0.99, |score difference| <= 1e-4).
 
 **Peak.** Measured, not taken from a data sheet (this VM reports no clock): the best GFLOP/s of a large kernel in
 each precision on all cores (fp32 and bf16: ``torch.mm`` on 2048- and 4096-square matrices and a 3x3 convolution,
@@ -119,7 +121,14 @@ def parity(reference: dict[str, dict], ours: dict[str, tuple]) -> dict[str, Any]
 
 
 def mmdet_command(
-    python: str, folder: Path, checkpoint: Path, preset: str, out: Path, threads: int | None = None, whole: bool = False
+    python: str,
+    folder: Path,
+    checkpoint: Path,
+    preset: str,
+    out: Path,
+    threads: int | None = None,
+    whole: bool = False,
+    depth: int = 50,
 ) -> list[str]:
     """This script's ``--mmdet-worker`` command line under ``python``."""
     cmd = [
@@ -134,6 +143,8 @@ def mmdet_command(
         preset,
         "--worker-out",
         str(out),
+        "--depth",
+        str(depth),
     ]
     if threads is not None:
         cmd += ["--threads", str(threads)]
@@ -141,11 +152,11 @@ def mmdet_command(
 
 
 def run_mmdet_subprocess(
-    python: str, folder: Path, checkpoint: Path, preset: str, out: Path, threads: int | None = None
+    python: str, folder: Path, checkpoint: Path, preset: str, out: Path, threads: int | None = None, depth: int = 50
 ) -> dict[str, Any]:
     """Run this script's ``--mmdet-worker`` mode under ``python`` and read its JSON."""
     proc = subprocess.run(
-        mmdet_command(python, folder, checkpoint, preset, out, threads), capture_output=True, text=True
+        mmdet_command(python, folder, checkpoint, preset, out, threads, depth=depth), capture_output=True, text=True
     )
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
@@ -153,8 +164,9 @@ def run_mmdet_subprocess(
     return json.loads(out.read_text())
 
 
-def mmdet_worker(folder: Path, checkpoint: Path, preset: str, out: Path, whole: bool = False) -> None:
-    """In the mmdetection environment: time ``inference_detector`` per file, profile its parts, write JSON."""
+def mmdet_worker(folder: Path, checkpoint: Path, preset: str, out: Path, whole: bool = False, depth: int = 50) -> None:
+    """In the mmdetection environment: time ``inference_detector`` per file (config ``paa_r<depth>_fpn_1x_coco``),
+    profile its parts, write JSON."""
     import functools
     import platform
 
@@ -165,7 +177,8 @@ def mmdet_worker(folder: Path, checkpoint: Path, preset: str, out: Path, whole: 
     from mmengine.config import Config
 
     scale, divisor = MMDET_PRESETS[preset]
-    cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), ".mim/configs/paa/paa_r50_fpn_1x_coco.py"))
+    config = f"paa_r{depth}_fpn_1x_coco.py"
+    cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), ".mim/configs/paa", config))
     cfg.model.backbone.init_cfg = None
     cfg.model.data_preprocessor.pad_size_divisor = divisor
     for step in cfg.test_dataloader.dataset.pipeline:
@@ -211,7 +224,7 @@ def mmdet_worker(folder: Path, checkpoint: Path, preset: str, out: Path, whole: 
     out.write_text(
         json.dumps(
             {
-                "name": "mmdetection inference_detector",
+                "name": f"mmdetection inference_detector ({config})",
                 "images": n,
                 "seconds": seconds,
                 "cpu_seconds": cpu_seconds,
@@ -317,7 +330,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def network_gflop(files: list[Path], preset: str) -> float:
+def network_gflop(files: list[Path], preset: str, depth: int = 50) -> float:
     """Mean GFLOP (2 per multiply-add) of the network's forward pass over the padded inputs of ``files``."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -326,7 +339,7 @@ def network_gflop(files: list[Path], preset: str) -> float:
     from paadet.model import PAANet
     from paadet.preprocess import resize
 
-    net = PAANet().eval()
+    net = PAANet(depth=depth).eval()
     per_shape: dict[tuple[int, int], float] = {}
     total = 0.0
     for path in files:
@@ -440,6 +453,7 @@ def whole_commands(
     threads: int | None,
     tmp: Path,
     repeats: int = 1,
+    depth: int = 50,
 ) -> dict[str, Any]:
     """Wall seconds of each whole command (process start, imports, model load or compilation, every image):
     ``repeats`` rounds, every command once per round in turn, the order rotated by one each round; the median
@@ -452,7 +466,9 @@ def whole_commands(
         cmd = predict_command(mode, folder, checkpoint, graphs, preset, tmp / f"whole_{mode}.json")
         commands[mode] = (cmd, env, " ".join(cmd[2:]))
     if mmdet_python is not None:
-        cmd = mmdet_command(mmdet_python, folder, checkpoint, preset, tmp / "whole_mmdet.json", threads, whole=True)
+        cmd = mmdet_command(
+            mmdet_python, folder, checkpoint, preset, tmp / "whole_mmdet.json", threads, whole=True, depth=depth
+        )
         commands["mmdet"] = (cmd, None, "python: init_detector + inference_detector per file (no warm-up)")
     times: dict[str, list[float]] = {name: [] for name in commands}
     names = list(commands)
@@ -482,17 +498,19 @@ def compare(
     peaks: dict[str, Any],
     whole_repeats: int = 1,
     whole_only: bool = False,
+    depth: int = 50,
 ) -> dict[str, Any]:
-    """Run every contender of one preset on the same files and weights; return that preset's report
-    (``whole_only``: the whole commands alone, ``whole_repeats`` rounds of them)."""
+    """Run every contender of one preset on the same files and weights (an R-``depth`` backbone); return that
+    preset's report (``whole_only``: the whole commands alone, ``whole_repeats`` rounds of them)."""
     import torch
 
-    from paadet.bench.run import write_generated_images
+    from paadet.bench.images import write_generated_images
     from paadet.model.seeded import seeded_state_dict
 
     seed, cls_bias = WEIGHTS[weights]
     report: dict[str, Any] = {
         "preset": preset,
+        "depth": depth,
         "num_images": num_images,
         "load_average_before": load_average(),
         "contenders": {},
@@ -501,13 +519,11 @@ def compare(
         tmp_path = Path(tmp)
         folder = tmp_path / "images"
         files = write_generated_images(folder, num_images)
-        checkpoint = tmp_path / f"seeded{seed}.pth"
-        torch.save(
-            {"meta": {"seed": seed, "cls_bias": cls_bias}, "state_dict": seeded_state_dict(seed, cls_bias=cls_bias)},
-            checkpoint,
-        )
+        checkpoint = tmp_path / f"seeded{seed}_r{depth}.pth"
+        state_dict = seeded_state_dict(seed, cls_bias=cls_bias, depth=depth)
+        torch.save({"meta": {"seed": seed, "cls_bias": cls_bias}, "state_dict": state_dict}, checkpoint)
         report["images"] = sorted({f"{w}x{h}" for h, w in (_size(p) for p in files)})
-        gflop = None if whole_only else network_gflop(files, preset)
+        gflop = None if whole_only or not peaks else network_gflop(files, preset, depth)
         report["network_gflop_per_image"] = gflop
         graphs = make_graphs(checkpoint, folder, preset, modes, tmp_path)
         report["untimed"] = {k: v for k, v in graphs.items() if k.endswith("_seconds")}
@@ -527,19 +543,23 @@ def compare(
             ours[mode] = paadet_detections(tmp_path / f"{mode}.json", folder)
             del detector
         if mmdet_python is not None and not whole_only:
-            mm = run_mmdet_subprocess(mmdet_python, folder, checkpoint, preset, tmp_path / "mmdet.json", threads)
-            reference = mm.pop("detections")
-            mm["network_gflops"] = (
-                gflop
-                / (mm["stages_ms_per_image"]["backbone_neck"] + mm["stages_ms_per_image"]["head_forward"])
-                * 1000.0
+            mm = run_mmdet_subprocess(
+                mmdet_python, folder, checkpoint, preset, tmp_path / "mmdet.json", threads, depth=depth
             )
-            mm["fraction_of_peak"] = mm["network_gflops"] / peaks["fp32"]
+            reference = mm.pop("detections")
+            if gflop and peaks:
+                network_ms = mm["stages_ms_per_image"]["backbone_neck"] + mm["stages_ms_per_image"]["head_forward"]
+                mm["network_gflops"] = gflop / network_ms * 1000.0
+                mm["fraction_of_peak"] = mm["network_gflops"] / peaks["fp32"]
             contenders["mmdet"] = mm
             for mode, dets in ours.items():
                 contenders[mode]["parity_vs_mmdet"] = parity(reference, dets)
-        report["whole_command"] = whole_commands(
-            folder, checkpoint, graphs, preset, modes, mmdet_python, threads, tmp_path, repeats=whole_repeats
+        report["whole_command"] = (
+            whole_commands(
+                folder, checkpoint, graphs, preset, modes, mmdet_python, threads, tmp_path, whole_repeats, depth
+            )
+            if whole_repeats
+            else {}
         )
     ratios: dict[str, float] = {}
     if "ort-fp32" in contenders:
@@ -557,6 +577,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=6, help="generated JPEGs to time per preset (default 6)")
     parser.add_argument("--presets", default="mmdet,800", help="comma-separated presets (default: mmdet,800)")
+    parser.add_argument(
+        "--depths",
+        default="50",
+        help="comma-separated backbone depths, 50 and/or 101, each against mmdetection's paa_r<depth>_fpn_1x_coco "
+        "(default: 50)",
+    )
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated (default: {','.join(MODES)})")
     parser.add_argument(
         "--weights",
@@ -576,10 +602,15 @@ def main() -> int:
         "--whole-repeats",
         type=int,
         default=1,
-        help="rounds of the whole commands, taken in turn; the median is reported (default 1)",
+        help="rounds of the whole commands, taken in turn; the median is reported (default 1; 0: no whole commands)",
     )
     parser.add_argument(
         "--whole-only", action="store_true", help="time only the whole commands (no in-process contenders, no peaks)"
+    )
+    parser.add_argument(
+        "--no-peaks",
+        action="store_true",
+        help="skip measuring the CPU's peak GFLOP/s and the network's fraction of it (minutes on a busy machine)",
     )
     parser.add_argument("--json", default=None, help="write the full report here")
     parser.add_argument("--mmdet-worker", action="store_true", help=argparse.SUPPRESS)
@@ -588,20 +619,24 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--depth", type=int, default=50, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.mmdet_worker:
-        mmdet_worker(args.images_dir, args.checkpoint, args.preset, args.worker_out, whole=args.whole)
+        mmdet_worker(args.images_dir, args.checkpoint, args.preset, args.worker_out, whole=args.whole, depth=args.depth)
         return 0
-    if args.num_images < 1 or args.whole_repeats < 1:
-        parser.error("--num-images and --whole-repeats must be >= 1")
+    if args.num_images < 1 or args.whole_repeats < (1 if args.whole_only else 0):
+        parser.error("--num-images must be >= 1, --whole-repeats >= 0 (>= 1 with --whole-only)")
     presets, modes = args.presets.split(","), args.modes.split(",")
     for name in presets:
         if name not in MMDET_PRESETS:
             parser.error(f"unknown preset {name!r}; use {', '.join(MMDET_PRESETS)}")
+    depths = [int(d) for d in args.depths.split(",") if d.strip().isdigit()]
+    if not depths or any(d not in (50, 101) for d in depths) or len(depths) != len(args.depths.split(",")):
+        parser.error(f"--depths {args.depths}: comma-separated 50 and/or 101")
     for mode in modes:
         if mode not in MODES + STREAM_MODES:
             parser.error(f"unknown mode {mode!r}; use {', '.join(MODES + STREAM_MODES)}")
@@ -610,7 +645,7 @@ def main() -> int:
         parser.error(f"--mmdet-python {mmdet_python}: not found (see ../shared/wheels/README.md), or give --no-mmdet")
     from paadet.bench.run import hardware_info, versions
 
-    peaks = {} if args.whole_only else measure_peaks()
+    peaks = {} if args.whole_only or args.no_peaks else measure_peaks()
     report = {
         "weights": f"{args.weights}: seeded_state_dict{WEIGHTS[args.weights]}",
         "threads": args.threads if args.threads is not None else "library defaults",
@@ -618,7 +653,7 @@ def main() -> int:
         "versions": versions(),
         "peak_gflops": peaks,
         "presets": {
-            name: compare(
+            (name if depth == 50 else f"{name} R{depth}"): compare(
                 args.num_images,
                 name,
                 args.weights,
@@ -628,8 +663,10 @@ def main() -> int:
                 peaks,
                 args.whole_repeats,
                 args.whole_only,
+                depth,
             )
             for name in presets
+            for depth in depths
         },
     }
     print_report(report)
@@ -658,10 +695,11 @@ def print_report(report: dict[str, Any]) -> None:
             + "; kernels: "
             + ", ".join(f"{k} {v:.0f}" for k, v in peaks["kernels"].items())
         )
-    for preset, rep in report["presets"].items():
+    for rep in report["presets"].values():
         gflop = rep["network_gflop_per_image"]
+        arch = f"PAA R{rep.get('depth', 50)}-FPN"
         print(
-            f"\npreset {preset}: {rep['num_images']} generated JPEGs {', '.join(rep['images'])}; "
+            f"\n{arch}, preset {rep['preset']}: {rep['num_images']} generated JPEGs {', '.join(rep['images'])}; "
             + (f"network {gflop:.0f} GFLOP/image; " if gflop else "")
             + f"load average before {rep['load_average_before']}, after {rep['load_average_after']}"
         )

@@ -1,4 +1,5 @@
-"""The ``paadet`` command: ``predict``, ``eval``, ``export``, ``quantize``, ``bench``, ``batch``, ``train``.
+"""The ``paadet`` command: ``predict``, ``eval``, ``export``, ``quantize``, ``bench``, ``batch``, ``train``, ``serve``,
+``models``.
 
 Only the module of the command being run is imported (the others are listed by name and one line
 of help), so ``paadet --help`` and ``paadet --version`` return at once, without importing torch.
@@ -22,7 +23,9 @@ COMMANDS: dict[str, str] = {
     "bench": "measure throughput and latency (engine and end to end)",
     "batch": "detect on many images with a pool of Ray workers (resumable)",
     "train": "train or fine-tune PAA on a COCO-format dataset",
+    "data": "write a data set to train on (the synthetic shapes, COCO format)",
     "serve": "serve detections over HTTP (dynamic batching, limits, a web page)",
+    "models": "the published PAA checkpoints by name (--checkpoint NAME), and which are in the cache",
 }
 """Every sub-command and its one-line help (the module ``paadet.commands.<name>`` implements it)."""
 

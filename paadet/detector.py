@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from paadet.classes import ClassList
 from paadet.data.images import ImageReadError
 from paadet.data.pipeline import LoadedImage, iter_loaded
-from paadet.detections import Detections, ImageResult
-from paadet.preprocess import ImageMeta, Preset
+from paadet.detections import Detections, FrameResult, ImageResult
+from paadet.preprocess import ImageMeta, Preset, resize
 from paadet.runtime.base import Backend, StageTimer
 from paadet.runtime.registry import OpenedModel, build_backend
 from paadet.runtime.spec import DetectorSpec, TorchOptions
+
+if TYPE_CHECKING:
+    from paadet.sources import Frame, VideoReader, VideoSource
 
 
 def split_detections(dets: Detections, metas: list[ImageMeta], names: list[str | None]) -> list[ImageResult]:
@@ -47,6 +51,15 @@ def split_detections(dets: Detections, metas: list[ImageMeta], names: list[str |
             )
         )
     return out
+
+
+@dataclasses.dataclass
+class _LoadedFrame(LoadedImage):
+    """A video frame after resizing: :class:`LoadedImage` with the frame's index, timestamp and picture."""
+
+    frame: int = 0
+    time_ms: float = 0.0
+    image: np.ndarray | None = None
 
 
 class Detector:
@@ -108,7 +121,8 @@ class Detector:
         default_preset: str = "mmdet",
         **backend_options: Any,
     ) -> Detector:
-        """A PyTorch detector from an mmdetection checkpoint (the official one, downloaded, if ``path`` is None).
+        """A PyTorch detector from an mmdetection checkpoint: a file, a model name of :mod:`paadet.zoo`
+        (``paa_r101_fpn_ms-3x_coco``, its file downloaded once into the cache), or the official one if ``path`` is None.
 
         ``backend_options``: ``optimize=True`` or ``bf16=True`` on a CPU, and the CUDA options of
         :class:`~paadet.runtime.spec.TorchOptions` (``channels_last=True``...).
@@ -146,6 +160,75 @@ class Detector:
                 raise ImageReadError(loaded.error) if loaded.name else ValueError(loaded.error)
             results[loaded.index] = result
         return results  # type: ignore[return-value]
+
+    def stream(
+        self,
+        source: str | os.PathLike | int | VideoSource | VideoReader,
+        stride: int = 1,
+        max_frames: int | None = None,
+        keep_images: bool = False,
+        timer: StageTimer | None = None,
+        prefetch: int | None = None,
+    ) -> Iterator[FrameResult]:
+        """Detections of a video file, webcam (``0``, ``"/dev/video0"``) or stream URL, frame by frame, lazily.
+
+        Frames are decoded and resized in a thread ahead of the network (at most ``prefetch`` frames ahead,
+        default ``2 * batch_size + 2``: memory stays flat on a long video), batched by ``batch_size``, and
+        yielded in order as their batch completes. Works on every backend.
+
+        Args:
+            source: the video (see :func:`paadet.sources.video_source`), or one already opened by
+                :func:`paadet.sources.open_video` (closed here).
+            stride: keep frames ``0, stride, 2 * stride ...``.
+            max_frames: stop after this many kept frames.
+            keep_images: put each decoded frame in :attr:`FrameResult.image` (to draw on).
+            timer: adds the ``decode``, ``preprocess`` and network stages' times.
+            prefetch: frames decoded ahead.
+
+        Raises:
+            SourceError: the source cannot be opened, or it stopped or failed mid-way; raised after every frame
+                decoded before the failure was yielded, with ``frames_done`` (one line naming the source).
+            MissingVideoLibrary: PyAV is not installed.
+        """
+        from paadet.sources import SourceError, VideoReader, open_video, read_ahead
+
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        reader = source if isinstance(source, VideoReader) else open_video(source)
+        preset = self.preset
+
+        def load(frame: Frame, decode_s: float) -> _LoadedFrame:
+            started = time.perf_counter()
+            resized, meta = resize(frame.image, preset)
+            item = _LoadedFrame(index=frame.index, name=reader.name, resized=resized, meta=meta)
+            item.timings = {"decode": decode_s, "preprocess": time.perf_counter() - started}
+            item.frame, item.time_ms, item.image = frame.index, frame.time_ms, frame.image if keep_images else None
+            return item
+
+        def decoded() -> Iterator[_LoadedFrame]:  # runs in the read-ahead thread, which also closes the reader
+            with reader:
+                frames = reader.frames(stride, max_frames)
+                while True:
+                    started = time.perf_counter()
+                    frame = next(frames, None)
+                    if frame is None:
+                        return
+                    yield load(frame, time.perf_counter() - started)
+
+        failure: list[SourceError] = []
+
+        def fed() -> Iterator[_LoadedFrame]:  # a failure ends the input normally, so that the last batch still runs
+            try:
+                yield from read_ahead(decoded(), prefetch or 2 * self.batch_size + 2)
+            except SourceError as exc:
+                failure.append(exc)
+
+        done = 0
+        for item, result in self.run(fed(), timer):  # every item is a _LoadedFrame with a result: none failed to load
+            done += 1
+            yield FrameResult(reader.name, item.frame, item.time_ms, result, item.image)  # type: ignore[attr-defined,arg-type]
+        if failure:
+            raise SourceError(f"{failure[0]}; {done} frames done", done)
 
     def run(
         self, loaded: Iterable[LoadedImage], timer: StageTimer | None = None

@@ -1,7 +1,9 @@
-"""Finding and downloading the official PAA R50-FPN checkpoint.
+"""Finding and downloading the published PAA checkpoints (:mod:`paadet.zoo`), the R50-FPN 1x one by default.
 
-The file is cached in :func:`cache_dir` under its original name, whose hash suffix
+A file is cached in :func:`cache_dir` under its original name, whose hash suffix
 (``-936edec3``) is checked on download and again by :func:`paadet.checkpoint.load_state_dict`.
+:func:`resolve_checkpoint` turns ``--checkpoint`` into a file: an existing file is used as it is, else a model
+name (``paa_r101_fpn_ms-3x_coco``) means that model's cached file, downloaded once.
 Downloads use the standard library only, stream to a temporary file in the destination folder
 and are renamed into place atomically, so an interrupted download never leaves a partial file
 under the final name. Every error is a one-line :class:`~paadet.checkpoint.CheckpointError`.
@@ -29,6 +31,7 @@ from tqdm import tqdm
 from paadet.checkpoint import CheckpointError, expected_sha256_prefix
 from paadet.errors import one_line
 from paadet.fileio import default_file_mode
+from paadet.zoo import DEFAULT_MODEL, cache_dir, find_model, get_model, model_names
 
 __all__ = [
     "OFFICIAL_FILENAME",
@@ -36,25 +39,15 @@ __all__ = [
     "cache_dir",
     "default_checkpoint",
     "download",
+    "model_checkpoint",
     "resolve_checkpoint",
 ]
 
-OFFICIAL_URL = (
-    "https://download.openmmlab.com/mmdetection/v2.0/paa/paa_r50_fpn_1x_coco/paa_r50_fpn_1x_coco_20200821-936edec3.pth"
-)
-OFFICIAL_FILENAME = "paa_r50_fpn_1x_coco_20200821-936edec3.pth"
+OFFICIAL_URL = get_model(DEFAULT_MODEL).url
+"""The default checkpoint's URL (R50-FPN 1x, from :data:`paadet.zoo.MODELS`)."""
+OFFICIAL_FILENAME = get_model(DEFAULT_MODEL).file_name
 
 _CHUNK_BYTES = 1 << 20
-
-
-def cache_dir() -> Path:
-    """Where checkpoints are cached: ``$PAADET_CACHE``, else ``$XDG_CACHE_HOME/paadet``, else ``~/.cache/paadet``."""
-    override = os.environ.get("PAADET_CACHE")
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "paadet"
 
 
 def _filename_from_url(url: str) -> str:
@@ -172,7 +165,7 @@ def _check_download_hash(url: str, dest: Path, digest: str) -> None:
 
 
 def default_checkpoint(url: str = OFFICIAL_URL, download_if_missing: bool = True, progress: bool = True) -> Path:
-    """The official checkpoint in :func:`cache_dir`, downloaded from ``url`` first if it is not there.
+    """The checkpoint at ``url`` (default: the official one) in :func:`cache_dir`, downloaded first if not there.
 
     Raises:
         CheckpointError: the file is missing and ``download_if_missing`` is false, or the download failed.
@@ -185,6 +178,16 @@ def default_checkpoint(url: str = OFFICIAL_URL, download_if_missing: bool = True
     return download(url, dest, progress=progress)
 
 
+def model_checkpoint(name: str, download_if_missing: bool = True, progress: bool = True) -> Path:
+    """The cached file of the zoo model ``name`` (:func:`paadet.zoo.get_model`), downloaded once if missing.
+
+    Raises:
+        UnknownModelError: ``name`` is not a model name (the message lists them).
+        CheckpointError: as :func:`default_checkpoint`.
+    """
+    return default_checkpoint(get_model(name).url, download_if_missing=download_if_missing, progress=progress)
+
+
 def resolve_checkpoint(
     path: str | os.PathLike[str] | None,
     *,
@@ -192,18 +195,29 @@ def resolve_checkpoint(
     download_if_missing: bool = True,
     progress: bool = True,
 ) -> Path:
-    """The checkpoint to use: ``path`` itself, or the cached official file when ``path`` is ``None``.
+    """The checkpoint to use: an existing file, a model's cached file, or the official one when ``path`` is ``None``.
+
+    An existing file wins: ``path`` names a model (:func:`paadet.zoo.find_model`: ``paa_r101_fpn_ms-3x_coco``, its
+    2.x name or its file name) only when no such file exists. The model's file is then taken from
+    :func:`cache_dir`, downloaded there first (with the hash check) if missing.
 
     Args:
-        path: a checkpoint file, or ``None`` for :func:`default_checkpoint`.
-        url, download_if_missing, progress: passed to :func:`default_checkpoint` when ``path`` is ``None``.
+        path: a checkpoint file, a model name, or ``None`` for :func:`default_checkpoint`.
+        url: the checkpoint :func:`default_checkpoint` downloads when ``path`` is ``None``.
+        download_if_missing, progress: passed to :func:`default_checkpoint` for a model name or ``None``.
 
     Raises:
-        CheckpointError: ``path`` is not an existing file, or the default checkpoint is unavailable.
+        CheckpointError: ``path`` is neither an existing file nor a model name (one line listing the names), or
+            the model's file is not cached and cannot be downloaded.
     """
     if path is None:
         return default_checkpoint(url, download_if_missing=download_if_missing, progress=progress)
     resolved = Path(path).expanduser()
-    if not resolved.is_file():
-        raise CheckpointError(f"{resolved}: checkpoint file not found")
-    return resolved
+    if resolved.is_file():
+        return resolved
+    entry = find_model(path)
+    if entry is not None:
+        return default_checkpoint(entry.url, download_if_missing=download_if_missing, progress=progress)
+    raise CheckpointError(
+        f"{resolved}: checkpoint file not found, and not a model name either (known: {', '.join(model_names())})"
+    )

@@ -30,12 +30,15 @@ class Preset:
             ``short_max`` on its short side.
         size_divisor: pad each image to a multiple of this (``None`` with ``fixed_size``).
         fixed_size: pad every image to exactly ``(height, width)`` instead (static-shape engines).
+        native: keep each image at its own size (``scale`` is then ignored): what test-time augmentation
+            (:mod:`paadet.runtime.tta`) loads, since it resizes every view from the decoded image itself.
     """
 
     name: str
     scale: tuple[int, int]
     size_divisor: int | None = 32
     fixed_size: tuple[int, int] | None = None
+    native: bool = False
 
     def to_meta(self) -> dict:
         """Plain values (as a checkpoint's ``meta.preset`` and an export's metadata hold them)."""
@@ -126,13 +129,17 @@ def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, 
 
 
 def resize(image: np.ndarray, preset: str | Preset) -> tuple[np.ndarray, ImageMeta]:
-    """Keep-ratio bilinear resize of a BGR ``uint8`` image ``[H, W, 3]``; returns the image and its meta."""
+    """Keep-ratio bilinear resize of a BGR ``uint8`` image ``[H, W, 3]``; returns the image and its meta (a
+    ``native`` preset returns the image itself, at scale 1)."""
     preset = get_preset(preset)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an [H, W, 3] image, got shape {tuple(image.shape)}")
     h, w = image.shape[:2]
-    new_h, new_w = rescale_size(h, w, preset.scale)
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    if preset.native:
+        new_h, new_w, resized = h, w, image
+    else:
+        new_h, new_w = rescale_size(h, w, preset.scale)
+        resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     meta = ImageMeta(
         ori_shape=(h, w),
         img_shape=(new_h, new_w),

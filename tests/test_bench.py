@@ -113,16 +113,45 @@ def test_images_folder_is_cycled(tmp_path):
     cv2.imwrite(str(folder / "b.png"), synthetic_image(90, 150, seed=2))
     report = _tiny_report(images=folder, batch_size=1, warmup=0, iters=3)
     assert report["images"]["source"] == f"{folder}: 2 files"
-    assert report["images"]["timed_files"] == 3 and report["e2e"]["images"] == 3
+    assert report["images"]["timed_files"] == 2 and report["e2e"]["images"] == 3
+
+
+def test_every_image_given_is_timed(tmp_path):
+    """--images with more files than --iters batches hold: e2e runs on until each file was timed once."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(folder / f"im{i}.jpg"), synthetic_image(64 + 8 * i, 96, seed=i))
+    report = _tiny_report(images=folder, batch_size=2, warmup=1, iters=1)
+    assert report["images"]["timed_files"] == 5
+    assert report["e2e"]["iterations"] == 3 and report["e2e"]["images"] == 6  # ceil(5 / 2) batches
+    assert report["engine"]["iterations"] == 1  # exactly --iters where no file needs it
+
+
+def test_without_iters_each_figure_is_timed_long_enough(monkeypatch):
+    """The default: timed batches until each figure has MIN_TIMED_BATCHES and MIN_TIMED_SECONDS (both)."""
+    from paadet.bench import settings as bench_settings
+
+    monkeypatch.setattr(bench_settings, "MIN_TIMED_BATCHES", 4)
+    monkeypatch.setattr(bench_settings, "MIN_TIMED_SECONDS", 0.5)
+    report = _tiny_report(batch_size=1, warmup=0, iters=None)
+    for name in ("engine", "e2e"):
+        figure = report[name]
+        assert figure["iterations"] >= 4 and figure["seconds"] >= 0.5, (name, figure["iterations"], figure["seconds"])
+        # it stopped at the first batch that completed both conditions
+        assert figure["iterations"] == 4 or figure["seconds"] - figure["latency_ms_per_batch"]["max"] / 1000 < 0.5
 
 
 def test_cli_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--preset", "tiny", "--warmup", "0", "--iters", "1", "--json", str(out)])
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "engine" in printed and "e2e" in printed and "timing only" in printed
     report = json.loads(out.read_text())
+    said = (captured.out + captured.err).count("--backend auto")
+    assert said == (1 if report["auto"] else 0), (captured.out, captured.err)  # said once, in the report
     assert report["device"] == "cpu" and report["batch_size"] == 1  # CPU defaults
     assert report["e2e"]["iterations"] == 1 and report["engine"]["iterations"] == 1
 
@@ -194,7 +223,7 @@ def test_onnxruntime_backend(tmp_path):
 
 def test_auto_backend_on_cpu_probes_the_fp32_backends_and_says_which(tmp_path, capsys):
     """``paadet bench`` with no backend on a CPU times every installed fp32 exported-graph backend on the first
-    image, runs the fastest, and names it (in the report and on stderr); never a reduced precision."""
+    image, runs the fastest, and names it once (in the report); never a reduced precision."""
     from paadet.bench.auto import available_cpu_candidates
 
     out = tmp_path / "auto.json"
@@ -204,13 +233,14 @@ def test_auto_backend_on_cpu_probes_the_fp32_backends_and_says_which(tmp_path, c
     assert report["device"] == "cpu" and report["backend"] in candidates
     assert report["timing_only"] is True and "timing only" in report["weights"]
     assert report["e2e"]["images_per_s"] > 0
-    err = capsys.readouterr().err
-    assert err.count("temporary ONNX graph") == 1  # the weights are exported once, for every candidate
+    captured = capsys.readouterr()
+    assert captured.err.count("temporary ONNX graph") == 1  # the weights are exported once, for every candidate
     if len(candidates) > 1:
         auto = report["auto"]
         assert sorted(auto["candidates_ms"]) == sorted(candidates) and auto["chosen"] == report["backend"]
         assert auto["candidates_ms"][auto["chosen"]] == min(auto["candidates_ms"].values())
-        assert f"--backend auto: {report['backend']}" in err
+        said = (captured.out + captured.err).count("--backend auto")
+        assert said == 1 and f"--backend auto chose {report['backend']}" in captured.out  # once, in the report
     assert report["precision"] in ("fp32", "f32")
     assert bench.choose_backend(DetectorSpec(backend="auto", device="cpu", model="x.onnx")) == "onnxruntime"
     assert bench.choose_backend(DetectorSpec(backend="auto", device="cpu", precision="bf16")) == "openvino"

@@ -1,4 +1,5 @@
-"""Tests for paadet.hub: cache location, atomic verified downloads from a local HTTP server, resolution."""
+"""Tests for paadet.hub: cache location, atomic verified downloads from a local HTTP server, resolution of files and
+model names."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from paadet.hub import (
     cache_dir,
     default_checkpoint,
     download,
+    model_checkpoint,
     resolve_checkpoint,
 )
+from paadet.zoo import ModelEntry, UnknownModelError, get_model, model_names
 
 SHORT_BODY_PATH = "/short.pth"
 
@@ -252,3 +255,77 @@ def test_download_onto_a_folder_fails_cleanly(server: Server, tmp_path: Path) ->
         download(url, dest, progress=False)
     assert f"cannot write {dest}" in _one_line_download_error(excinfo, url, dest)
     assert [p.name for p in dest.parent.iterdir()] == [name]
+
+
+# ------------------------------------------------------------------------- model names (paadet.zoo)
+
+
+def test_resolve_model_name_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAADET_CACHE", str(tmp_path / "cache"))
+    entry = get_model("paa_r101_fpn_ms-3x_coco")
+    cached = tmp_path / "cache" / entry.file_name
+    cached.parent.mkdir()
+    cached.write_bytes(b"placeholder")
+    for name in (entry.name, entry.legacy_name, entry.file_name):
+        assert resolve_checkpoint(name, download_if_missing=False) == cached
+    assert model_checkpoint(entry.name, download_if_missing=False) == cached
+
+
+def test_an_existing_file_wins_over_a_model_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAADET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    Path("paa_r50_fpn_2x_coco").write_bytes(b"mine")
+    assert resolve_checkpoint("paa_r50_fpn_2x_coco", download_if_missing=False) == Path("paa_r50_fpn_2x_coco")
+
+
+def test_uncached_model_name_without_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAADET_CACHE", str(tmp_path))
+    entry = get_model("paa_r50_fpn_1.5x_coco")
+    with pytest.raises(CheckpointError) as excinfo:
+        resolve_checkpoint(entry.name, download_if_missing=False)
+    assert "downloading is disabled" in _one_line_download_error(excinfo, entry.url, tmp_path / entry.file_name)
+
+
+def _served_entry(server: Server, suffix: str | None = None) -> tuple[ModelEntry, bytes]:
+    """A zoo entry whose URL is a checkpoint on ``server``, under a file name in mmdetection's pattern."""
+    data = _checkpoint_bytes()
+    file_name = f"paa_test_fpn_1x_coco_20200101-{suffix or hashlib.sha256(data).hexdigest()[:8]}.pth"
+    (server.root / file_name).write_bytes(data)
+    return ModelEntry("paa_test_fpn_1x_coco", 50, "1x", 1.0, None, f"{server.url}/{file_name}"), data
+
+
+def test_model_name_downloads_once(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAADET_CACHE", str(tmp_path / "cache"))
+    entry, data = _served_entry(server)
+    monkeypatch.setattr("paadet.hub.find_model", lambda name: entry if name == entry.name else None)
+    path = resolve_checkpoint(entry.name, progress=False)
+    assert path == tmp_path / "cache" / entry.file_name == entry.cached_path()
+    assert path.read_bytes() == data
+    (server.root / entry.file_name).unlink()  # the second call must not download again
+    assert resolve_checkpoint(entry.name, progress=False) == path
+    assert torch.equal(load_state_dict(path)["w"], torch.arange(6.0))
+
+
+def test_model_name_download_checks_the_hash(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PAADET_CACHE", str(cache))
+    wrong = _wrong_prefix(hashlib.sha256(_checkpoint_bytes()).hexdigest())
+    entry, _ = _served_entry(server, suffix=wrong)
+    monkeypatch.setattr("paadet.hub.find_model", lambda name: entry if name == entry.name else None)
+    with pytest.raises(CheckpointError) as excinfo:
+        resolve_checkpoint(entry.name, progress=False)
+    assert "corrupt or truncated" in _one_line_download_error(excinfo, entry.url, cache / entry.file_name)
+    assert list(cache.iterdir()) == []
+
+
+def test_unknown_model_name_lists_the_known_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PAADET_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(CheckpointError) as excinfo:
+        resolve_checkpoint("paa_r101_fpn_3x_coco")
+    message = str(excinfo.value)
+    assert "\n" not in message and message.startswith("paa_r101_fpn_3x_coco: checkpoint file not found")
+    assert all(name in message for name in model_names())
+    with pytest.raises(UnknownModelError, match="paa_r101_fpn_ms-3x_coco"):
+        model_checkpoint("paa_r101_fpn_3x_coco")
+    assert not (tmp_path / "cache").exists()

@@ -8,6 +8,9 @@ made once per method.
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 
 import cv2
 import nncf  # noqa: F401 (`.[test]` installs nncf and openvino: missing ones fail here, they do not skip)
@@ -259,3 +262,28 @@ def test_cli_one_line_error_and_success(graph, calib, tmp_path, capsys):
     printed = capsys.readouterr().out  # 3 of the 7 sorted files, evenly spread: broken.jpg, img1.jpg, img3.jpg
     assert "calibrated on 2 images" in printed and "skipped 1 unreadable" in printed and "--backend openvino" in printed
     assert read_export_info(out).precision == "int8"
+
+
+def test_cli_prints_a_short_summary(graph, calib, tmp_path):
+    """A normal run is a progress bar or two and one summary: no NNCF log lines."""
+    out = tmp_path / "quiet_int8.onnx"
+    args = ["quantize", "--model", str(graph), "--calib", str(calib), "--output", str(out), "--max-images", "2"]
+    done = subprocess.run([sys.executable, "-m", "paadet", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = (done.stdout + done.stderr).splitlines()
+    assert len(printed) <= 20 and not any("INFO" in line for line in printed), printed
+    assert any("in int8" in line for line in printed), printed
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_nncf_logs_info_only_when_verbose(graph, tmp_path, verbose):
+    """NNCF sets its logger to INFO when imported (a line per node kept in float: hundreds on a full-size
+    graph); quantize puts it back to warnings unless asked."""
+    nncf_log = logging.getLogger("nncf")
+    nncf_log.setLevel(logging.INFO)  # as `import nncf` leaves it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(QuantizeError):  # stops at the empty folder, after NNCF is set up
+        quantize_export(graph, empty, tmp_path / "o.onnx", verbose=verbose)
+    assert nncf_log.level == (logging.INFO if verbose else logging.WARNING)
+    nncf_log.setLevel(logging.WARNING)

@@ -480,10 +480,22 @@ def test_export_next_commands_run_as_printed(exported, tmp_path: Path, monkeypat
     )
     monkeypatch.chdir(tmp_path)
     for command in commands:
-        assert main(shlex.split(command)[1:]) == 0, command
+        quick = ["--iters", "1", "--warmup", "0"] if command.split()[1] == "bench" else []  # a short timing
+        assert main([*shlex.split(command)[1:], *quick]) == 0, command
     out = capsys.readouterr().out
     assert (tmp_path / "results.json").is_file() and (tmp_path / "runs" / "onnx" / "metrics.json").is_file()
     assert "mmdet" in out  # bench ran the graph's preset, not its own default (800)
+
+
+def test_export_suggests_the_graph_viewer_only_when_installed(tmp_path: Path, monkeypatch) -> None:
+    from paadet.export.exporter import next_commands
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no netron here
+    assert not any("netron" in command for command in next_commands(Path("paa.onnx")))
+    viewer = tmp_path / "netron"
+    viewer.write_text("#!/bin/sh\n")
+    viewer.chmod(0o755)
+    assert next_commands(Path("paa.onnx"))[-1].startswith("netron paa.onnx")
 
 
 def test_bench_takes_the_graphs_preset_and_batch(exported) -> None:

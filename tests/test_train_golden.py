@@ -1,4 +1,5 @@
-"""paadet's training data path and PAA losses against mmdetection 3.3 (tests/golden/mmdet_train_golden.json).
+"""paadet's training data path and PAA losses against mmdetection 3.3 (tests/golden/mmdet_train_golden.json, and
+tests/golden/mmdet_train_golden_r101.json for the ResNet-101).
 
 The golden file comes from ``tools/make_train_golden.py`` (mmdetection's own PAA config, loader, data
 preprocessor and ``model.loss`` on the CPU) on the fixture of ``tests/fixtures.py:write_train_fixture``
@@ -7,7 +8,8 @@ which images are kept and skipped, the parsed boxes and labels in the network fr
 geometry, and per batch loss_cls / loss_bbox / loss_iou (relative 1e-4) and the positives per image
 after PAA's reassignment (equal). The runs at the small Resize scale (400, 256) are replayed in full;
 of the run at the config's own scale (1333, 800) the boxes of every image are checked and the losses
-of ``FULL_SCALE_LOSS_IMAGES`` (two images, to keep the network's CPU time down).
+of ``FULL_SCALE_LOSS_IMAGES`` (two images, to keep the network's CPU time down). The R-101 file (``--depth 101``
+of the tool: mmdetection's ``paa_r101_fpn_1x_coco``) has the small-scale runs with batch sizes 1 and 2.
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ from paadet.train.dataset import CocoTrainDataset
 from paadet.train.loader import collate_train
 from paadet.train.loss import PAALoss
 
-GOLDEN = Path(__file__).parent / "golden" / "mmdet_train_golden.json"
+GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDENS = {
+    depth: json.loads((GOLDEN_DIR / name).read_text())
+    for depth, name in ((50, "mmdet_train_golden.json"), (101, "mmdet_train_golden_r101.json"))
+}
 FULL_SCALE_LOSS_IMAGES = ("sub/img_f.png", "img_h.png")
 LOSS_KEYS = ("loss_cls", "loss_bbox", "loss_iou")
 
-golden = json.loads(GOLDEN.read_text())
-RUNS = {run["name"]: run for run in golden["runs"]}
+golden = GOLDENS[50]
+RUNS = {f"r{depth}_{run['name']}": dict(run, depth=depth) for depth, g in GOLDENS.items() for run in g["runs"]}
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +63,16 @@ def datasets(fixture_files):
 
 @pytest.fixture(scope="module")
 def models():
-    cache: dict[str, PAANet] = {}
+    cache: dict[tuple[str, int], PAANet] = {}
 
-    def get(weights: str) -> PAANet:
-        if weights not in cache:
+    def get(weights: str, depth: int = 50) -> PAANet:
+        if (weights, depth) not in cache:
             seed, cls_bias = TRAIN_GOLDEN_WEIGHTS[weights]
-            model = PAANet(num_classes=len(TRAIN_FIXTURE_CATEGORIES))
-            model.load_state_dict(train_state_dict(seed, cls_bias=cls_bias, num_classes=len(TRAIN_FIXTURE_CATEGORIES)))
-            cache[weights] = model.eval()
-        return cache[weights]
+            num_classes = len(TRAIN_FIXTURE_CATEGORIES)
+            model = PAANet(num_classes=num_classes, depth=depth)
+            model.load_state_dict(train_state_dict(seed, cls_bias=cls_bias, num_classes=num_classes, depth=depth))
+            cache[weights, depth] = model.eval()
+        return cache[weights, depth]
 
     return get
 
@@ -83,15 +90,15 @@ def losses(datasets, models):
     cache: dict[tuple, object] = {}
     loss_fn = PAALoss()
 
-    def get(weights: str, scale, file_names: list[str], perturb: int | None = None):
-        key = (weights, tuple(scale), tuple(file_names), perturb)
+    def get(weights: str, scale, file_names: list[str], perturb: int | None = None, depth: int = 50):
+        key = (weights, tuple(scale), tuple(file_names), perturb, depth)
         if key not in cache:
             dataset = datasets(scale)
             index = {name: i for i, name in enumerate(dataset.file_names)}
             batch = collate_train([dataset[index[name]] for name in file_names])
             assert batch.file_names == list(file_names) and not batch.skipped
             with torch.no_grad():
-                outputs = models(weights)(batch.images)
+                outputs = models(weights, depth)(batch.images)
                 if perturb is not None:
                     gen = torch.Generator().manual_seed(perturb)
                     outputs = [
@@ -103,7 +110,12 @@ def losses(datasets, models):
     return get
 
 
-def test_golden_matches_the_fixture_and_weights():
+@pytest.mark.parametrize("depth", GOLDENS)
+def test_golden_matches_the_fixture_and_weights(depth):
+    golden = GOLDENS[depth]
+    assert golden.get("depth", 50) == depth and f"paa_r{depth}_fpn_1x_coco.py" in golden["config"]
+    assert golden["fixture"] == GOLDENS[50]["fixture"]
+    assert all(w.get("depth", 50) == depth for w in golden["weights"].values())
     assert golden["fixture"]["classes"] == [name for _, name in TRAIN_FIXTURE_CATEGORIES]
     assert golden["fixture"]["category_ids"] == [cid for cid, _ in TRAIN_FIXTURE_CATEGORIES]
     assert {k: (v["seed"], v["cls_bias"]) for k, v in golden["weights"].items()} == TRAIN_GOLDEN_WEIGHTS
@@ -160,7 +172,7 @@ def _losses_differ(out, ref: dict) -> str | None:
     return None
 
 
-ROUNDING_SENSITIVE: list[str] = []
+ROUNDING_SENSITIVE: dict[int, list[str]] = {depth: [] for depth in GOLDENS}
 
 
 def _check_losses(losses, run: dict, ref: dict) -> None:
@@ -171,25 +183,27 @@ def _check_losses(losses, run: dict, ref: dict) -> None:
     EPYC without AVX-512: 1 of the 29 records, one GT's GMM keeping 5 positives instead of 6). At most one record in
     the file may need that, and it must then match the golden to the same tolerance.
     """
-    _, out = losses(run["weights"], run["scale"], ref["file_names"])
+    depth = run["depth"]
+    _, out = losses(run["weights"], run["scale"], ref["file_names"], depth=depth)
     differ = _losses_differ(out, ref)
     if differ is None:
         return
     tipped = [
         s
         for s in range(ROUNDING_TRIES)
-        if _losses_differ(losses(run["weights"], run["scale"], ref["file_names"], perturb=s)[1], ref) is None
+        if _losses_differ(losses(run["weights"], run["scale"], ref["file_names"], perturb=s, depth=depth)[1], ref)
+        is None
     ]
     assert tipped, f"{differ}, and no rounding-sized change of the network's outputs reproduces the golden"
-    ROUNDING_SENSITIVE.append(f"{run['name']} {ref['file_names']}")
-    assert len(ROUNDING_SENSITIVE) <= 1, ROUNDING_SENSITIVE
+    ROUNDING_SENSITIVE[depth].append(f"{run['name']} {ref['file_names']}")
+    assert len(ROUNDING_SENSITIVE[depth]) <= 1, ROUNDING_SENSITIVE
 
 
 @pytest.mark.parametrize("run_name", [name for name, run in RUNS.items() if tuple(run["scale"]) != (1333, 800)])
 def test_losses_small_scale(losses, run_name):
     run = RUNS[run_name]
     for ref in run["batches"]:
-        batch, _ = losses(run["weights"], run["scale"], ref["file_names"])
+        batch, _ = losses(run["weights"], run["scale"], ref["file_names"], depth=run["depth"])
         assert batch.pad_shapes == [tuple(im["pad_shape"]) for im in ref["images"]]
         assert list(batch.batch_input_shape) == ref["batch_input_shape"]
         _check_losses(losses, run, ref)

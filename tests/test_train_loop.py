@@ -21,6 +21,7 @@ from paadet.data.synthetic import synthetic_image
 from paadet.train import TrainConfig, TrainingError, train
 from paadet.train import loss as loss_module
 from paadet.train.checkpointer import read_checkpoint
+from paadet.train.hooks import TrainHook
 from paadet.train.init import build_train_model, cls_bias_init
 from paadet.train.metrics import read_rows
 from paadet.train.plots import plot_metrics
@@ -110,8 +111,19 @@ def dataset(tmp_path_factory):
 def reference(dataset, tmp_path_factory):
     """An uninterrupted run: 2 images, batch 1, 2 epochs (4 iterations), shuffled, flips at 0.5."""
     out = tmp_path_factory.mktemp("reference")
-    summary = train(tiny_config(*dataset, out))
+
+    class PlotSeen(TrainHook):  # metrics.png is rewritten after every epoch, not only at the end
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        def after_epoch(self, trainer) -> None:
+            plot = trainer.out / "metrics.png"
+            self.seen.append(plot.stat().st_mtime_ns if plot.is_file() else 0)
+
+    hook = PlotSeen()
+    summary = train(tiny_config(*dataset, out), hooks=[hook])
     assert summary.iterations == 4 and summary.epochs == 2 and summary.stopped == "finished"
+    assert len(hook.seen) == 2 and 0 < hook.seen[0] <= hook.seen[1], hook.seen
     return out
 
 
@@ -127,7 +139,13 @@ def test_reference_run_outputs(reference):
     assert sorted(r["files"][0] for r in rows[:2]) == ["im0.png", "im1.png"]
     names = sorted(os.listdir(reference))
     assert {"epoch_1.pth", "epoch_2.pth", "latest.pth", "metrics.jsonl"} <= set(names)
-    assert os.path.samefile(reference / "epoch_2.pth", reference / "latest.pth")
+    # epoch_N.pth: the weights and meta only; latest.pth: what resume needs too (same weights)
+    epoch_2 = torch.load(reference / "epoch_2.pth", weights_only=True)
+    latest = torch.load(reference / "latest.pth", weights_only=True)
+    assert set(epoch_2) == {"meta", "state_dict"} and {"optimizer", "scheduler", "rng"} <= set(latest)
+    assert epoch_2["meta"] == latest["meta"]
+    assert all(torch.equal(epoch_2["state_dict"][k], v) for k, v in latest["state_dict"].items())
+    assert (reference / "epoch_2.pth").stat().st_size < (reference / "latest.pth").stat().st_size
     assert (reference / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: a test extra
     meta = final_state(reference)["meta"]
     assert meta["dataset_meta"] == {"classes": ["cat_a", "cat_b"], "category_ids": [5, 9]}

@@ -294,6 +294,7 @@ def test_sigterm_saves_latest_and_exits_143(terminated):
     saved = read_checkpoint(out / "latest.pth")["meta"]
     assert saved["iter"] == len(read_rows(out / "metrics.jsonl")) >= 1
     assert saved["iter"] <= 3, "the SIGTERM came after epoch 1: the resume below would compare nothing"
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the plot so far, written on SIGTERM
 
 
 def test_resume_after_sigterm_is_bit_identical(capsys, terminated, three_images, reference):

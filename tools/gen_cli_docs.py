@@ -27,19 +27,24 @@ def _flags(action: argparse.Action) -> str:
             "{" + ",".join(map(str, action.choices)) + "}" if action.choices else action.dest.upper()
         )
         names += f" `{metavar}`" if action.nargs != "?" else f" `[{metavar}]`"
-    return names
+    return names.replace("|", "\\|")  # a metavar such as FILE|NAME must not end the table cell
 
 
 def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
     text = action.help or ""
+    if isinstance(action, argparse._SubParsersAction) and not text:  # the kinds, each with its own section below
+        text = "one of: " + ", ".join(f"`{name}`" for name in action.choices)
     if "%(" in text:
         text = text % {**vars(action), "prog": parser.prog, "default": action.default}
     return " ".join(text.replace("%%", "%").split()).replace("|", "\\|")
 
 
-def command_section(name: str, parser: argparse.ArgumentParser) -> list[str]:
-    """The section of one command: its description, its usage and a table per argument group."""
-    lines = [f"## `paadet {name}`", "", f"{COMMANDS[name]}.", ""]
+def command_section(
+    name: str, parser: argparse.ArgumentParser, summary: str | None = None, level: int = 2
+) -> list[str]:
+    """The section of one command: its description, its usage, a table per argument group, then a sub-section per
+    sub-command (``paadet data synthetic``)."""
+    lines = ["#" * level + f" `paadet {name}`", "", f"{COMMANDS[name] if summary is None else summary}.", ""]
     if parser.description:
         lines += [" ".join(parser.description.split()), ""]
     formatter = argparse.HelpFormatter(prog=parser.prog, width=WIDTH)  # not the terminal's width: reproducible
@@ -56,6 +61,11 @@ def command_section(name: str, parser: argparse.ArgumentParser) -> list[str]:
         lines.append("")
     if parser.epilog:
         lines += [" ".join(parser.epilog.split()), ""]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            for kind, child in action.choices.items():
+                lines += command_section(f"{name} {kind}", child, helps.get(kind, ""), level + 1)
     return lines
 
 

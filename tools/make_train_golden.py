@@ -15,7 +15,13 @@ mmdetection's own training dataloader (dataset, filter, pipeline, ``DefaultSampl
 ``model.loss`` run on the CPU with the model in train mode (BatchNorm stays in eval mode: norm_eval).
 The runs (``RUNS``): the config's own Resize scale (1333, 800) with batch size 1, then a small scale
 (400, 256) that keeps the replaying test cheap, each weight set with batch size 1 (one record per
-image) and 2 (mmdetection's aspect-ratio batches). The head's ``get_targets``, ``get_pos_loss`` and ``paa_reassign`` and
+image) and 2 (mmdetection's aspect-ratio batches). With ``--depth 101`` the config is
+``configs/paa/paa_r101_fpn_1x_coco.py`` (the same with a ResNet-101) and the runs are ``RUNS_R101``, the small
+scale only (``tests/golden/mmdet_train_golden_r101.json``):
+
+    /tmp/mmref/bin/python tools/make_train_golden.py --depth 101 --out tests/golden/mmdet_train_golden_r101.json
+
+The head's ``get_targets``, ``get_pos_loss`` and ``paa_reassign`` and
 sklearn's ``GaussianMixture`` are wrapped (not changed) to record the number of positives and, with
 ``--debug-dir``, intermediate tensors (described in the README.md written there).
 """
@@ -59,7 +65,18 @@ RUNS = (
     ("hot_small_b1", "hot", SMALL_SCALE, 1),
     ("hot_small_b2", "hot", SMALL_SCALE, 2),
 )
-CONFIG = os.path.join(os.path.dirname(mmdet.__file__), ".mim/configs/paa/paa_r50_fpn_1x_coco.py")
+RUNS_R101 = (
+    ("prior_small_b1", "prior", SMALL_SCALE, 1),
+    ("hot_small_b2", "hot", SMALL_SCALE, 2),
+)
+"""The R-101 runs: the small scale only, one record per image and the aspect-ratio batches (the network is twice
+R-50's cost, and the loss code after it is the same)."""
+
+
+def config_path(depth: int) -> str:
+    """mmdetection's own PAA 1x config of the backbone depth."""
+    return os.path.join(os.path.dirname(mmdet.__file__), f".mim/configs/paa/paa_r{depth}_fpn_1x_coco.py")
+
 
 DEBUG_README = """\
 # Debug dumps of tools/make_train_golden.py (mmdetection 3.3 PAA training losses)
@@ -126,9 +143,10 @@ def fixture_hashes(image_dir: str, file_names: list[str]) -> dict:
     return {"annotations_sha256": hashlib.sha256(annotations).hexdigest(), "pixels_sha256": images}
 
 
-def build_cfg(ann_file: str, image_dir: str, scale: tuple[int, int], batch_size: int) -> Config:
+def build_cfg(ann_file: str, image_dir: str, scale: tuple[int, int], batch_size: int, depth: int = 50) -> Config:
     """mmdetection's PAA config on the fixture: 3 classes, no flip, no shuffle, no pretrained backbone."""
-    cfg = Config.fromfile(CONFIG)
+    cfg = Config.fromfile(config_path(depth))
+    assert cfg.model.backbone.depth == depth
     cfg.model.bbox_head.num_classes = len(TRAIN_FIXTURE_CATEGORIES)
     cfg.model.backbone.init_cfg = None
     loader = cfg.train_dataloader
@@ -422,6 +440,9 @@ def main() -> None:
         "--debug-dir", type=Path, default=None, help="also write per-batch .npz dumps and a README.md here"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--depth", type=int, choices=(50, 101), default=50, help="the ResNet depth (101: RUNS_R101) (default: 50)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     register_all_modules()
@@ -435,10 +456,12 @@ def main() -> None:
         annotated = [im["file_name"] for im in json.loads(Path(ann_file).read_text())["images"]]
         hashes = fixture_hashes(image_dir, annotated)
         kept = None
-        for name, weights, scale, batch_size in RUNS:
+        for name, weights, scale, batch_size in RUNS if args.depth == 50 else RUNS_R101:
             seed, cls_bias = TRAIN_GOLDEN_WEIGHTS[weights]
-            state_dict = train_state_dict(seed, cls_bias=cls_bias, num_classes=len(TRAIN_FIXTURE_CATEGORIES))
-            cfg = build_cfg(ann_file, image_dir, scale, batch_size)
+            state_dict = train_state_dict(
+                seed, cls_bias=cls_bias, num_classes=len(TRAIN_FIXTURE_CATEGORIES), depth=args.depth
+            )
+            cfg = build_cfg(ann_file, image_dir, scale, batch_size, args.depth)
             batches = run(cfg, state_dict, name, args.debug_dir, with_input=batch_size == 1 and weights == "prior")
             runs.append(
                 {"name": name, "weights": weights, "scale": list(scale), "batch_size": batch_size, "batches": batches}
@@ -448,10 +471,17 @@ def main() -> None:
                 kept = names if kept is None else kept
                 assert names == kept, "the kept images changed between runs"
     skipped = [name for name in annotated if name not in kept]
+    command = (
+        "/tmp/mmref/bin/python tools/make_train_golden.py --out tests/golden/mmdet_train_golden.json "
+        "--debug-dir ../plan/golden_debug"
+        if args.depth == 50
+        else f"/tmp/mmref/bin/python tools/make_train_golden.py --depth {args.depth} "
+        f"--out tests/golden/mmdet_train_golden_r{args.depth}.json"
+    )
     payload = {
         "generator": "tools/make_train_golden.py",
-        "command": "/tmp/mmref/bin/python tools/make_train_golden.py --out tests/golden/mmdet_train_golden.json "
-        "--debug-dir ../plan/golden_debug",
+        "command": command,
+        "depth": args.depth,
         "versions": {
             "mmdet": mmdet.__version__,
             "mmcv": mmcv.__version__,
@@ -461,7 +491,7 @@ def main() -> None:
             "numpy": np.__version__,
             "python": platform.python_version(),
         },
-        "config": "mmdet/.mim/configs/paa/paa_r50_fpn_1x_coco.py (num_classes 3, RandomFlip prob 0, "
+        "config": f"mmdet/.mim/configs/paa/paa_r{args.depth}_fpn_1x_coco.py (num_classes 3, RandomFlip prob 0, "
         "DefaultSampler shuffle False, AspectRatioBatchSampler, backbone init_cfg None, Resize scale "
         "per run), CPU, train mode",
         "fixture": {
@@ -472,7 +502,13 @@ def main() -> None:
             **hashes,
         },
         "weights": {
-            name: {"function": "paadet.model.seeded.train_state_dict", "seed": s, "cls_bias": b, "num_classes": 3}
+            name: {
+                "function": "paadet.model.seeded.train_state_dict",
+                "seed": s,
+                "cls_bias": b,
+                "num_classes": 3,
+                **({"depth": args.depth} if args.depth != 50 else {}),
+            }
             for name, (s, b) in TRAIN_GOLDEN_WEIGHTS.items()
         },
         "annotated_images": annotated,

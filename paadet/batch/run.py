@@ -27,7 +27,7 @@ from paadet.batch.shards import BatchSummary, ShardDone, ShardQueue, WorkerStats
 from paadet.batch.weights import weights_identity, weights_stat
 from paadet.errors import one_line
 from paadet.fileio import OutputPathError, atomic_write_json, atomic_write_text, check_output_dir, check_output_file
-from paadet.runtime.registry import with_explicit_preset
+from paadet.runtime.registry import with_checkpoint_file, with_explicit_preset
 from paadet.runtime.spec import DetectorSpec
 
 ERRORS_PRINTED = 5
@@ -152,7 +152,8 @@ def run_batch(
     sources = expand_inputs(inputs)
     if coco_output is not None and os.path.abspath(coco_output) in {input_key(s) for s in sources}:
         raise OutputPathError(f"{coco_output}: --coco is one of the inputs; refusing to overwrite it")
-    spec = with_explicit_preset(spec.validate())  # a re-run with or without --preset is the same run
+    spec = with_checkpoint_file(spec.validate())  # a model name: its cached file, downloaded once, on this node
+    spec = with_explicit_preset(spec)  # a re-run with or without --preset is the same run
     stat = weights_stat(spec.weights_file) if spec.weights_file is not None else None
     weights = weights_identity(spec)
     check = (*stat, weights["sha256"]) if stat is not None and weights is not None else None

@@ -36,7 +36,8 @@ def write_generated_images(folder: str | os.PathLike, count: int, quality: int =
 
 
 def image_files(images: str | os.PathLike | None, needed: int, tmp: str) -> tuple[list[Path], str]:
-    """The files to time (cycled up to ``needed``) and a description of their source.
+    """The files to time (every file of ``images``; else ``needed`` generated ones, at most
+    :data:`MAX_GENERATED`) and a description of their source. The timing loops cycle through them.
 
     Raises:
         ValueError: ``images`` is not a folder or holds no image files.
@@ -53,7 +54,7 @@ def image_files(images: str | os.PathLike | None, needed: int, tmp: str) -> tupl
         if not unique:
             raise ValueError(f"--images {images}: no image files in this folder")
         source = f"{folder}: {len(unique)} files"
-    return [unique[i % len(unique)] for i in range(needed)], source
+    return unique, source
 
 
 def default_decode_threads() -> int:

@@ -19,7 +19,6 @@ Without a checkpoint (and no official file in the cache) the weights are random
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from paadet.bench.system import hardware_info, versions
 from paadet.bench.timing import time_e2e, time_engine
 from paadet.preprocess import Preset
 from paadet.runtime.base import Backend
+from paadet.runtime.registry import with_checkpoint_file
 from paadet.runtime.spec import AUTO, OPENVINO, TITLES, DetectorSpec, device_type
 
 SCHEMA_VERSION = 1
@@ -65,7 +65,8 @@ def _auto_candidates(asked: DetectorSpec, settings: BenchSettings) -> list[str]:
         or spec.fp16
         or spec.precision is not None
         or spec.providers is not None
-    ):  # --providers means ONNX Runtime
+        or spec.tta is not None
+    ):  # --providers means ONNX Runtime; --tta, the torch backend
         return []
     from paadet.bench.auto import available_cpu_candidates
 
@@ -86,9 +87,9 @@ def run_benchmark(
     Raises:
         ValueError: a bad option (one line).
     """
-    settings = resolve_settings(_graph_defaults(resolve_target(spec)), timing)
     if timing.images is not None and not Path(timing.images).is_dir():
         raise ValueError(f"--images {timing.images}: no such folder")
+    settings = resolve_settings(_graph_defaults(with_checkpoint_file(resolve_target(spec))), timing)
     others, auto = _auto_candidates(spec, settings), None
     needed = settings.batch_size * (settings.warmup + settings.iters)
     with tempfile.TemporaryDirectory(prefix="paadet-bench-") as tmp:
@@ -108,7 +109,7 @@ def run_benchmark(
             settings, backend, auto = _fastest(settings, backend, others, graph, paths)
         gpu_decode = _use_gpu_decode(settings, paths)
         engine = None if timing.skip_engine else time_engine(backend, paths, settings)
-        e2e = time_e2e(backend, paths, settings, gpu_decode)
+        e2e = time_e2e(backend, paths, settings, gpu_decode, every_file=timing.images is not None)
     description = backend.describe()
     return {
         "schema": SCHEMA_VERSION,
@@ -121,13 +122,17 @@ def run_benchmark(
         "preset": settings.preset.name,
         "input_size": _input_size(settings.preset),
         "weights": weights,
+        "architecture": description.get("architecture"),
         "timing_only": timing_only,
         "auto": auto,
         "images": {"source": source, "timed_files": len(paths)},
         "warmup": settings.warmup,
         "iters": settings.iters,
+        "min_seconds": settings.min_seconds,
         "options": {
-            key: value for key, value in description.items() if key not in ("backend", "preset", "device", "precision")
+            key: value
+            for key, value in description.items()
+            if key not in ("backend", "preset", "device", "precision", "architecture")
         },
         "hardware": hardware_info(settings.device),
         "versions": versions(),
@@ -139,7 +144,7 @@ def run_benchmark(
 def _fastest(
     settings: BenchSettings, first: Backend, others: list[str], graph: str | None, paths: Sequence[Path]
 ) -> tuple[BenchSettings, Backend, dict[str, Any]]:
-    """Build each other candidate on the same graph, probe them all, and keep the fastest (printed once)."""
+    """Build each other candidate on the same graph, probe them all, and keep the fastest (the report names it)."""
     from dataclasses import replace
 
     from paadet.bench.auto import choose_fastest
@@ -150,14 +155,7 @@ def _fastest(
         alt = replace(settings, spec=settings.spec.replace(backend=name, precision="f32" if name == OPENVINO else None))
         candidates[name] = alt
         backends[name] = build_timed_backend(alt, None, graph)
-    chosen, auto = choose_fastest(backends, paths, settings.preset)
-    print(
-        f"--backend auto: {chosen}, the fastest backend here for this graph's precision (probe: "
-        + ", ".join(f"{k} {v:.0f} ms" for k, v in auto["candidates_ms"].items())
-        + ")",
-        file=sys.stderr,
-        flush=True,
-    )
+    chosen, auto = choose_fastest(backends, paths, settings.preset)  # the report says which, once
     return candidates[chosen], backends[chosen], auto
 
 
@@ -177,11 +175,14 @@ def _use_gpu_decode(settings: BenchSettings, paths: Sequence[Path]) -> bool:
     jpegs = all(p.suffix.lower() in (".jpg", ".jpeg") for p in paths)
     possible = (
         not settings.spec.uses_graph
+        and settings.spec.tta is None
         and device_type(settings.device) == "cuda"
         and gpu_decode_available()
         and settings.preset.fixed_size is not None
         and jpegs
     )
     if settings.decode == "gpu" and not possible:
-        raise ValueError("--decode gpu needs CUDA, torchvision, JPEG files and the 800 preset (one padded size)")
+        raise ValueError(
+            "--decode gpu needs CUDA, torchvision, JPEG files and the 800 preset (one padded size), without --tta"
+        )
     return possible

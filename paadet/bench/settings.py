@@ -13,15 +13,21 @@ from paadet.runtime.spec import AUTO, BACKEND_NAMES, ONNXRUNTIME, OPENVINO, TORC
 
 DECODE_MODES = ("auto", "cpu", "gpu")
 BACKEND_CHOICES = (AUTO, *BACKEND_NAMES)
+MIN_TIMED_BATCHES = 20
+"""Timed batches per figure at least, when ``--iters`` is not given."""
+MIN_TIMED_SECONDS = 10.0
+"""Timed seconds per figure at least, when ``--iters`` is not given."""
 DEFAULT_PRESET = "800"
 """The preset a benchmark uses when neither ``--preset``, the graph nor the checkpoint names one (the seed's)."""
 
 
 @dataclass(frozen=True)
 class BenchTiming:
-    """How a benchmark times: ``warmup`` untimed batches then ``iters`` timed ones (None: 3 and 10 on a GPU, 1 and
-    2 on a CPU), on the images in ``images`` (a folder; None: generated JPEGs), decoded where ``decode`` says
-    (``auto``: on the GPU when it can), with or without the ``engine`` figure."""
+    """How a benchmark times: ``warmup`` untimed batches (None: 3 on a GPU, 1 on a CPU) then timed ones, exactly
+    ``iters`` of them, or with ``iters`` None until each figure has :data:`MIN_TIMED_BATCHES` batches and
+    :data:`MIN_TIMED_SECONDS` seconds (whichever comes later), so that its percentiles mean something; on the
+    images in ``images`` (a folder, every file of which ``e2e`` times at least once; None: generated JPEGs),
+    decoded where ``decode`` says (``auto``: on the GPU when it can), with or without the ``engine`` figure."""
 
     warmup: int | None = None
     iters: int | None = None
@@ -36,7 +42,9 @@ class BenchSettings:
 
     Attributes:
         spec: the detector timed (a concrete backend and device, the preset and batch size filled in).
-        warmup, iters: untimed and timed batches.
+        warmup: untimed batches.
+        iters: timed batches at least (``e2e`` runs more when the images given need more to be timed once each).
+        min_seconds: timed seconds at least per figure (0 with ``--iters``: exactly ``iters`` batches).
         decode: ``auto``, ``cpu`` or ``gpu``.
     """
 
@@ -44,6 +52,11 @@ class BenchSettings:
     warmup: int
     iters: int
     decode: str
+    min_seconds: float = 0.0
+
+    def enough(self, latencies_s: list[float], minimum: int = 0) -> bool:
+        """Whether the timed batches so far (their seconds) complete a figure that needs ``minimum`` batches."""
+        return len(latencies_s) >= max(self.iters, minimum) and sum(latencies_s) >= self.min_seconds
 
     @property
     def backend(self) -> str:
@@ -81,7 +94,8 @@ def choose_backend(spec: DetectorSpec) -> str:
     """Resolve ``auto`` to a first choice (on a CPU, ``run_benchmark`` then probes the other fp32 backends).
 
     With ``precision`` (OpenVINO's ``--precision``) or an IR ``.xml``: OpenVINO. With ``--model``: ONNX Runtime.
-    On CUDA (or with ``--fp16``): the torch backend, whose FP16 fast path is there. On the CPU: ONNX Runtime
+    On CUDA (or with ``--fp16``), or with ``--tta``: the torch backend, whose FP16 fast path is there (and the only
+    one with test-time augmentation). On the CPU: ONNX Runtime
     (with the weights exported to a temporary graph first); the torch backend if onnxruntime is not installed.
     """
     if spec.backend != AUTO:
@@ -91,7 +105,7 @@ def choose_backend(spec: DetectorSpec) -> str:
         return OPENVINO
     if model is not None:
         return ONNXRUNTIME
-    if spec.fp16 or device_type(spec.device or default_device()) == "cuda":
+    if spec.fp16 or spec.tta is not None or device_type(spec.device or default_device()) == "cuda":
         return TORCH
     try:
         import onnxruntime  # noqa: F401
@@ -124,7 +138,7 @@ def resolve_settings(spec: DetectorSpec, timing: BenchTiming = BenchTiming()) ->
     spec = resolve_target(spec)
     on_gpu = device_type(spec.device) == "cuda"
     warmup = timing.warmup if timing.warmup is not None else (3 if on_gpu else 1)
-    iters = timing.iters if timing.iters is not None else (10 if on_gpu else 2)
+    iters = timing.iters if timing.iters is not None else MIN_TIMED_BATCHES
     if iters < 1:
         raise ValueError(f"--iters must be >= 1, got {iters}")
     if warmup < 0:
@@ -141,4 +155,5 @@ def resolve_settings(spec: DetectorSpec, timing: BenchTiming = BenchTiming()) ->
         raise ValueError(f"unknown --decode {timing.decode!r}; choose one of {', '.join(DECODE_MODES)}")
     if timing.decode == "gpu" and (spec.uses_graph or not on_gpu):
         raise ValueError("--decode gpu needs the torch backend on a CUDA device")
-    return BenchSettings(spec=spec, warmup=warmup, iters=iters, decode=timing.decode)
+    min_seconds = MIN_TIMED_SECONDS if timing.iters is None else 0.0
+    return BenchSettings(spec=spec, warmup=warmup, iters=iters, decode=timing.decode, min_seconds=min_seconds)

@@ -3,6 +3,7 @@ latency percentiles."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,27 +81,31 @@ def run_e2e_batch(
 
 def time_engine(backend: Backend, paths: Sequence[Path], settings: BenchSettings) -> dict[str, Any]:
     """``engine``: the network alone on a device-resident batch (the first image, repeated ``batch_size`` times)."""
-    resized, meta = resize(read_image(paths[0]), settings.preset)
+    resized, meta = resize(read_image(paths[0]), backend.preset)  # the settings' preset (native under --tta)
     images, metas = [resized] * settings.batch_size, [meta] * settings.batch_size
     device = getattr(backend, "device", None)
     latencies = []
     if hasattr(backend, "network") and hasattr(backend, "prepare"):
         batch = backend.prepare(images, metas)  # type: ignore[attr-defined]
         input_shape = list(batch.shape)
-        for i in range(settings.warmup + settings.iters):
+        for i in itertools.count():
             timer = StageTimer(device)
             with timer.stage("network"):
                 backend.network(batch)  # type: ignore[attr-defined]
             if i >= settings.warmup:
                 latencies.append(timer.totals["network"])
+                if settings.enough(latencies):
+                    break
         definition = ENGINE_DEFINITION
     else:  # any other backend: its own "network" stage inside infer (input prepared by the runtime)
         input_shape = [settings.batch_size, 3, *meta.pad_shape]
-        for i in range(settings.warmup + settings.iters):
+        for i in itertools.count():
             timer = StageTimer(device)
             backend.infer(images, metas, timer)
             if i >= settings.warmup:
                 latencies.append(timer.totals["network"])
+                if settings.enough(latencies):
+                    break
         definition = (
             f"the {backend.name} backend's 'network' stage (the runtime's session call; for a full "
             "paadet ONNX graph it also holds normalisation, NMS and score voting), input prepared on the host"
@@ -108,24 +113,32 @@ def time_engine(backend: Backend, paths: Sequence[Path], settings: BenchSettings
     return _summary(definition, latencies, settings.batch_size, extra={"input_shape": input_shape})
 
 
-def time_e2e(backend: Backend, paths: Sequence[Path], settings: BenchSettings, gpu_decode: bool) -> dict[str, Any]:
-    """``e2e``: ``settings.iters`` batches of files after ``settings.warmup`` warm-up batches."""
+def time_e2e(
+    backend: Backend, paths: Sequence[Path], settings: BenchSettings, gpu_decode: bool, every_file: bool = False
+) -> dict[str, Any]:
+    """``e2e``: batches of files (``paths`` in turn, cycled) after ``settings.warmup`` warm-up batches, until the
+    figure is complete (:meth:`BenchSettings.enough`) and, with ``every_file`` (the user's own images), every
+    file has been timed once."""
     device = getattr(backend, "device", None)
     b = settings.batch_size
-    batches = [paths[i * b : (i + 1) * b] for i in range(settings.warmup + settings.iters)]
+    covering = -(-len(paths) // b) if every_file else 0  # timed batches that go through every file once
     total_timer = StageTimer(device)
-    latencies, detections = [], 0
+    latencies: list[float] = []
+    detections = 0
     threads = 1 if gpu_decode else default_decode_threads()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="paadet-decode") as pool:
-        for i, batch in enumerate(batches):
+        for i in itertools.count():
+            batch = [paths[(i * b + k) % len(paths)] for k in range(b)]
             timer, wall = StageTimer(device), StageTimer(device)
             with wall.stage("batch"):
-                found = run_e2e_batch(backend, batch, settings.preset, gpu_decode, timer, pool if threads > 1 else None)
+                found = run_e2e_batch(backend, batch, backend.preset, gpu_decode, timer, pool if threads > 1 else None)
             if i >= settings.warmup:
                 latencies.append(wall.totals["batch"])
                 total_timer.merge(timer)
                 detections += found
-    images = b * settings.iters
+                if settings.enough(latencies, covering):
+                    break
+    images = b * len(latencies)
     summary = _summary(E2E_DEFINITION, latencies, b)
     stages = {name: 1000.0 * total_timer.totals.get(name, 0.0) / images for name in E2E_STAGES}
     stages.update({name: 1000.0 * s / images for name, s in total_timer.totals.items() if name not in E2E_STAGES})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from paadet.bench.settings import BACKEND_CHOICES, DECODE_MODES
-from paadet.commands.options import nonnegative_int, positive_int, spec_from_args
+from paadet.commands.options import add_tta_flags, nonnegative_int, positive_int, spec_from_args
 from paadet.fileio import atomic_write_json, check_output_file
 from paadet.preprocess import PRESETS
 from paadet.runtime.spec import AUTO, COMPILE_MODES
@@ -41,9 +41,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--providers", default=None, help="comma-separated ONNX Runtime execution providers")
     g.add_argument(
         "--checkpoint",
+        metavar="FILE|NAME",
         default=None,
-        help="mmdetection checkpoint (.pth); default: the official file if cached (never downloaded), "
-        "else random weights (timing only)",
+        help="mmdetection checkpoint (.pth), or a model name of `paadet models` (downloaded once); default: "
+        "the official file if cached (never downloaded), else random weights (timing only)",
     )
     g.add_argument(
         "--preset",
@@ -66,16 +67,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="openvino backend: inference precision (default: f32)",
     )
     g.add_argument("--no-score-voting", action="store_true", help="skip PAA's score voting")
+    add_tta_flags(g)
     t = p.add_argument_group("timing")
     t.add_argument(
         "--warmup", type=nonnegative_int, default=None, help="untimed batches first (default: 3 on GPU, 1 on CPU)"
     )
-    t.add_argument("--iters", type=positive_int, default=None, help="timed batches (default: 10 on GPU, 2 on CPU)")
+    t.add_argument(
+        "--iters",
+        type=positive_int,
+        default=None,
+        help="exactly this many timed batches per figure (default: until each has >= 20 batches and >= 10 s)",
+    )
     t.add_argument(
         "--images",
         default=None,
         metavar="DIR",
-        help="time these image files (cycled as needed; default: generated JPEGs in a temporary folder)",
+        help="time these image files (each at least once by e2e, cycled as needed; default: generated JPEGs in a "
+        "temporary folder)",
     )
     t.add_argument("--json", default=None, metavar="FILE", help="also write the full report here")
     t.add_argument("--skip-engine", action="store_true", help="time e2e only")

@@ -30,8 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--output", default="paa.onnx", help="ONNX file to write (default: paa.onnx)")
     p.add_argument(
         "--checkpoint",
+        metavar="FILE|NAME",
         default=None,
-        help="mmdetection checkpoint (.pth); default: the official file, downloaded if missing",
+        help="mmdetection checkpoint (.pth), or a model name of `paadet models` (downloaded once); "
+        "default: paa_r50_fpn_1x_coco, downloaded if missing",
     )
     p.add_argument(
         "--preset",

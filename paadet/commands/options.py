@@ -19,6 +19,7 @@ from typing import Any
 
 from paadet.preprocess import PRESETS
 from paadet.runtime.spec import BACKEND_NAMES, TORCH, DetectorSpec, TorchOptions
+from paadet.runtime.tta import DEFAULT_SCALES, TTAOptions, format_scales, parse_scales
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class ModelOptions:
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         """``--backend --checkpoint --model --providers --preset --device --batch-size --fp16 --bf16 --precision
-        --streams --no-score-voting --workers --optimize``."""
+        --streams --no-score-voting --workers --optimize --tta --tta-scales --no-tta-flip``."""
         g = parser.add_argument_group("model")
         g.add_argument(
             "--backend",
@@ -45,9 +46,11 @@ class ModelOptions:
         )
         g.add_argument(
             "--checkpoint",
+            metavar="FILE|NAME",
             default=None,
-            help="mmdetection checkpoint (.pth) for the torch backend; default: the official file, "
-            "downloaded to the cache folder if missing",
+            help="checkpoint for the torch backend: a .pth file, or a model name of `paadet models` "
+            "(e.g. paa_r101_fpn_ms-3x_coco: its file in the cache folder, downloaded once; an existing file "
+            "of that name wins); default: paa_r50_fpn_1x_coco",
         )
         g.add_argument(
             "--model",
@@ -109,6 +112,7 @@ class ModelOptions:
             "2-32%% more images/s in docs/benchmarks.md after a one-off ~15 s; "
             "logits differ from the exact path by ~1e-5",
         )
+        add_tta_flags(g)
 
     def spec(self, args: argparse.Namespace, **overrides: Any) -> DetectorSpec:
         """The validated spec of the parsed flags (``overrides`` replace fields)."""
@@ -117,7 +121,54 @@ class ModelOptions:
         ).validate()
 
 
-_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(DetectorSpec) if f.name not in ("cuda", "score_voting"))
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(DetectorSpec) if f.name not in ("cuda", "score_voting", "tta"))
+
+
+def _tta_scales(text: str):
+    try:
+        return parse_scales(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--tta-scales: ")) from None
+
+
+def add_tta_flags(group: argparse._ArgumentGroup) -> None:
+    """``--tta --tta-scales --no-tta-flip`` (test-time augmentation, torch backend; docs/tta.md)."""
+    default = format_scales(DEFAULT_SCALES)
+    group.add_argument(
+        "--tta",
+        action="store_true",
+        help=f"test-time augmentation (torch backend): run each image at several scales, as is and flipped, "
+        f"and merge all views by NMS and score voting (default views: scales {default} of the preset, "
+        "each flipped too; about 6x the time)",
+    )
+    group.add_argument(
+        "--tta-scales",
+        type=_tta_scales,
+        default=None,
+        metavar="LIST",
+        help=f"the views' scales, comma-separated: factors of the preset's scale (0.8) or sizes LONGxSHORT "
+        f"(1333x640); implies --tta (default: {default})",
+    )
+    group.add_argument(
+        "--no-tta-flip", action="store_true", help="with --tta: leave out the flipped views (half the time)"
+    )
+
+
+def tta_from_args(args: argparse.Namespace) -> TTAOptions | None:
+    """The :class:`TTAOptions` of ``--tta`` / ``--tta-scales`` / ``--no-tta-flip``, or None (off).
+
+    Raises:
+        ValueError: ``--no-tta-flip`` without ``--tta`` or ``--tta-scales``.
+    """
+    scales = getattr(args, "tta_scales", None)
+    no_flip = getattr(args, "no_tta_flip", False)
+    if not (getattr(args, "tta", False) or scales is not None):
+        if no_flip:
+            raise ValueError("--no-tta-flip needs --tta (or --tta-scales)")
+        return None
+    return TTAOptions(scales if scales is not None else DEFAULT_SCALES, flip=not no_flip)
+
+
 _CUDA_FIELDS = tuple(f.name for f in dataclasses.fields(TorchOptions))
 
 
@@ -130,6 +181,8 @@ def spec_from_args(args: argparse.Namespace, **overrides: Any) -> DetectorSpec:
     cuda = {name: getattr(args, name) for name in _CUDA_FIELDS if hasattr(args, name)}
     if cuda:
         values["cuda"] = TorchOptions(**cuda)
+    if hasattr(args, "tta"):
+        values["tta"] = tta_from_args(args)
     values.update(overrides)
     return DetectorSpec(**values)
 

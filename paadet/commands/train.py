@@ -1,4 +1,4 @@
-"""``paadet train``: train or fine-tune PAA R50-FPN on a COCO-format dataset (mmdetection 3.3's recipe)."""
+"""``paadet train``: train or fine-tune PAA R50-FPN or R101-FPN on a COCO-format dataset (mmdetection 3.3's recipes)."""
 
 from __future__ import annotations
 
@@ -19,23 +19,27 @@ from paadet.commands.options import (
 from paadet.data.coco import DatasetError, layout_paths, resolve_layout
 from paadet.errors import PaadetError
 from paadet.fileio import check_output_dir
-from paadet.train.config import MAX_DIST_TIMEOUT_S, MAX_SCALE
+from paadet.train.config import DEPTHS, MAX_DIST_TIMEOUT_S, MAX_SCALE
+from paadet.zoo import RECIPES, find_model
 
 if TYPE_CHECKING:
     from paadet.train.config import TrainConfig
     from paadet.train.hooks import TrainHook
 
 DESCRIPTION = """\
-Train PAA (ResNet-50 + FPN) on a COCO-format dataset, with mmdetection 3.3's recipe as the defaults:
-SGD, momentum 0.9, weight decay 1e-4, linear warm-up over 500 iterations from 0.001x, lr x0.1 after
+Train PAA (ResNet-50 or ResNet-101 + FPN) on a COCO-format dataset, with mmdetection 3.3's recipe as the
+defaults: SGD, momentum 0.9, weight decay 1e-4, linear warm-up over 500 iterations from 0.001x, lr x0.1 after
 epochs 8 and 11 of 12, stem and layer1 frozen, BatchNorm in eval mode, images resized to fit 1333x800
-and flipped with probability 0.5.
+and flipped with probability 0.5. --recipe picks another of mmdetection's schedules (epochs, lr steps and
+training resize; flags given explicitly override it): 1x (12 epochs, steps 8,11), 1.5x (18; 12,16), 2x (24;
+16,22), ms-3x (36; 28,34; each image's scale drawn between 1333x640 and 1333x800, as RandomResize does).
 
 The classes are the annotation file's categories, in its order; they are saved in the checkpoints
 (names and category ids), so `paadet predict/eval/export` use them. Start from a PAA checkpoint
-(--checkpoint: the official one or any other; with another class count its classifier is
+(--checkpoint: a file, or a name of `paadet models`; with another class count its classifier is
 re-initialised), from torchvision's ImageNet ResNet-50 (--backbone resnet50-0676ba61.pth, downloaded by
-you), or from scratch (--from-scratch, best with --bn-train).
+you) or ResNet-101 (--depth 101 --backbone resnet101-63fe2227.pth), or from scratch (--from-scratch, best
+with --bn-train). The depth is the file's; a --depth that disagrees with it is refused.
 
 The lr: 0.01 is for 16 images per iteration (8 GPUs x 2 images). Scale it linearly with the images per
 iteration: --lr 0.000625 x images, e.g. --lr 0.00125 for --batch-size 2 on one GPU.
@@ -52,6 +56,18 @@ rank 0 writes the outputs, --resume needs the same number of processes (docs/ddp
 
 TRAIN_SPLIT = "train2017"
 TRAIN_ANNOTATIONS, _ = layout_paths(TRAIN_SPLIT)
+
+
+def scale_spec(text: str) -> tuple[int, int] | tuple[tuple[int, int], tuple[int, int]]:
+    """argparse type: ``LONGxSHORT`` (``1333x800``), or two of them comma-separated (``1333x640,1333x800``): the
+    range each image's training scale is drawn from (mmdetection's ``RandomResize``)."""
+    parts = text.split(",")
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(
+            f"expected LONGxSHORT or two of them as a range (1333x640,1333x800), got {text!r}"
+        )
+    pairs = tuple(scale_pair(part.strip()) for part in parts)
+    return pairs[0] if len(pairs) == 1 else pairs  # type: ignore[return-value]
 
 
 def scale_pair(text: str) -> tuple[int, int]:
@@ -107,10 +123,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     d.add_argument(
         "--scale",
-        metavar="LONGxSHORT",
-        type=scale_pair,
-        default=(1333, 800),
-        help=f"keep-ratio resize to fit LONG x SHORT, each at most {MAX_SCALE} (default: 1333x800)",
+        metavar="LONGxSHORT[,LONGxSHORT]",
+        type=scale_spec,
+        default=None,
+        help=f"keep-ratio resize to fit LONG x SHORT, each at most {MAX_SCALE}; two scales are a range that each "
+        "image's scale is drawn from, as mmdetection's RandomResize (e.g. 1333x640,1333x800) (default: the "
+        "recipe's, 1333x800)",
     )
     d.add_argument(
         "--flip-prob", metavar="P", type=probability, default=0.5, help="horizontal flip probability (default: 0.5)"
@@ -128,20 +146,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     start = i.add_mutually_exclusive_group()
     start.add_argument(
         "--checkpoint",
-        metavar="FILE",
+        metavar="FILE|NAME",
         default=None,
-        help="a PAA checkpoint to fine-tune (the official one or any paadet/mmdetection PAA .pth)",
+        help="a PAA checkpoint to fine-tune: a model name of `paadet models` (downloaded once) or any "
+        "paadet/mmdetection PAA .pth",
     )
     start.add_argument(
         "--backbone",
         metavar="FILE",
         default=None,
-        help="torchvision's ImageNet ResNet-50 weights (resnet50-*.pth); neck and head as mmdetection initialises them",
+        help="torchvision's ImageNet ResNet weights (resnet50-*.pth, or resnet101-*.pth with --depth 101); neck "
+        "and head as mmdetection initialises them",
     )
     start.add_argument(
         "--from-scratch", action="store_true", help="no weights: mmdetection's initialisation everywhere"
     )
+    i.add_argument(
+        "--depth",
+        type=int,
+        choices=DEPTHS,
+        default=None,
+        help="the ResNet's depth, 50 or 101; refused when the --checkpoint or --backbone file is of another "
+        "(default: the file's, 50 from scratch, the run's own with --resume)",
+    )
     o = p.add_argument_group("optimisation")
+    o.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default=None,
+        help="mmdetection's schedule: the default epochs, lr steps and training scale(s): 1x (12, 8,11), 1.5x "
+        "(18, 12,16), 2x (24, 16,22), ms-3x (36, 28,34, scale 1333x640,1333x800); --epochs, --lr-steps and "
+        "--scale override it (default: 1x)",
+    )
     o.add_argument(
         "--lr",
         type=nonnegative_float,
@@ -163,13 +199,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=1e-4,
         help="SGD's L2 weight decay, or AdamW's decoupled one (default: 1e-4)",
     )
-    o.add_argument("--epochs", type=positive_int, default=12, help="epochs (default: 12)")
+    o.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: the recipe's, 12)")
     o.add_argument(
         "--lr-steps",
         metavar="E1,E2",
         type=epoch_list,
-        default=(8, 11),
-        help="epochs after which the lr is multiplied by 0.1 (default: 8,11)",
+        default=None,
+        help="epochs after which the lr is multiplied by 0.1 (default: the recipe's, 8,11)",
     )
     o.add_argument(
         "--warmup-iters",
@@ -296,8 +332,10 @@ def _init_choice(args: argparse.Namespace) -> tuple[str, str | None]:
     else:
         raise PaadetError(
             "no initialisation: give --checkpoint FILE (fine-tune a PAA model), --backbone FILE "
-            "(torchvision's ImageNet ResNet-50) or --from-scratch"
+            "(torchvision's ImageNet ResNet-50 or ResNet-101) or --from-scratch"
         )
+    if mode == "checkpoint" and not Path(path).expanduser().exists() and find_model(path) is not None:
+        return mode, path  # a model name: its cached file, downloaded once the output folder is checked
     check_input(path, f"--{mode}", f"--{mode} file")
     return mode, path
 
@@ -314,6 +352,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         check_input(args.val_images, "--val-images", "validation image folder")
     inputs = [p for p in (ann_file, init_file, args.val_ann) if p is not None]
     check_output_dir(args.output_dir, "--output-dir", inputs=inputs)
+    if init == "checkpoint" and init_file is not None:
+        from paadet.hub import resolve_checkpoint
+
+        init_file = str(resolve_checkpoint(init_file))
 
     from paadet.train import TrainConfig
 
@@ -323,6 +365,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         output_dir=args.output_dir,
         init=init,
         init_file=init_file,
+        depth=args.depth,
+        recipe=args.recipe or "1x",
         scale=args.scale,
         flip_prob=args.flip_prob,
         batch_size=args.batch_size,

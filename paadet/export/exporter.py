@@ -7,6 +7,7 @@ import importlib.metadata
 import io
 import os
 import shlex
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -295,12 +296,13 @@ def export_onnx(
         version=__version__,
         postprocess=dataclasses.asdict(config),
         classes=classes_of(net),
+        depth=net.depth,
     )
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, info.metadata_props())
     model.producer_name = "paadet"
     model.producer_version = __version__
-    model.doc_string = f"paadet {__version__}: PAA R50-FPN, {info.describe()}"
+    model.doc_string = f"paadet {__version__}: {info.describe()}"
     try:
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
@@ -329,14 +331,17 @@ def export_onnx(
 def next_commands(path: Path) -> list[str]:
     """Commands that use the export, ultralytics-style; each runs as printed once IMAGE.jpg / the dataset exist.
 
-    The preset and batch size are the graph's, which ``--backend onnxruntime`` takes by default.
+    The preset and batch size are the graph's, which ``--backend onnxruntime`` takes by default. The graph
+    viewer (``netron``) is suggested only when it is installed.
     """
     common = f"--backend onnxruntime --model {shlex.quote(str(path))}"
-    return [
+    commands = [
         f"paadet predict IMAGE.jpg {common} --output results.json",
         f"paadet eval --ann ANNOTATIONS.json --images IMAGES_DIR {common} --output-dir runs/onnx",
         f"paadet bench {common}",
         f'python -c "from paadet import Detector; from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend; '
         f"print(Detector(OnnxRuntimeBackend.from_file('{path}')).predict('IMAGE.jpg'))\"",
-        f"netron {shlex.quote(str(path))}   # view the graph",
     ]
+    if shutil.which("netron"):
+        commands.append(f"netron {shlex.quote(str(path))}   # view the graph")
+    return commands

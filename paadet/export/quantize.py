@@ -31,6 +31,7 @@ list when there are more). Unreadable files are skipped and reported; at least o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -81,11 +82,13 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
-def _import(method: str):
+def _import(method: str, verbose: bool = False):
     try:
         if method == "nncf":
             import nncf
 
+            # NNCF sets its own logger to INFO on import and logs a line per node it leaves in float (hundreds)
+            nncf.set_log_level(logging.INFO if verbose else logging.WARNING)
             return nncf
         from onnxruntime import quantization
 
@@ -224,6 +227,7 @@ def quantize_export(
     method: str = "nncf",
     max_images: int = DEFAULT_MAX_IMAGES,
     progress: bool = True,
+    verbose: bool = False,
 ) -> QuantizeReport:
     """Quantise the network of a full fp32 ``paadet export`` graph to int8, calibrated on ``calib``'s images.
 
@@ -234,6 +238,7 @@ def quantize_export(
         method: ``nncf`` or ``ort`` (see the module docstring).
         max_images: calibrate on at most this many images.
         progress: show a progress bar while reading the images.
+        verbose: let NNCF log at INFO level (a line per node it leaves in float); warnings only otherwise.
 
     Raises:
         QuantizeError / ExportFormatError / OutputPathError: bad input, each in one line, before any long work.
@@ -261,7 +266,7 @@ def quantize_export(
             f"{model_path}: the graph is {info.precision}; quantize takes an fp32 export "
             "(`paadet export` without --fp16)"
         )
-    _import(method)
+    _import(method, verbose)
     sources = calibration_files(calib, max_images)
     network, float_nodes = split_nodes(model)
     if not network:

@@ -79,6 +79,8 @@ def seeded_net(seed: int = 0, cls_bias: float = -8.0, depth: int = 50) -> PAANet
     return net.eval()
 
 
-def train_state_dict(seed: int = 0, cls_bias: float = -4.595, num_classes: int = 3) -> dict[str, Tensor]:
-    """:func:`seeded_state_dict` for a ``num_classes`` head, with a bias that spreads the focal losses."""
-    return seeded_state_dict(seed, cls_bias=cls_bias, num_classes=num_classes)
+def train_state_dict(
+    seed: int = 0, cls_bias: float = -4.595, num_classes: int = 3, depth: int = 50
+) -> dict[str, Tensor]:
+    """:func:`seeded_state_dict` for a ``num_classes`` head (R-``depth``), with a bias that spreads the focal losses."""
+    return seeded_state_dict(seed, cls_bias=cls_bias, num_classes=num_classes, depth=depth)

@@ -176,6 +176,7 @@ class ExportedGraphBackend(Backend):
     def describe(self) -> dict:
         info = super().describe()
         info["model"] = self.path
+        info["architecture"] = self.info.architecture
         info.update(self._runtime_facts())
         info.setdefault("precision", self.info.precision)
         info.update(

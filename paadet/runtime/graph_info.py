@@ -1,9 +1,10 @@
 """What a paadet ONNX export says about itself (ONNX ``metadata_props``), and reading it back.
 
 One key, ``paadet``, holds a JSON object: format version, paadet version, graph kind (``full``: pixels
-to detections; ``raw``: the network's 15 maps), the preset, the input size (``null`` = dynamic), the
-batch (``null`` = dynamic), precision, score voting and the post-processing settings. Readable
-individual keys (``paadet_graph``, ``paadet_preset``...) are written too, for Netron and friends.
+to detections; ``raw``: the network's 15 maps), the backbone's depth (50 or 101), the preset, the input
+size (``null`` = dynamic), the batch (``null`` = dynamic), precision, score voting and the post-processing
+settings. Readable individual keys (``paadet_graph``, ``paadet_architecture``, ``paadet_preset``...) are
+written too, for Netron and friends.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from paadet.errors import PaadetError
 from paadet.preprocess import Preset
 
 METADATA_KEY = "paadet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: ``depth`` recorded (R-50 or R-101). Format 1 files (written before R-101) read as R-50."""
+
+
+def architecture_name(depth: int) -> str:
+    """The network's name for reports and metadata: ``PAA R50-FPN`` or ``PAA R101-FPN``."""
+    return f"PAA R{depth}-FPN"
 
 
 class ExportFormatError(PaadetError):
@@ -41,6 +48,7 @@ class ExportInfo:
         postprocess: the :class:`~paadet.postprocess.PostprocessConfig` fields (full graphs).
         classes: the model's classes (names and COCO category ids; COCO's 80 for graphs exported before
             class lists were recorded).
+        depth: the backbone's depth, 50 or 101 (50 for graphs exported before it was recorded).
     """
 
     graph: str
@@ -53,6 +61,12 @@ class ExportInfo:
     version: str
     postprocess: dict = field(default_factory=dict)
     classes: ClassList = COCO_CLASSES
+    depth: int = 50
+
+    @property
+    def architecture(self) -> str:
+        """``PAA R50-FPN`` or ``PAA R101-FPN``."""
+        return architecture_name(self.depth)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -67,6 +81,7 @@ class ExportInfo:
             METADATA_KEY: self.to_json(),
             "paadet_version": self.version,
             "paadet_graph": self.graph,
+            "paadet_architecture": self.architecture,
             "paadet_preset": self.preset.name,
             "paadet_input_size": size,
             "paadet_batch": str(self.batch) if self.batch else "dynamic",
@@ -99,7 +114,8 @@ class ExportInfo:
             )
             size = data.pop("input_size")
             classes = ClassList.from_meta({"dataset_meta": data.pop("classes", None)})
-            return cls(preset=preset, input_size=tuple(size) if size else None, classes=classes, **data)
+            depth = int(data.pop("depth", 50))
+            return cls(preset=preset, input_size=tuple(size) if size else None, classes=classes, depth=depth, **data)
         except ExportFormatError:
             raise
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
@@ -107,10 +123,11 @@ class ExportInfo:
             raise ExportFormatError(f"{path}: malformed paadet metadata ({reason}); re-export it") from None
 
     def describe(self) -> str:
-        """One line: ``full fp32 graph, preset 800, input 800x800, batch 1, score voting on``."""
+        """One line: ``PAA R50-FPN, full fp32 graph, preset 800, input 800x800, batch 1, score voting on``."""
         size = "x".join(map(str, self.input_size)) if self.input_size else "dynamic"
         batch = self.batch if self.batch else "dynamic"
-        text = f"{self.graph} {self.precision} graph, preset {self.preset.name}, input {size}, batch {batch}"
+        text = f"{self.architecture}, {self.graph} {self.precision} graph, preset {self.preset.name}, input {size}"
+        text += f", batch {batch}"
         if self.graph == "full":
             text += f", score voting {'on' if self.score_voting else 'off'}"
         return text

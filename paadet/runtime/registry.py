@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from paadet.classes import ClassList
 from paadet.preprocess import Preset, get_preset
 from paadet.runtime.spec import ONNXRUNTIME, OPENVINO, TITLES, TORCH, DetectorSpec, device_type, normalize_precision
+from paadet.zoo import find_model
 
 if TYPE_CHECKING:
     from paadet.checkpoint import Checkpoint
@@ -110,13 +111,31 @@ def with_explicit_preset(spec: DetectorSpec) -> DetectorSpec:
     return spec.replace(preset=recorded or spec.default_preset)
 
 
+def with_checkpoint_file(spec: DetectorSpec) -> DetectorSpec:
+    """``spec`` with a model name in ``checkpoint`` (``paa_r101_fpn_ms-3x_coco``) replaced by its cached file,
+    downloaded first if missing (:func:`paadet.hub.resolve_checkpoint`); any other spec unchanged.
+
+    For the jobs that name the weights by their file: ``paadet batch`` hashes it and checks that every node
+    runs the same one; ``paadet bench`` reports it (and exports it for a graph backend).
+    """
+    if spec.checkpoint is None or Path(spec.checkpoint).expanduser().is_file():
+        return spec
+    if find_model(spec.checkpoint) is None:
+        return spec  # not a name: the missing file is reported where it is opened, as before
+    from paadet.hub import resolve_checkpoint
+
+    return spec.replace(checkpoint=str(resolve_checkpoint(spec.checkpoint)))
+
+
 def torch_backend(net: PAANet, spec: DetectorSpec, preset: Preset) -> Backend:
-    """The torch backend running ``net`` with ``spec``'s options (the CUDA ones resolved for its device)."""
+    """The torch backend running ``net`` with ``spec``'s options (the CUDA ones resolved for its device), under
+    test-time augmentation when ``spec.tta`` is set (:class:`~paadet.runtime.tta_backend.TTABackend`, whose
+    views are based on ``preset``)."""
     from paadet.detections import PostprocessConfig
     from paadet.runtime.torch_backend import TorchBackend
 
     on_gpu = device_type(spec.device or "cpu") == "cuda"
-    return TorchBackend(
+    backend = TorchBackend(
         net,
         preset=preset,
         device=spec.device or "cpu",
@@ -126,6 +145,11 @@ def torch_backend(net: PAANet, spec: DetectorSpec, preset: Preset) -> Backend:
         bf16=spec.bf16,
         **spec.cuda.backend_kwargs(on_gpu),
     )
+    if spec.tta is None:
+        return backend
+    from paadet.runtime.tta_backend import TTABackend
+
+    return TTABackend(backend, spec.tta)
 
 
 def _build_torch(opened: OpenedModel) -> Backend:

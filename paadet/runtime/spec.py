@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from paadet.preprocess import Preset, get_preset
+from paadet.runtime.tta import TTAOptions
 
 TORCH, ONNXRUNTIME, OPENVINO = "torch", "onnxruntime", "openvino"
 BACKEND_NAMES: tuple[str, ...] = (TORCH, ONNXRUNTIME, OPENVINO)
@@ -124,6 +125,12 @@ OPTIONS: tuple[Option, ...] = (
         },
     ),
     Option("streams", "--streams", (OPENVINO,), {"*": "--backend {backend} runs one batch at a time"}),
+    Option(
+        "tta",
+        "--tta",
+        (TORCH,),
+        {"*": "an exported graph ends in NMS, and TTA merges every view's candidates before it (docs/tta.md)"},
+    ),
 )
 """The options only some backends take: one table, read by :meth:`DetectorSpec.validate`."""
 
@@ -201,6 +208,8 @@ class DetectorSpec:
         workers: threads decoding images ahead of the network.
         optimize: the torch backend on a CPU: trace and freeze the network.
         cuda: the torch backend's CUDA-only options.
+        tta: test-time augmentation (the torch backend): the views each image is run at, merged by NMS and score
+            voting; None: off.
         default_preset, default_batch: the command's defaults behind ``preset`` / ``batch_size`` None.
     """
 
@@ -219,6 +228,7 @@ class DetectorSpec:
     workers: int = 2
     optimize: bool = False
     cuda: TorchOptions = field(default_factory=TorchOptions)
+    tta: TTAOptions | None = None
     default_preset: str = "mmdet"
     default_batch: int = 1
 
@@ -313,6 +323,7 @@ class DetectorSpec:
                     "optimize": self.optimize,
                     **({"bf16": True} if self.bf16 else {}),  # absent when off: runs from before the flag resume
                     **({"precision": self.precision} if self.precision not in (None, "f32") else {}),  # OpenVINO bf16
+                    **({"tta": self.tta.to_dict()} if self.tta is not None else {}),
                 }
             )
         )

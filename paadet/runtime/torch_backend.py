@@ -28,6 +28,7 @@ from paadet.model.fuse import fold_batchnorm
 from paadet.postprocess import Detections, PAAPostprocess, PostprocessConfig
 from paadet.preprocess import MEAN_RGB, STD_RGB, ImageMeta, Preset, get_preset, normalize_pad, rescale_size
 from paadet.runtime.base import Backend, StageTimer
+from paadet.runtime.graph_info import architecture_name
 from paadet.runtime.spec import TORCH, torch_option_error
 
 NetOutputs = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
@@ -415,6 +416,7 @@ class TorchBackend(Backend):
     def describe(self) -> dict:
         info = super().describe()
         info.update(
+            architecture=architecture_name(self.net.depth),
             device=str(self.device),
             precision="fp16" if self.fp16 else "bf16" if self.bf16 else "fp32",
             score_voting=self.post.config.score_voting,

@@ -8,6 +8,9 @@ A file holds::
      "state_dict": {mmdetection names -> CPU tensors},
      "optimizer": the SGD or AdamW state_dict (CPU tensors), "scheduler": {...}, "rng": {...}}
 
+``latest.pth`` holds all of it (what ``--resume`` reads); ``epoch_N.pth`` and ``best.pth`` only ``meta`` and
+``state_dict`` (:func:`weights_only`: for the R50 130 MB, against 258 MB with SGD and 386 MB with AdamW).
+
 Only tensors and plain Python values (dicts, lists, str, int, float, bool, None) are stored, so
 ``torch.load(weights_only=True)`` reads it, every paadet command loads it
 (:func:`paadet.checkpoint.load_state_dict` takes ``state_dict``), and mmdetection's ``init_detector``
@@ -35,6 +38,7 @@ import torch
 from paadet.checkpoint import CheckpointError, safe_torch_load
 from paadet.fileio import atomic_write_bytes, writing
 from paadet.preprocess import Preset
+from paadet.train.config import inference_scale
 from paadet.train.dataset import SIZE_DIVISOR
 from paadet.version import __version__
 
@@ -191,7 +195,7 @@ def make_checkpoint(
         "train_state": state.to_plain(),
     }
     if "scale" in settings:  # the input scale it was trained at: predict / eval / export default to it
-        scale = tuple(int(v) for v in settings["scale"])
+        scale = inference_scale(settings["scale"])  # the largest of a multi-scale range
         meta["preset"] = Preset("trained", scale, size_divisor=SIZE_DIVISOR).to_meta()  # type: ignore[arg-type]
     out: dict[str, Any] = {"meta": meta, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}
     if optimizer is not None:
@@ -203,6 +207,12 @@ def make_checkpoint(
     if scaler is not None:
         out["scaler"] = dict(scaler)
     return out
+
+
+def weights_only(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The part of a checkpoint that inference and fine-tuning read: ``meta`` and ``state_dict`` (what
+    ``epoch_N.pth`` keeps; the optimiser, schedule and RNG states that resume needs stay in ``latest.pth``)."""
+    return {"meta": checkpoint["meta"], "state_dict": checkpoint["state_dict"]}
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> Path:

@@ -1,4 +1,5 @@
-"""The settings of a training run: one :class:`TrainConfig`, with mmdetection's PAA R50-FPN 1x recipe as defaults."""
+"""The settings of a training run: one :class:`TrainConfig`, with one of mmdetection's PAA recipes as defaults
+(:data:`paadet.zoo.RECIPES`: ``1x``, ``1.5x``, ``2x``, ``ms-3x``)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,31 @@ from pathlib import Path
 from typing import Any
 
 from paadet.errors import PaadetError
+from paadet.zoo import RECIPES
 
 __all__ = [
     "AMP_MODES",
+    "DEPTHS",
     "INIT_MODES",
     "MAX_DIST_TIMEOUT_S",
     "MAX_SCALE",
     "OPTIMIZERS",
     "RESUME_KEYS",
+    "Scale",
     "TrainConfig",
     "TrainingError",
+    "inference_scale",
 ]
 
+Scale = tuple[int, int]
+"""``(long, short)``: a keep-ratio resize fits the image within ``long`` on its long side and ``short`` on its short
+side (mmcv's ``rescale_size`` takes the larger and the smaller number, in either order)."""
+
+DEPTHS = (50, 101)
+"""The ResNet depths paadet builds (:data:`paadet.model.resnet.STAGE_BLOCKS`)."""
+
 INIT_MODES = ("checkpoint", "backbone", "scratch")
-"""Where the weights come from: a PAA checkpoint, torchvision's ImageNet ResNet-50, or nothing."""
+"""Where the weights come from: a PAA checkpoint, torchvision's ImageNet ResNet-50 or -101, or nothing."""
 
 AMP_MODES = ("bf16", "fp16")
 """Mixed precision: the network's forward pass under autocast in bfloat16 (CPU and CUDA) or float16 (CUDA,
@@ -64,7 +76,8 @@ RESUME_KEYS = (
 )
 """The settings a resumed run must share with the run it continues (they change the weights it ends with).
 ``epochs`` and ``max_iters`` may grow; the device, workers, validation and progress bar may change. The
-world size (processes under torchrun) changes each process's batches, so it must stay too."""
+world size (processes under torchrun) changes each process's batches, so it must stay too. ``recipe`` is not one:
+what it sets is (``lr_steps``, ``scale``). The depth is the resumed checkpoint's own (a ``depth`` given must agree)."""
 
 
 class TrainingError(PaadetError):
@@ -73,17 +86,26 @@ class TrainingError(PaadetError):
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; the defaults are mmdetection's ``paa_r50_fpn_1x_coco`` recipe.
+    """Everything a training run needs; the defaults are mmdetection's ``paa_r50_fpn_1x_coco`` recipe, and
+    ``recipe`` gives ``epochs``, ``lr_steps`` and ``scale`` another recipe's values where they are left None.
 
     Attributes:
         ann_file: COCO ``instances`` annotation file of the training set.
         image_dir: the folder its ``file_name`` entries are relative to.
         output_dir: where ``metrics.jsonl``, the checkpoints and ``metrics.png`` go.
         init: ``checkpoint`` (a PAA checkpoint in ``init_file``; for another class count ``atss_cls`` is
-            re-initialised), ``backbone`` (torchvision's ImageNet ResNet-50 ``.pth`` in ``init_file``) or
-            ``scratch``. Ignored when resuming.
+            re-initialised), ``backbone`` (torchvision's ImageNet ResNet-50 or ResNet-101 ``.pth`` in
+            ``init_file``) or ``scratch``. Ignored when resuming.
         init_file: the file for ``checkpoint`` / ``backbone``.
-        scale: ``(long_max, short_max)`` of the keep-ratio resize.
+        depth: the ResNet's depth, 50 or 101. None: the init file's (a PAA checkpoint's or torchvision's
+            backbone's, from its keys), 50 from scratch, the run's own when resuming; given, it must agree with
+            the file. The checkpoints record the depth built (``meta.settings.depth``).
+        recipe: the mmdetection schedule (:data:`paadet.zoo.RECIPES`) that ``epochs``, ``lr_steps`` and
+            ``scale`` default to: ``1x`` (12 epochs, steps 8, 11, 1333x800), ``1.5x`` (18; 12, 16), ``2x``
+            (24; 16, 22) or ``ms-3x`` (36; 28, 34; each image's scale drawn in 1333x640..1333x800).
+        scale: the keep-ratio training resize: one :data:`Scale` ``(long_max, short_max)`` (mmdetection's
+            ``Resize``), or two, the bounds each image's scale is drawn between (``RandomResize``, see
+            :func:`paadet.train.dataset.random_resize_scale`). None: the recipe's.
         flip_prob: probability of the horizontal flip.
         batch_size: images per iteration (on this process).
         shuffle: shuffle each epoch (``False``: the annotation file's order).
@@ -95,8 +117,8 @@ class TrainConfig:
             short from-scratch schedules): see :mod:`paadet.train.optim`.
         momentum: SGD's momentum (AdamW ignores it).
         weight_decay: SGD's L2 penalty or AdamW's decoupled decay, on every trainable parameter.
-        epochs: epochs in all.
-        lr_steps: epochs after which the lr is multiplied by 0.1.
+        epochs: epochs in all (None: the recipe's).
+        lr_steps: epochs after which the lr is multiplied by 0.1 (None: the recipe's).
         warmup_iters, warmup_ratio: linear warm-up from ``warmup_ratio * lr`` over that many iterations.
         max_iters: stop after this many iterations in all (None: run every epoch).
         bn_train: train BatchNorm statistics (mmdetection's ``norm_eval=False``; for from-scratch runs).
@@ -140,7 +162,9 @@ class TrainConfig:
     output_dir: str | os.PathLike
     init: str = "checkpoint"
     init_file: str | os.PathLike | None = None
-    scale: tuple[int, int] = (1333, 800)
+    depth: int | None = None
+    recipe: str = "1x"
+    scale: Scale | tuple[Scale, Scale] | None = None
     flip_prob: float = 0.5
     batch_size: int = 2
     shuffle: bool = True
@@ -150,8 +174,8 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    epochs: int = 12
-    lr_steps: tuple[int, ...] = (8, 11)
+    epochs: int | None = None
+    lr_steps: tuple[int, ...] | None = None
     warmup_iters: int = 500
     warmup_ratio: float = 0.001
     max_iters: int | None = None
@@ -174,9 +198,35 @@ class TrainConfig:
     dist_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        self.scale = tuple(int(v) for v in self.scale)  # type: ignore[assignment]
+        recipe = RECIPES.get(self.recipe)
+        if recipe is None:
+            raise TrainingError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if self.epochs is None:
+            self.epochs = recipe.epochs
+        if self.lr_steps is None:
+            self.lr_steps = recipe.lr_steps
+        if self.scale is None:
+            self.scale = recipe.train_scales[0] if len(recipe.train_scales) == 1 else recipe.train_scales
+        self.scale = _normalise_scale(self.scale)
         self.lr_steps = tuple(int(v) for v in self.lr_steps)
         self.validate()
+
+    @property
+    def train_scales(self) -> tuple[Scale, ...]:
+        """``scale`` as one or two :data:`Scale` s (two: the range each image's scale is drawn from)."""
+        return self.scale if isinstance(self.scale[0], tuple) else (self.scale,)  # type: ignore[return-value]
+
+    @property
+    def multi_scale(self) -> bool:
+        """Whether each image's scale is drawn from a range (mmdetection's ``RandomResize``)."""
+        return len(self.train_scales) > 1
+
+    @property
+    def inference_scale(self) -> Scale:
+        """The scale validation runs at and the checkpoint records for inference (``meta.preset``): the training
+        scale, or the largest of a range (each side's maximum: 1333x800 for 1333x640..1333x800, the test scale of
+        mmdetection's ms-3x configs)."""
+        return inference_scale(self.scale)
 
     def validate(self) -> None:
         """Raise :class:`TrainingError` (one line) for inconsistent settings."""
@@ -191,11 +241,21 @@ class TrainConfig:
                 self.init == "scratch" or self.init_file is not None,
                 f"init {self.init!r} needs a file (--checkpoint FILE or --backbone FILE)",
             )
-        need(len(self.scale) == 2 and min(self.scale) >= 1, f"scale must be two positive sizes, got {self.scale}")
+        need(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         need(
-            max(self.scale) <= MAX_SCALE,
-            f"scale {self.scale[0]}x{self.scale[1]} cannot fit: each side must be at most {MAX_SCALE} px",
+            self.depth is None or self.depth in DEPTHS,
+            f"depth must be one of {', '.join(map(str, DEPTHS))}, got {self.depth}",
         )
+        scales = self.train_scales
+        need(
+            len(scales) in (1, 2) and all(len(s) == 2 and min(s) >= 1 for s in scales),
+            f"scale must be two positive sizes, or two such pairs (a range), got {self.scale}",
+        )
+        for s in scales:
+            need(
+                max(s) <= MAX_SCALE,
+                f"scale {s[0]}x{s[1]} cannot fit: each side must be at most {MAX_SCALE} px",
+            )
         finite = [
             f"{name} {getattr(self, name)}"
             for name in ("flip_prob", "lr", "momentum", "weight_decay", "warmup_ratio", "dist_timeout_s")
@@ -265,7 +325,7 @@ class TrainConfig:
             ):
                 value = str(Path(value).resolve())
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
             out[f.name] = value
         return out
 
@@ -284,8 +344,27 @@ class TrainConfig:
         now = self.resolved(stored).settings()
         defaults = {f.name: f.default for f in dataclasses.fields(self)}  # for checkpoints older than a setting
         defaults["channels_last"] = False  # runs from before the setting were NCHW
+        one_x = RECIPES["1x"]  # runs from before the recipes had the 1x values
+        defaults.update(scale=list(one_x.train_scales[0]), lr_steps=list(one_x.lr_steps))
         return [
             f"{key} {stored.get(key, defaults[key])!r} -> {now[key]!r}"
             for key in RESUME_KEYS
             if stored.get(key, defaults[key]) != now[key]
         ]
+
+
+def inference_scale(scale: Any) -> Scale:
+    """The inference scale of a training ``scale`` (one pair, or two as a range; lists too, as a checkpoint's
+    settings hold them): the pair itself, or each side's maximum over the range
+    (:attr:`TrainConfig.inference_scale`)."""
+    values = _normalise_scale(scale)
+    scales = values if isinstance(values[0], tuple) else (values,)
+    return (max(s[0] for s in scales), max(s[1] for s in scales))  # type: ignore[index]
+
+
+def _normalise_scale(scale: Any) -> Scale | tuple[Scale, Scale]:
+    """``(l, s)`` or ``((l, s), (l, s))`` as integers (a list of two pairs, as a checkpoint stores it, too)."""
+    values = tuple(scale)
+    if values and all(isinstance(v, (tuple, list)) for v in values):
+        return tuple(tuple(int(x) for x in v) for v in values)  # type: ignore[return-value]
+    return tuple(int(v) for v in values)  # type: ignore[return-value]

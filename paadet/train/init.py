@@ -7,7 +7,8 @@ mmdetection 3.3 initialises ``paa_r50_fpn_1x_coco`` as follows (mmengine applies
   ``atss_cls`` again ``Normal(0, 0.01)`` with bias ``-log((1 - 0.01) / 0.01)`` (about -4.595). The
   GroupNorms keep PyTorch's weight 1, bias 0; the ``Scale`` s are 1.0.
 * neck (``FPN`` ``init_cfg``): Xavier uniform (gain 1) on every ``Conv2d``, bias 0.
-* backbone from ImageNet (the recipe): torchvision's ``resnet50`` weights (``fc.*`` unused).
+* backbone from ImageNet (the recipe): torchvision's ``resnet50`` weights (``fc.*`` unused); the R-101 configs
+  torchvision's ``resnet101``, the rest unchanged.
 * backbone from scratch (``ResNet`` with no ``init_cfg``): Kaiming normal (``fan_out``, ReLU) on every
   ``Conv2d``, BatchNorm weight 1 and bias 0, then ``zero_init_residual``: each bottleneck's ``bn3``
   weight and bias 0.
@@ -25,11 +26,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from paadet.checkpoint import CheckpointError, key_mismatch_report, load_checkpoint, load_state_dict
+from paadet.checkpoint import Checkpoint, CheckpointError, key_mismatch_report, load_checkpoint, load_state_dict
 from paadet.classes import ClassList
 from paadet.errors import one_line
 from paadet.model import PAANet
-from paadet.model.resnet import Bottleneck
+from paadet.model.build import checkpoint_depth
+from paadet.model.resnet import STAGE_BLOCKS, Bottleneck
 from paadet.train.config import INIT_MODES
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "init_neck",
     "load_paa_checkpoint",
     "load_torchvision_backbone",
+    "torchvision_backbone_state",
     "trainable_parameters",
 ]
 
@@ -116,28 +119,44 @@ def init_backbone_from_scratch(net: PAANet, generator: torch.Generator) -> None:
             nn.init.zeros_(module.bn3.bias)
 
 
-def load_torchvision_backbone(net: PAANet, path: str | os.PathLike) -> None:
-    """Load torchvision's ImageNet ResNet-50 file (``resnet50-*.pth``) into ``net.backbone``, strictly.
+def torchvision_backbone_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], int | None]:
+    """torchvision's ImageNet ResNet file (``resnet50-*.pth``, ``resnet101-*.pth``) as backbone keys, and its
+    depth (50 or 101 from the number of ``layer3`` blocks, 6 or 23; None for another count).
 
     Its keys are the backbone's (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...); the classifier
     ``fc.*`` is dropped. A file with a ``backbone.`` prefix on every key (a detector's backbone) is
     accepted too.
 
     Raises:
-        CheckpointError: unreadable file, or keys / shapes that do not match a ResNet-50.
+        CheckpointError: unreadable file.
     """
     state = load_state_dict(path)
     if all(key.startswith("backbone.") for key in state):
         state = {key[len("backbone.") :]: value for key, value in state.items()}
     state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    blocks = len({key.split(".", 2)[1] for key in state if key.startswith("layer3.")})
+    depth = next((d for d, stages in STAGE_BLOCKS.items() if stages[2] == blocks), None)
+    return state, depth
+
+
+def load_torchvision_backbone(net: PAANet, path: str | os.PathLike, state: dict[str, Tensor] | None = None) -> None:
+    """Load torchvision's ImageNet ResNet file of ``net``'s depth (``resnet50-*.pth`` or ``resnet101-*.pth``) into
+    ``net.backbone``, strictly (``state``: the file as :func:`torchvision_backbone_state` read it already).
+
+    Raises:
+        CheckpointError: unreadable file, or keys / shapes that do not match the ResNet.
+    """
+    if state is None:
+        state, _ = torchvision_backbone_state(path)
     report = key_mismatch_report(state, net.backbone.state_dict())
     if report is not None:
-        raise CheckpointError(f"{path}: not torchvision's ResNet-50 weights (--backbone): {report}")
+        raise CheckpointError(f"{path}: not torchvision's ResNet-{net.depth} weights (--backbone): {report}")
     net.backbone.load_state_dict(state, strict=True)
 
 
-def load_paa_checkpoint(net: PAANet, path: str | os.PathLike) -> tuple[int, tuple[str, ...] | None]:
-    """Load a PAA checkpoint into ``net``; ``atss_cls`` is skipped when the class counts differ.
+def load_paa_checkpoint(net: PAANet, path: str | os.PathLike | Checkpoint) -> tuple[int, tuple[str, ...] | None]:
+    """Load a PAA checkpoint (a file, or one :func:`~paadet.checkpoint.load_checkpoint` read) into ``net``;
+    ``atss_cls`` is skipped when the class counts differ.
 
     Returns:
         The checkpoint's number of classes (``net.num_classes`` when they agree; when it differs,
@@ -146,10 +165,11 @@ def load_paa_checkpoint(net: PAANet, path: str | os.PathLike) -> tuple[int, tupl
         it names none).
 
     Raises:
-        CheckpointError: unreadable file, or keys / shapes that do not match a PAA R50-FPN (other
-            than ``atss_cls``'s class count).
+        CheckpointError: unreadable file, or keys / shapes that do not match a PAA R50-FPN or R101-FPN
+            (``net``'s; other than ``atss_cls``'s class count).
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = path if isinstance(path, Checkpoint) else load_checkpoint(path)
+    path = checkpoint.path
     state = checkpoint.state_dict
     expected = net.state_dict()
     cls_key = "bbox_head.atss_cls.weight"
@@ -162,7 +182,7 @@ def load_paa_checkpoint(net: PAANet, path: str | os.PathLike) -> tuple[int, tupl
         expected = {k: v for k, v in expected.items() if not k.startswith("bbox_head.atss_cls.")}
     report = key_mismatch_report(state, expected)
     if report is not None:
-        raise CheckpointError(f"{path}: checkpoint does not match PAA R50-FPN (--checkpoint): {report}")
+        raise CheckpointError(f"{path}: checkpoint does not match PAA R{net.depth}-FPN (--checkpoint): {report}")
     try:
         net.load_state_dict(state, strict=ckpt_classes == net.num_classes)
     except RuntimeError as exc:
@@ -193,15 +213,18 @@ def build_train_model(
     frozen_stages: int = 1,
     norm_eval: bool = True,
     class_names: tuple[str, ...] | None = None,
+    depth: int | None = None,
 ) -> tuple[PAANet, InitReport]:
     """A trainable :class:`PAANet` initialised as a training run starts.
 
     Args:
         num_classes: classes of the dataset.
         mode: ``checkpoint`` (a PAA checkpoint at ``path``; ``atss_cls`` re-initialised when its class
-            count differs), ``backbone`` (torchvision's ResNet-50 at ``path``, the rest initialised as
-            mmdetection does) or ``scratch`` (everything initialised as mmdetection does).
+            count differs), ``backbone`` (torchvision's ResNet-50 or ResNet-101 at ``path``, the rest
+            initialised as mmdetection does) or ``scratch`` (everything initialised as mmdetection does).
         path: the file for ``checkpoint`` / ``backbone``.
+        depth: the ResNet's depth, 50 or 101; None: the file's (from its keys), 50 from scratch. Given, a file
+            of another depth is refused.
         seed: seed of the generator every random initialisation draws from.
         frozen_stages, norm_eval: see :class:`PAANet`.
         class_names: the dataset's classes; when a checkpoint has as many under other names, the
@@ -209,17 +232,26 @@ def build_train_model(
 
     Raises:
         ValueError: unknown ``mode`` or a missing ``path``.
-        CheckpointError: the file cannot be used.
+        CheckpointError: the file cannot be used, or is of another depth than ``depth``.
     """
     if mode not in INIT_MODES:
         raise ValueError(f"unknown initialisation {mode!r}; choose one of {', '.join(INIT_MODES)}")
     if mode != "scratch" and path is None:
         raise ValueError(f"initialisation {mode!r} needs a file")
     generator = torch.Generator().manual_seed(seed)
-    net = PAANet(num_classes=num_classes, trainable=True, frozen_stages=frozen_stages, norm_eval=norm_eval)
-    note = None
+    checkpoint, backbone_state = None, None
     if mode == "checkpoint":
-        ckpt_classes, stored = load_paa_checkpoint(net, path)
+        checkpoint = load_checkpoint(path)
+        depth = _agreed_depth(depth, checkpoint_depth(checkpoint), path, "a PAA R{}-FPN checkpoint")
+    elif mode == "backbone":
+        backbone_state, file_depth = torchvision_backbone_state(path)
+        depth = _agreed_depth(depth, file_depth, path, "torchvision's ResNet-{} weights")
+    net = PAANet(
+        num_classes=num_classes, depth=depth or 50, trainable=True, frozen_stages=frozen_stages, norm_eval=norm_eval
+    )
+    note = None
+    if checkpoint is not None:
+        ckpt_classes, stored = load_paa_checkpoint(net, checkpoint)
         if ckpt_classes != num_classes:
             init_cls_branch(net, generator)
             note = (
@@ -235,12 +267,24 @@ def build_train_model(
             )
     else:
         if mode == "backbone":
-            load_torchvision_backbone(net, path)
+            load_torchvision_backbone(net, path, backbone_state)
         else:
             init_backbone_from_scratch(net, generator)
         init_neck(net, generator)
         init_head(net, generator)
     return net, InitReport(mode=mode, source=None if path is None else str(path), note=note)
+
+
+def _agreed_depth(depth: int | None, file_depth: int | None, path: str | os.PathLike, what: str) -> int | None:
+    """The depth to build: the file's, unless ``depth`` is given (then they must agree). None when neither
+    is known (a file of no known depth: loading it names what does not match). ``what``: the file's kind, with
+    ``{}`` for its depth."""
+    if depth is not None and file_depth is not None and depth != file_depth:
+        raise CheckpointError(
+            f"{path}: {what.format(file_depth)}, but --depth {depth} asks for a ResNet-{depth}; "
+            f"give --depth {file_depth} (or leave it out) or a ResNet-{depth} file"
+        )
+    return file_depth if depth is None else depth
 
 
 def trainable_parameters(net: nn.Module) -> list[Tensor]:

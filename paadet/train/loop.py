@@ -45,6 +45,7 @@ from paadet.train.checkpointer import (
     link_or_copy,
     make_checkpoint,
     save_checkpoint,
+    weights_only,
 )
 from paadet.train.config import TrainConfig, TrainingError
 from paadet.train.dataset import CocoTrainDataset
@@ -190,6 +191,8 @@ class Trainer:
                 reached_max = self._run_epoch(stop)
                 if stop.requested:
                     path = self.save_latest()
+                    if self.dist.is_main:
+                        self._plot()
                     self.dist.barrier()  # no rank exits (making torchrun stop rank 0) before the save is done
                     self.log(
                         f"{'terminated' if stop.terminated else 'interrupted'}: saved {path} at iteration "
@@ -421,13 +424,23 @@ class Trainer:
             self._check_weights()
             with self._writing():
                 self.metrics.sync()
-                path = save_checkpoint(self.out / epoch_name(finished), self.checkpoint())
-                link_or_copy(path, self.out / LATEST_NAME)
-                self.last_save, self.saved = time.monotonic(), self.out / LATEST_NAME
+                full = self.checkpoint()
+                # epoch_N.pth (and best.pth): the weights and meta only; latest.pth: all that resume needs
+                path = save_checkpoint(self.out / epoch_name(finished), weights_only(full))
+                self.saved = save_checkpoint(self.out / LATEST_NAME, full)
+                self.last_save = time.monotonic()
                 if improved:
                     link_or_copy(path, self.out / BEST_NAME)
+            self._plot()
         self.dist.barrier()
         self.hooks.after_epoch(self)
+
+    def _plot(self) -> Path | None:
+        """(Re)write ``metrics.png`` from the rows so far: after every epoch, on Ctrl-C / SIGTERM and at the end."""
+        if not self.metrics.rows:
+            return None
+        with self._writing():
+            return plot_metrics(self.metrics.rows, self.out / PLOT_NAME)
 
     def _validate(self) -> Any:
         from paadet.train.validation import validate
@@ -437,7 +450,7 @@ class Trainer:
                 self.net,
                 self.val_set,
                 device=self.device,
-                scale=self.config.scale,
+                scale=self.config.inference_scale,
                 batch_size=self.config.batch_size,
                 workers=self.config.workers,
                 progress=self.config.progress,
@@ -453,9 +466,8 @@ class Trainer:
         summary.iterations, summary.epochs = state.iteration, state.epoch
         summary.best_ap, summary.best_epoch = state.best_ap, state.best_epoch
         summary.checkpoint = self.out / LATEST_NAME if (self.out / LATEST_NAME).is_file() else None
-        if self.metrics.rows:
-            with self._writing():
-                summary.plot = plot_metrics(self.metrics.rows, self.out / PLOT_NAME)
+        if self.metrics.rows and self.dist.is_main:
+            summary.plot = self._plot()
             if summary.plot is None:
                 self.log(f"no {PLOT_NAME}: matplotlib is not installed (pip install 'paadet[train]')")
         self.hooks.after_train(self, summary)

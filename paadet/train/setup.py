@@ -18,6 +18,7 @@ from paadet.console import stderr
 from paadet.data.coco import DatasetError
 from paadet.fileio import OutputWriteError, check_output_dir, sha256_file
 from paadet.model import PAANet
+from paadet.model.paa import depth_of_state_dict
 from paadet.train.checkpointer import LATEST_NAME, TrainState, read_checkpoint, remove_stale_temporaries, restore_rng
 from paadet.train.config import TrainConfig, TrainingError
 from paadet.train.dataset import CocoTrainDataset
@@ -143,11 +144,21 @@ def _datasets(
 def _network(
     config: TrainConfig, classes: ClassList, resume_ckpt: dict[str, Any] | None, log: Callable[[str], None]
 ) -> tuple[PAANet, dict[str, Any], str | None]:
-    """The network to train (from the checkpoint being resumed, or initialised as ``config`` says), how it
-    was initialised, and the note about it worth printing (or None)."""
+    """The network to train (from the checkpoint being resumed, at its own depth, or initialised as ``config``
+    says), how it was initialised, and the note about it worth printing (or None)."""
     if resume_ckpt is not None:
+        depth = depth_of_state_dict(resume_ckpt["state_dict"]) or 50
+        if config.depth is not None and config.depth != depth:
+            raise TrainingError(
+                f"{config.output_path / LATEST_NAME}: the run trains a ResNet-{depth}, not the ResNet-{config.depth} "
+                f"of --depth {config.depth}; resume it without --depth (or with --depth {depth})"
+            )
         net = PAANet(
-            num_classes=len(classes), trainable=True, frozen_stages=config.frozen_stages, norm_eval=not config.bn_train
+            num_classes=len(classes),
+            depth=depth,
+            trainable=True,
+            frozen_stages=config.frozen_stages,
+            norm_eval=not config.bn_train,
         )
         net.load_state_dict(resume_ckpt["state_dict"], strict=True)
         return net, dict(resume_ckpt["meta"].get("init", {})), None
@@ -159,6 +170,7 @@ def _network(
         frozen_stages=config.frozen_stages,
         norm_eval=not config.bn_train,
         class_names=classes.names,
+        depth=config.depth,
     )
     if report.note:
         log(report.note)
@@ -244,8 +256,9 @@ def _train(
                 f"warning: {threads} threads where the run used {state.threads}: "
                 "the weights will differ in the last bits"
             )
-        # the run's own start, not this call's (empty) initialisation flags
+        # the run's own start and recipe, not this call's (empty) initialisation flags
         settings.update(init=meta["settings"].get("init"), init_file=meta["settings"].get("init_file"))
+        settings["recipe"] = meta["settings"].get("recipe", settings["recipe"])
         log(
             f"resuming {latest}: {state.iteration} iterations done, continuing epoch {state.epoch + 1} "
             f"after its batch {state.batch_in_epoch}"
@@ -253,6 +266,7 @@ def _train(
     state.threads = threads or torch.get_num_threads()
     with _torch_settings(state.threads, config.deterministic):
         net, init_info, init_note = _network(config, classes, resume_ckpt, log)
+        settings["depth"] = net.depth  # the depth built (the file's, when --depth was left out)
         net.classes = classes
         net.to(device)
         if config.channels_last:
