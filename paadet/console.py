@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 MAX_LISTED = 5
@@ -20,3 +22,21 @@ def stderr(message: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(message, file=sys.stderr)
+
+
+RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""Where Ray logs, on every ``ray.init()`` that starts a local instance, that it turned token authentication on
+(or that it is off). For the local instance paadet starts, that is Ray's default and needs nothing from the user
+(the token is ``~/.ray/auth_token``), so :func:`quieted` hides the notice there."""
+
+
+@contextlib.contextmanager
+def quieted(logger: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Within the block, ``logger`` logs only at ``level`` and above; its level is put back afterwards."""
+    log = logging.getLogger(logger)
+    before = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(before)

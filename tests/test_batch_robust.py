@@ -465,3 +465,12 @@ def test_unlistable_subfolder_and_symlink_loop_are_reported(ray_local, data: dic
     assert "Permission denied" in errors["locked/"] and "symbolic links" in errors["loop.jpg"]
     assert (summary.processed, summary.detected, summary.errors, summary.failed) == (4, 2, 2, 0)
     assert sorted(Path(p).name for p in read_results(out)) == ["img0.png", "img1.png"]
+
+
+def test_the_local_ray_instance_starts_without_rays_token_notice() -> None:
+    """Ray logs a notice about its default token authentication on every local start; paadet's own local
+    instance needs nothing from the user there, so the notice is not printed."""
+    script = "import ray\nfrom paadet.batch.cluster import connect\nassert connect(ray, None)\nray.shutdown()\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "token authentication" not in (done.stdout + done.stderr).lower(), done.stderr[-2000:]

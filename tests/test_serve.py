@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -337,6 +339,7 @@ def test_health_ready_openapi_page(server: ServerProcess) -> None:
     assert "/v1/detect" in spec["paths"]
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "drawn-count" in page.text
+    assert 'id="key"' in page.text  # this server requires a key: the page asks for it
     r = httpx.get(server.url + "/v1/detect")
     assert r.status_code == 405 and "error" in r.json()
     r = httpx.get(server.url + "/etc/passwd")
@@ -435,3 +438,45 @@ def test_timeout_is_504_and_the_server_lives(files: dict) -> None:
         assert srv.alive()
     finally:
         assert srv.stop() == 0, srv.output()
+
+
+def test_console_has_a_startup_line_and_one_line_per_request(files: dict) -> None:
+    """At --log-level info: what is served, once; then one access line per request (status, ms, batch size);
+    and with no key required, the page has no key field."""
+    log = files["root"] / "console.log"
+    srv = ServerProcess(["--checkpoint", str(files["checkpoint"]), "--preset", "mmdet", "--log-level", "info"], log=log)
+    try:
+        page = httpx.get(srv.url + "/")
+        assert page.status_code == 200 and 'id="key"' not in page.text
+        answer = httpx.post(srv.url + "/v1/detect", content=files["images"]["wide.png"].read_bytes(), timeout=120)
+        assert answer.status_code == 200
+        assert httpx.get(srv.url + "/nowhere").status_code == 404
+    finally:
+        assert srv.stop() == 0, srv.output()
+    lines = log.read_text().splitlines()
+    started = [line for line in lines if "paadet serve: serving" in line]
+    assert len(started) == 1 and "PAA R50-FPN (80 classes) at preset mmdet on torch cpu fp32" in started[0], lines
+    assert "API key not required" in started[0]
+    access = [line for line in lines if re.search(r'"(GET|POST) /', line)]
+    by_path = {re.search(r'"\w+ (\S+)"', line).group(1): line for line in access}
+    assert re.search(r'"POST /v1/detect" 200 \d+\.\d ms batch 1$', by_path["/v1/detect"]), access
+    assert re.search(r'"GET /nowhere" 404 \d+\.\d ms$', by_path["/nowhere"]), access
+    assert sum('"GET /readyz"' in line for line in access) >= 1  # the start-up polls are requests too
+    assert len([line for line in access if "/v1/detect" in line]) == 1, access
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_access_log_can_be_turned_off(files: dict, caplog: pytest.LogCaptureFixture, enabled: bool) -> None:
+    from starlette.testclient import TestClient
+
+    from paadet.detector import Detector
+    from paadet.serve.access import ACCESS_LOGGER
+    from paadet.serve.app import create_app
+    from paadet.serve.settings import ServeSettings
+
+    detector = Detector.from_checkpoint(files["checkpoint"], preset="mmdet")
+    app = create_app(detector, ServeSettings(access_log=enabled))
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER), TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert len(lines) == (1 if enabled else 0) and all('"GET /healthz" 200' in line for line in lines), lines

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from test_serve import ServerProcess
 
+from paadet.classes import COCO_CLASSES
 from paadet.data.synthetic import synthetic_image
 from paadet.model.seeded import seeded_state_dict
 from paadet.preprocess import get_preset
@@ -331,8 +332,8 @@ class _StandInDetector:
     read deadline, the header limit and the connection cap are in front of it), so no model is loaded."""
 
     batch_size = 1
-    classes = None
-    backend = None
+    classes = COCO_CLASSES
+    backend = SimpleNamespace(describe=lambda: {"backend": "stand-in"})
     preset = get_preset("mmdet")
 
     def run(self, loaded: list, timer: object = None) -> list:

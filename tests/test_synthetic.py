@@ -86,8 +86,17 @@ def test_generate_split_writes_a_coco_file_both_loaders_read(tmp_path):
         ({"min_objects": 3, "max_objects": 2}, "min_objects"),
         ({"min_size": 100, "max_size": 50}, "min_size"),
         ({"min_visible": 0}, "min_visible"),
+        ({"classes": 0}, "classes"),
+        ({"classes": 9}, "classes"),
+        ({"clutter": -1}, "clutter"),
     ],
 )
 def test_bad_specs_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
         SyntheticSpec(**kwargs)
+
+
+def test_fewer_classes_draw_only_the_first_shapes():
+    few = SyntheticSpec(size=128, min_size=12, max_size=90, max_objects=5, classes=2)
+    ids = {a["category_id"] for index in range(20) for a in render_image(few, 0, "train", index)[1]}
+    assert ids == {1, 2}

@@ -3,6 +3,7 @@ the pool of workers under a deadline, so that a run never waits forever on resou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -12,6 +13,7 @@ from typing import Any
 
 from paadet.batch.errors import BatchError
 from paadet.batch.worker import ShardWorker
+from paadet.console import RAY_TOKEN_NOTICE_LOGGER, quieted
 from paadet.errors import one_line
 from paadet.runtime.spec import DetectorSpec
 
@@ -39,7 +41,9 @@ def connect(ray, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
+        # a local instance: Ray's notice that it turned its default token authentication on is not the user's concern
+        with quieted(RAY_TOKEN_NOTICE_LOGGER) if address is None else contextlib.nullcontext():
+            ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
     except Exception as exc:
         where = f"join the Ray cluster at {address}" if address else "start a local Ray instance"
         raise BatchError(one_line(f"cannot {where}: {type(exc).__name__}: {exc}")) from exc

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from paadet.commands.options import positive_int
 from paadet.export.quantize import DEFAULT_MAX_IMAGES, METHODS
@@ -39,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help=f"calibrate on at most this many images, evenly spread over the folder (default: {DEFAULT_MAX_IMAGES})",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="show NNCF's own INFO log (a line per node kept in float)")
     p.set_defaults(func=run)
     return p
 
@@ -46,7 +46,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from paadet.export.quantize import quantize_export
 
-    logging.getLogger("nncf").setLevel(logging.WARNING)  # NNCF logs one INFO line per node it leaves in float
     report = quantize_export(
         args.model,
         args.calib,
@@ -54,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         max_images=args.max_images,
         progress=not args.no_progress,
+        verbose=args.verbose,
     )
     print(report)
     print("next:")

@@ -79,7 +79,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--log-level",
         default="info",
         choices=("critical", "error", "warning", "info", "debug"),
-        help="uvicorn's log level (default info)",
+        help="log level of the server's console (default info: the start-up line and a line per request)",
+    )
+    g.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one line per request on stdout: client, method and path, status, ms, batch size (default on; "
+        "shown at --log-level info or debug)",
     )
     r = p.add_argument_group('Ray Serve (scale out; needs `pip install "paadet[ray-serve]"`)')
     r.add_argument(
@@ -142,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key,
         read_timeout_s=args.read_timeout_s,
         max_connections=args.max_connections,
+        access_log=args.access_log,
     )
     spec = MODEL.spec(args, batch_size=args.batch_size or args.max_batch)
     if args.ray is not None:

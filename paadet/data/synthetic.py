@@ -54,6 +54,7 @@ class SyntheticSpec:
         min_visible: the fraction of an object's pixels that must stay visible under later objects.
         clutter: clutter items per image (uniform in ``[0, clutter]``).
         jpeg_quality: JPEG quality of the written images.
+        classes: how many classes: the first ``classes`` of :data:`SHAPES` (category ids 1..classes).
     """
 
     size: int = 256
@@ -64,6 +65,7 @@ class SyntheticSpec:
     min_visible: float = 0.6
     clutter: int = 8
     jpeg_quality: int = 95
+    classes: int = len(SHAPES)
 
     def __post_init__(self) -> None:
         if self.size < 32:
@@ -74,6 +76,10 @@ class SyntheticSpec:
             raise ValueError(f"need 4 <= min_size <= max_size <= size, got {self.min_size}, {self.max_size}")
         if not 0.0 < self.min_visible <= 1.0:
             raise ValueError(f"min_visible must be in (0, 1], got {self.min_visible}")
+        if not 1 <= self.classes <= len(SHAPES):
+            raise ValueError(f"classes must be from 1 to {len(SHAPES)}, got {self.classes}")
+        if self.clutter < 0:
+            raise ValueError(f"clutter must be >= 0, got {self.clutter}")
 
 
 def _colour(rng: np.random.Generator, dark: bool | None = None) -> tuple[int, int, int]:
@@ -255,7 +261,7 @@ def render_image(spec: SyntheticSpec, seed: int, split: str, index: int) -> tupl
     log_lo, log_hi = math.log(spec.min_size), math.log(spec.max_size)
     for _ in range(wanted):
         for _attempt in range(20):
-            cls = int(rng.integers(len(SHAPES)))
+            cls = int(rng.integers(spec.classes))
             extent = math.exp(rng.uniform(log_lo, log_hi))
             aspect = math.exp(rng.uniform(math.log(0.75), math.log(1.33)))
             w, h = extent * min(1.0, aspect), extent * min(1.0, 1.0 / aspect)
@@ -304,9 +310,9 @@ def generate_split(
 ) -> tuple[Path, Path]:
     """Write ``out_dir/images/*.jpg`` and ``out_dir/annotations.json`` (COCO ``instances``).
 
-    Images are named ``{split}_{index:06d}.jpg``; image ids are ``index + 1``; category ids are 1..8 in
-    :data:`SHAPES` order. Every file is written atomically, the annotation file last, so a folder with an
-    ``annotations.json`` is complete. Returns ``(annotation file, image folder)``.
+    Images are named ``{split}_{index:06d}.jpg``; image ids are ``index + 1``; category ids are
+    1..``spec.classes`` in :data:`SHAPES` order. Every file is written atomically, the annotation file last, so
+    a folder with an ``annotations.json`` is complete. Returns ``(annotation file, image folder)``.
     """
     spec = spec or SyntheticSpec()
     if num_images < 1:
@@ -336,7 +342,9 @@ def generate_split(
         },
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)],
+        "categories": [
+            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES[: spec.classes])
+        ],
     }
     ann_file = out / "annotations.json"
     atomic_write_bytes(ann_file, json.dumps(coco).encode())

@@ -15,19 +15,19 @@ import math
 import time
 from contextlib import asynccontextmanager
 
-import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from paadet.classes import ClassList
-from paadet.detections import ImageResult
+from paadet.detections import detections_json
 from paadet.detector import Detector
+from paadet.serve.access import AccessLog, startup_line
 from paadet.serve.batcher import Batcher
 from paadet.serve.limits import RequestError, check_api_key
-from paadet.serve.page import PAGE_HTML
+from paadet.serve.page import page_html
 from paadet.serve.receive import Receiving, image_from_body
 from paadet.serve.settings import ServeSettings
 
@@ -84,33 +84,6 @@ class Metrics:
         self.batch_seconds.observe(seconds)
 
 
-def detections_json(
-    result: ImageResult, classes: ClassList, score_thr: float | None = None, max_dets: int | None = None
-) -> dict:
-    """The ``/v1/detect`` answer for ``result``: detections sorted by score (ties keep the model's order)."""
-    order = np.argsort(-result.scores, kind="stable")
-    if score_thr is not None:
-        order = order[result.scores[order] >= np.float32(score_thr)]
-    if max_dets is not None:
-        order = order[:max_dets]
-    boxes, scores, labels = result.boxes[order].tolist(), result.scores[order].tolist(), result.labels[order].tolist()
-    height, width = result.ori_shape
-    return {
-        "width": int(width),
-        "height": int(height),
-        "detections": [
-            {
-                "bbox": box,
-                "score": score,
-                "label": label,
-                "category_id": classes.category_ids[label],
-                "name": classes.names[label],
-            }
-            for box, score, label in zip(boxes, scores, labels, strict=False)
-        ],
-    }
-
-
 def _query(request: Request) -> tuple[float | None, int | None]:
     """``score_thr`` in [0, 1] and ``max_dets`` >= 0 from the query string (400 otherwise)."""
     score_thr = max_dets = None
@@ -142,6 +115,8 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Sta
     receiving = Receiving(settings)
     metrics.receiving.set_function(receiving.count)
     classes = detector.classes
+    described = detector.backend.describe()
+    model = {key: described[key] for key in ("architecture", "backend", "preset") if key in described}
 
     async def detect(request: Request) -> Response:
         started = time.perf_counter()
@@ -194,7 +169,7 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Sta
 
     async def readyz(request: Request) -> Response:
         if batcher.ready.is_set() and not batcher.closed:
-            return JSONResponse({"status": "ready"})
+            return JSONResponse({"status": "ready", "model": model})
         reason = "shutting down" if batcher.closed else (batcher.warmup_error or "the model is still loading")
         return error_response(503, reason, {"Retry-After": "2"})
 
@@ -203,14 +178,17 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Sta
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    html = page_html(require_key=settings.api_key is not None)
+
     async def page(request: Request) -> Response:
-        return HTMLResponse(PAGE_HTML)
+        return HTMLResponse(html)
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_schema(settings))
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
+        log.info("paadet serve: %s", startup_line(described, len(classes), settings))
         batcher.start()
         try:
             yield
@@ -227,6 +205,7 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Sta
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(AccessLog)] if settings.access_log else [],
     )
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -318,7 +297,12 @@ def openapi_schema(settings: ServeSettings) -> dict:
                     },
                 }
             },
-            "/readyz": {"get": {"summary": "200 once the model is loaded and warm, 503 before"}},
+            "/readyz": {
+                "get": {
+                    "summary": "200 once the model is loaded and warm (with the model's architecture, backend and "
+                    "preset), 503 before"
+                }
+            },
             "/healthz": {"get": {"summary": "200 while the process lives"}},
             "/metrics": {"get": {"summary": "Prometheus metrics"}},
         },

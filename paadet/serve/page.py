@@ -1,7 +1,8 @@
 """The web page served at ``/``: pick or drop an image, see its detections drawn, filter by score.
 
 One self-contained HTML file (no external scripts, fonts or styles), kept here as a string so that it
-ships inside the package. It posts the file's bytes to ``POST /v1/detect`` and draws the answer on a
+ships inside the package. The API-key field is on the page only when the server requires a key
+(:func:`page_html`). It posts the file's bytes to ``POST /v1/detect`` and draws the answer on a
 canvas; the ``Server-Timing`` header gives the milliseconds per stage. For tests and tools the page
 exposes what it drew: ``#drawn-count`` holds the number of boxes drawn, ``#drawn`` (``data-boxes``)
 their JSON, and ``body[data-state]`` is ``done`` (or ``error``) once a result is shown.
@@ -31,8 +32,7 @@ PAGE_HTML = r"""<!doctype html>
 <div id="controls">
   <label>score &ge; <input type="range" id="thr" min="0" max="1" step="0.01" value="0.3">
     <output id="thr-value">0.30</output></label>
-  <label>API key <input type="password" id="key" size="16" autocomplete="off"></label>
-  <span>boxes drawn: <span id="drawn-count">0</span> of <span id="total-count">0</span></span>
+<!--api-key-->  <span>boxes drawn: <span id="drawn-count">0</span> of <span id="total-count">0</span></span>
   <span id="status"></span>
 </div>
 <canvas id="canvas" width="640" height="360"></canvas>
@@ -82,7 +82,7 @@ async function detect(file) {
   const started = performance.now();
   try {
     const headers = {};
-    if ($("key").value) headers["Authorization"] = "Bearer " + $("key").value;
+    if ($("key") && $("key").value) headers["Authorization"] = "Bearer " + $("key").value;
     const response = await fetch("/v1/detect", {method: "POST", body: file, headers});
     const body = await response.json();
     if (!response.ok) throw new Error(`${response.status}: ${body.error || response.statusText}`);
@@ -115,3 +115,10 @@ drop.addEventListener("drop", (e) => {
 </body>
 </html>
 """
+
+_KEY_FIELD = '  <label>API key <input type="password" id="key" size="16" autocomplete="off"></label>\n'
+
+
+def page_html(require_key: bool) -> str:
+    """The page, with the API-key field only when ``POST /v1/detect`` requires a key."""
+    return PAGE_HTML.replace("<!--api-key-->", _KEY_FIELD if require_key else "")

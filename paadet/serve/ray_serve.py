@@ -12,11 +12,13 @@ Example (on a running cluster, from a node of it)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import threading
 
+from paadet.console import RAY_TOKEN_NOTICE_LOGGER, quieted
 from paadet.runtime.spec import DetectorSpec
 from paadet.serve.settings import ServeSettings
 
@@ -212,7 +214,9 @@ def run_on_ray(
                 PROXY_CALLBACK_ENV,
                 PROXY_CALLBACK,
             )
-    ray.init(address=address, **init_kwargs)
+    # a local instance: Ray's notice that it turned its default token authentication on is not the user's concern
+    with quieted(RAY_TOKEN_NOTICE_LOGGER) if address is None else contextlib.nullcontext():
+        ray.init(address=address, **init_kwargs)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import errno
 import json
 import logging
@@ -232,6 +233,7 @@ def make_server(
     config = uvicorn.Config(
         app,
         log_level=log_level,
+        log_config=log_config(log_level),
         access_log=False,
         timeout_graceful_shutdown=int(settings.timeout_s + settings.read_timeout_s) + 5,
         lifespan="on",
@@ -247,6 +249,25 @@ def make_server(
                 log.info("paadet serve: listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
 
     return Server(config)
+
+
+def log_config(log_level: str) -> dict:
+    """uvicorn's logging configuration plus paadet's loggers at ``log_level``: ``paadet.serve`` (start-up line,
+    errors) on stderr as uvicorn's own log, ``paadet.serve.access`` (a line per request) on stdout as
+    uvicorn's access log."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["paadet"] = {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s %(message)s"}
+    config["handlers"]["paadet_access"] = {
+        "formatter": "paadet",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stdout",
+    }
+    level = log_level.upper()
+    config["loggers"]["paadet.serve"] = {"handlers": ["default"], "level": level, "propagate": False}
+    config["loggers"]["paadet.serve.access"] = {"handlers": ["paadet_access"], "level": level, "propagate": False}
+    return config
 
 
 def run_server(app: Any, sockets: list[socket.socket], settings: ServeSettings, log_level: str) -> bool:

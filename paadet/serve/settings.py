@@ -29,6 +29,7 @@ class ServeSettings:
         workers: threads that check, decode and resize images (never the event loop).
         api_key: when set, ``POST /v1/detect`` needs ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
         retry_after_s: the ``Retry-After`` of a 503.
+        access_log: log one line per request (:class:`paadet.serve.access.AccessLog`, at INFO level).
     """
 
     max_batch: int = 4
@@ -42,6 +43,7 @@ class ServeSettings:
     retry_after_s: int = 1
     read_timeout_s: float = 30.0
     max_connections: int = 512
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         for name in (
