@@ -53,9 +53,10 @@ def predict_sources(
 ):
     """Run ``detector`` over ``sources`` and write the results JSON atomically.
 
-    Returns ``(images done, images skipped, boxes drawn, timer)``. Unreadable files are reported on
-    stderr and skipped; the others' results are still written. On Ctrl-C the results so far are
-    written (atomically) and a line says they are partial, then ``KeyboardInterrupt`` propagates.
+    Returns ``(images done, images skipped, boxes drawn, boxes below vis_score_thr not drawn, timer)``.
+    Unreadable files are reported on stderr and skipped; the others' results are still written. On Ctrl-C the
+    results so far are written (atomically) and a line says they are partial, then ``KeyboardInterrupt``
+    propagates.
     """
     from tqdm import tqdm
 
@@ -65,7 +66,7 @@ def predict_sources(
 
     timer = StageTimer(getattr(detector.backend, "device", None))
     results: dict = {}
-    skipped = drawn = 0
+    skipped = drawn = below = 0
     classes = detector.classes
     loaded = iter_loaded(sources, detector.preset, detector.workers)
     bar = tqdm(total=len(sources), unit="img", disable=not progress, desc="predict")
@@ -81,6 +82,7 @@ def predict_sources(
                 drawn += write_visualisation(
                     sources[item.index], result, vis_targets[item.index], vis_score_thr, classes.names
                 )
+                below += int((result.scores < vis_score_thr).sum())
     except KeyboardInterrupt:
         bar.close()
         atomic_write_json(output, coco_entries(results, sources, classes.category_ids))
@@ -92,7 +94,7 @@ def predict_sources(
         raise
     bar.close()
     atomic_write_json(output, coco_entries(results, sources, classes.category_ids))
-    return len(results), skipped, drawn, timer
+    return len(results), skipped, drawn, below, timer
 
 
 def predict_files(
@@ -106,7 +108,7 @@ def predict_files(
     """:func:`predict_sources` over every image under ``paths``; returns ``(done, skipped, timer)``."""
     sources = list_images(paths)
     targets = check_outputs(sources, output, save_vis)
-    done, skipped, _drawn, timer = predict_sources(sources, output, detector, targets, vis_score_thr, progress)
+    done, skipped, _drawn, _below, timer = predict_sources(sources, output, detector, targets, vis_score_thr, progress)
     return done, skipped, timer
 
 
@@ -116,10 +118,10 @@ def write_visualisation(source: ImageSource, result, target: Path, score_thr: fl
 
     from paadet.data.images import read_image
     from paadet.fileio import atomic_write_bytes
-    from paadet.visualize import draw_detections
+    from paadet.visualize import MIN_CANVAS, draw_detections
 
     image, drawn = draw_detections(
-        read_image(source.path), result.boxes, result.scores, result.labels, score_thr, class_names
+        read_image(source.path), result.boxes, result.scores, result.labels, score_thr, class_names, MIN_CANVAS
     )
     ok, encoded = cv2.imencode(target.suffix if target.suffix else ".jpg", image)
     if not ok:
@@ -240,6 +242,7 @@ class StreamTally:
     videos_done: int = 0
     videos_failed: int = 0
     drawn: int = 0
+    below: int = 0
     timer: Any = None
 
     @property
@@ -308,6 +311,7 @@ def _images_to_lines(
                 tally.drawn += write_visualisation(
                     plan.images[item.index], result, plan.image_targets[item.index], score_thr, detector.classes.names
                 )
+                tally.below += int((result.scores < score_thr).sum())
     finally:
         bar.close()
 
@@ -357,6 +361,7 @@ def _video_to_lines(
                     writer = AnnotatedVideo(target, frame.image.shape[1], frame.image.shape[0], fps)
                 writer.write(drawn)
                 tally.drawn += boxes
+                tally.below += int((result.scores < score_thr).sum())
         tally.videos_done += 1
     except SourceError as exc:
         tally.videos_failed += 1

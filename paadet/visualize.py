@@ -26,9 +26,66 @@ _PARENT = "__"
 """What a ``..`` component of an input's name becomes under the visualisation folder."""
 
 
+MIN_CANVAS = 640
+"""Images whose longer side is shorter than this are drawn enlarged (an integer factor) so that labels can be read."""
+SAME_BOX_IOU = 0.9
+"""Detections whose boxes overlap at least this much share one box and one label (``cat 0.52 | dog 0.31``)."""
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
 def _color(label: int) -> tuple[int, int, int]:
     r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.85, 0.95)
     return int(b * 255), int(g * 255), int(r * 255)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def group_boxes(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, score_thr: float) -> list[list[int]]:
+    """The detections scoring at least ``score_thr``, grouped by box: each group is the indices of detections
+    whose boxes overlap the group's first (highest-scoring) box by :data:`SAME_BOX_IOU` or more, best first."""
+    order = [int(i) for i in np.argsort(-np.asarray(scores), kind="stable") if scores[i] >= score_thr]
+    groups: list[list[int]] = []
+    for i in order:
+        for group in groups:
+            if _iou(boxes[group[0]], boxes[i]) >= SAME_BOX_IOU:
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def place_labels(
+    boxes: Sequence[tuple[int, int, int, int]], sizes: Sequence[tuple[int, int]], width: int, height: int
+) -> list[tuple[int, int, int, int] | None]:
+    """Where each box's label goes (``x1, y1, x2, y2`` of its band), in priority order, so that no two labels
+    overlap: above the box's top-left corner, inside it, below it, then inside its bottom edge; shifted left to
+    stay inside the image. ``None``: no free place (the box is drawn without its label)."""
+    placed: list[tuple[int, int, int, int]] = []
+    out: list[tuple[int, int, int, int] | None] = []
+    for (x1, y1, _x2, y2), (tw, th) in zip(boxes, sizes, strict=True):
+        tx = min(max(x1, 0), max(width - tw, 0))
+        spot = None
+        for top in (y1 - th, y1, y2, y2 - th):
+            top = min(max(top, 0), max(height - th, 0))
+            rect = (tx, top, tx + tw, top + th)
+            if not any(_overlaps(rect, other) for other in placed):
+                spot = rect
+                break
+        if spot is not None:
+            placed.append(spot)
+        out.append(spot)
+    return out
 
 
 def draw_detections(
@@ -38,32 +95,52 @@ def draw_detections(
     labels: np.ndarray,
     score_thr: float = 0.3,
     class_names: Sequence[str] = CLASS_NAMES,
+    min_canvas: int = 0,
 ) -> tuple[np.ndarray, int]:
     """A copy of a BGR ``uint8`` image with labelled boxes (xyxy) for detections scoring at least ``score_thr``.
 
-    Labels are drawn inside the image: above the box where there is room, else inside its top edge,
-    shifted left where the text would run off the right side. Returns the image and the number of boxes drawn.
+    Readable at any size: an image whose longer side is under ``min_canvas`` is enlarged by an integer factor
+    (boxes with it; 0 keeps the size, as a video's frames need); line width and font grow with the canvas;
+    detections that share a box (:data:`SAME_BOX_IOU`) get one box and one label listing their classes; labels
+    never cover each other (:func:`place_labels`: a label with no free place is left out, its box drawn).
+    Returns the image and the number of detections drawn.
     """
-    out = image.copy()
+    height, width = image.shape[:2]
+    factor = max(1, -(-min_canvas // max(height, width, 1))) if min_canvas else 1
+    out = (
+        cv2.resize(image, (width * factor, height * factor), interpolation=cv2.INTER_LINEAR)
+        if factor > 1
+        else image.copy()
+    )
     height, width = out.shape[:2]
-    thickness = max(1, round(max(height, width) / 500))
-    drawn = 0
-    for box, score, label in zip(boxes, scores, labels, strict=False):
-        if score < score_thr:
-            continue
-        x1, y1, x2, y2 = (round(float(v)) for v in box)
-        color = _color(int(label))
+    side = max(height, width)
+    thickness = max(1, round(side / 500))
+    font_scale = max(0.45, side / 2000)
+    font_thickness = max(1, round(font_scale * 1.5))
+    groups = group_boxes(boxes, scores, labels, score_thr)
+    rects, texts, colors, sizes = [], [], [], []
+    for group in groups:
+        x1, y1, x2, y2 = (round(float(v) * factor) for v in boxes[group[0]])
+        names = []
+        for i in group[:3]:
+            label = int(labels[i])
+            name = class_names[label] if 0 <= label < len(class_names) else str(label)
+            names.append(f"{name} {float(scores[i]):.2f}")
+        text = " | ".join(names) + (f" +{len(group) - 3}" if len(group) > 3 else "")
+        (tw, th), base = cv2.getTextSize(text, _FONT, font_scale, font_thickness)
+        rects.append((x1, y1, x2, y2))
+        texts.append((text, th))
+        colors.append(_color(int(labels[group[0]])))
+        sizes.append((tw + 4, th + base + 4))
+    for (x1, y1, x2, y2), color in zip(rects, colors, strict=True):
         cv2.rectangle(out, (x1, y1), (x2, y2), color, thickness)
-        name = class_names[int(label)] if 0 <= int(label) < len(class_names) else str(int(label))
-        text = f"{name} {score:.2f}"
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
-        tx = min(max(x1, 0), max(width - tw, 0))
-        ty = y1 if y1 - th - base >= 0 else max(y1, 0) + th + base  # bottom of the label band
-        ty = min(ty, height)
-        cv2.rectangle(out, (tx, ty - th - base), (tx + tw, ty), color, -1)
-        cv2.putText(out, text, (tx, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-        drawn += 1
-    return out, drawn
+    for spot, (text, th), color in zip(place_labels(rects, sizes, width, height), texts, colors, strict=True):
+        if spot is None:
+            continue
+        lx1, ly1, lx2, ly2 = spot
+        cv2.rectangle(out, (lx1, ly1), (lx2, ly2), color, -1)
+        cv2.putText(out, text, (lx1 + 2, ly1 + 2 + th), _FONT, font_scale, (0, 0, 0), font_thickness, cv2.LINE_AA)
+    return out, sum(len(group) for group in groups)
 
 
 def safe_relative(name: str) -> PurePosixPath:

@@ -74,7 +74,8 @@ def test_results_json_is_coco_format(run_dir: dict) -> None:
 def test_visualisations_are_written(run_dir: dict) -> None:
     drawn = sorted(p.relative_to(run_dir["vis"]).as_posix() for p in run_dir["vis"].rglob("*") if p.is_file())
     assert drawn == ["a.png", "nested/b.jpg"]  # each drawn copy keeps its input's name and format
-    assert cv2.imread(str(run_dir["vis"] / "a.png")).shape == (300, 400, 3)
+    # a 400x300 image is drawn at 2x, the first whole factor that reaches 640 px (readable labels)
+    assert cv2.imread(str(run_dir["vis"] / "a.png")).shape == (600, 800, 3)
 
 
 def test_file_given_directly_keeps_its_name(tmp_path: Path, checkpoint: Path) -> None:

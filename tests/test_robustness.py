@@ -383,6 +383,37 @@ def test_labels_stay_inside_the_image_and_boxes_are_counted() -> None:
     assert out.shape == image.shape and out[0:12, 30:80].any()  # the top-right label was shifted left, still inside
 
 
+def test_small_images_are_drawn_enlarged_with_one_label_per_box_and_no_label_over_another() -> None:
+    """A crowded 160 px image, as a weak model draws it (each box under three classes): an enlarged canvas,
+    the three classes of a box in one label, no two labels overlapping, every label inside the image."""
+    from paadet.visualize import MIN_CANVAS, group_boxes, place_labels
+
+    rng = np.random.default_rng(0)
+    boxes, scores, labels = [], [], []
+    for _ in range(12):
+        x, y = rng.integers(0, 110, 2)
+        w, h = rng.integers(20, 50, 2)
+        for c in range(3):
+            boxes.append([x, y, x + w, y + h])
+            scores.append(0.3 + 0.2 * rng.random())
+            labels.append(c)
+    boxes, scores, labels = np.array(boxes, float), np.array(scores), np.array(labels)
+    image = np.zeros((120, 160, 3), np.uint8)
+    out, drawn = draw_detections(image, boxes, scores, labels, 0.3, ["a", "b", "c"], MIN_CANVAS)
+    assert out.shape == (480, 640, 3) and drawn == 36  # enlarged 4x to reach 640 px
+    groups = group_boxes(boxes, scores, labels, 0.3)
+    assert len(groups) == 12 and all(len(g) == 3 for g in groups)
+    rects = [tuple(int(v) * 4 for v in boxes[g[0]]) for g in groups]
+    spots = [s for s in place_labels(rects, [(150, 20)] * 12, 640, 480) if s is not None]
+    assert len(spots) >= 9  # almost every label finds a free place
+    assert all(x1 >= 0 and y1 >= 0 and x2 <= 640 and y2 <= 480 for x1, y1, x2, y2 in spots)
+    for i, a in enumerate(spots):
+        for b in spots[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    same, _ = draw_detections(image, boxes, scores, labels, 0.3, ["a", "b", "c"])  # a video frame: its own size
+    assert same.shape == image.shape
+
+
 def test_save_vis_reports_how_many_boxes_it_drew(tmp_path: Path, checkpoint: Path, capsys) -> None:
     image = _image(tmp_path / "a.jpg", 1)
     assert (
@@ -405,7 +436,7 @@ def test_save_vis_reports_how_many_boxes_it_drew(tmp_path: Path, checkpoint: Pat
         )
         == 0
     )
-    assert re.search(r"drew \d+ boxes \(score >= 0\) on 1 images under", capsys.readouterr().out)
+    assert re.search(r"drew \d+ boxes \(score >= 0; 0 below it not drawn\) on 1 images under", capsys.readouterr().out)
 
 
 def _readme_commands() -> list[str]:

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     sources, targets = plan.images, plan.image_targets
     detector = Detector.from_spec(spec)
     start = time.perf_counter()
-    done, skipped, drawn, timer = predict_sources(
+    done, skipped, drawn, below, timer = predict_sources(
         sources,
         args.output,
         detector,
@@ -84,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
         f"{timer.summary(done)}{overlap}; wrote {args.output}"
     )
     if targets is not None:
-        print(f"drew {drawn} boxes (score >= {args.vis_score_thr:g}) on {done} images under {args.save_vis}")
+        print(
+            f"drew {drawn} boxes (score >= {args.vis_score_thr:g}; {below} below it not drawn) on {done} images "
+            f"under {args.save_vis}"
+        )
     return 1 if skipped else 0
 
 
@@ -115,5 +118,8 @@ def _run_jsonl(args: argparse.Namespace, plan, detector) -> int:
         f"wrote {tally.processed} lines to {args.output}"
     )
     if args.save_vis is not None:
-        print(f"drew {tally.drawn} boxes (score >= {args.vis_score_thr:g}) under {args.save_vis}")
+        print(
+            f"drew {tally.drawn} boxes (score >= {args.vis_score_thr:g}; {tally.below} below it not drawn) "
+            f"under {args.save_vis}"
+        )
     return 1 if skipped else 0
