@@ -1,5 +1,5 @@
-"""The house rules of ARCHITECTURE.md that a test can hold: small modules that say what they own, a base layer that
-loads without torch, no test hooks in the package, and docs that name only files that exist."""
+"""The house rules of docs/architecture.md that a test can hold: small modules that say what they own, a base layer
+that loads without torch, no test hooks in the package, and docs that name only files that exist."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ score voting inside) at a /32 preset of at most 96x128 and a static 64x64 one wi
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import cv2
@@ -27,7 +28,7 @@ from paadet.model import PAANet
 from paadet.model.seeded import seeded_net
 from paadet.preprocess import Preset, resize
 from paadet.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from paadet.runtime.openvino_backend import OpenVinoBackend, OpenVinoModelError, import_openvino
+from paadet.runtime.openvino_backend import OpenVinoBackend, OpenVinoModelError, import_openvino, shared_core
 from paadet.runtime.torch_backend import TorchBackend
 
 DIV32 = Preset("div32", (128, 96), size_divisor=32)
@@ -111,8 +112,7 @@ def test_f32_equals_onnxruntime_and_torch(ov_f32, dynamic_graph, net, images):
 
 
 def test_bf16_runs_and_says_so(dynamic_graph, images):
-    ov = import_openvino()
-    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    caps = shared_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if "BF16" not in caps:
         with pytest.raises(OpenVinoModelError) as err:
             OpenVinoBackend.from_file(dynamic_graph, precision="bf16")
@@ -152,7 +152,7 @@ def test_static_graph(static_graph, dynamic_graph, images):
 def test_ir_file_and_shape_cache(ov_f32, dynamic_graph, images, tmp_path):
     ov = import_openvino()
     xml = tmp_path / "dynamic.xml"
-    ov.save_model(ov.Core().read_model(str(dynamic_graph)), str(xml), compress_to_fp16=False)
+    ov.save_model(shared_core().read_model(str(dynamic_graph)), str(xml), compress_to_fp16=False)
     from_ir = OpenVinoBackend.from_file(xml, shape_cache=2)
     assert from_ir.preset == DIV32 and from_ir.describe()["shapes"] == "compiled per input shape, 2 kept"
     from paadet import DetectorSpec
@@ -329,3 +329,34 @@ def test_streams_run_batches_at_once_with_the_same_detections(ov_f32, dynamic_gr
     assert main(["serve", "--backend", "openvino", "--model", str(dynamic_graph), "--streams", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--streams is for predict, eval and batch" in err
+
+
+SIGNAL_AFTER_TWO_BACKENDS = """
+import gc, os, signal, sys
+from paadet.runtime.openvino_backend import OpenVinoBackend
+first = OpenVinoBackend.from_file(sys.argv[1])
+second = OpenVinoBackend.from_file(sys.argv[1])
+del first  # freed before the one made after it
+gc.collect()
+del second
+gc.collect()
+handled = []
+signal.signal(signal.SIGUSR1, lambda signum, frame: handled.append(signum))
+os.kill(os.getpid(), signal.SIGUSR1)  # a Python handler runs on the thread's alternate signal stack
+print("handled", len(handled))
+"""
+
+
+def test_backends_freed_in_any_order_leave_signals_working(dynamic_graph):
+    """OpenVINO's CPU plugin gives the loading thread an alternate signal stack per ``Core`` and, when freed,
+    restores the one it found; two backends with their own ``Core`` freed first-made-first left the stack on
+    unmapped memory, and the next handled signal (Ctrl-C, SIGTERM, a child's exit) was a SIGSEGV. paadet keeps
+    one ``Core`` for the process (``shared_core``)."""
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AFTER_TWO_BACKENDS, str(dynamic_graph)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.split() == ["handled", "1"]

@@ -1,8 +1,8 @@
 """Write docs/cli.md: every flag of every ``paadet`` command, generated from the parsers themselves.
 
 Usage: ``python tools/gen_cli_docs.py`` (rewrites docs/cli.md) or ``python tools/gen_cli_docs.py --check`` (exit 1 when
-the file is stale; ``tests/test_docs.py`` runs that check). The help texts are argparse's, so the page is what
-``paadet COMMAND --help`` prints, in tables.
+the file is stale; ``test_cli_reference_is_up_to_date`` in ``tests/test_layout.py`` runs that check). The help texts
+are argparse's, so the page is what ``paadet COMMAND --help`` prints, in tables.
 """
 
 from __future__ import annotations

@@ -51,6 +51,28 @@ INSTALL_HINT = 'pip install "paadet[openvino]"'
 IR_SUFFIXES = (".xml",)
 
 
+_CORE = None
+_CORE_LOCK = threading.Lock()
+
+
+def shared_core():
+    """The process's one ``openvino.Core``: every model paadet reads or compiles goes through it.
+
+    One, not one per backend, because OpenVINO's CPU plugin (2022.2 and later, for AMX) gives the thread that
+    loads it an alternate signal stack, and each plugin instance (one per ``Core``) takes that stack away again
+    when it is destroyed, restoring the stack it saw when it was created. Two ``Core`` objects freed in the order
+    they were made in (A, B, then A freed before B) leave the thread's alternate stack pointing at A's unmapped
+    memory, and the next signal with a Python handler (Ctrl-C, SIGTERM, SIGCHLD) kills the process with
+    SIGSEGV. With one ``Core``, kept for the life of the process, that cannot happen; the plugin is also loaded
+    once.
+    """
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            _CORE = import_openvino().Core()
+        return _CORE
+
+
 def _omp_threads() -> int | None:
     """``OMP_NUM_THREADS`` as a thread count (torch's rule too), or None when unset or not a positive int."""
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
@@ -91,14 +113,14 @@ def read_model(path: str | os.PathLike, core=None):
     A file that is not an IR ``.xml`` is read by OpenVINO's ONNX front end alone (``Core.read_model`` would
     try its other front ends on a file that is not ONNX, and TensorFlow's prints parse errors), once: the
     export's metadata comes from the model's ``rt_info``, so the file is not parsed a second time by
-    ``onnx`` (a quarter of a second for R50-FPN's 130 MB). ``core`` (default: a new ``openvino.Core``) reads
+    ``onnx`` (a quarter of a second for R50-FPN's 130 MB). ``core`` (default: :func:`shared_core`) reads
     IR files; the ONNX front end needs none.
 
     Raises:
         PaadetError: OpenVINO is not installed.
         ExportFormatError: a missing file, one OpenVINO cannot read, or not a paadet export.
     """
-    ov = import_openvino()
+    import_openvino()  # one line naming the extra when OpenVINO is missing
     path = os.fspath(path)
     if not Path(path).is_file():
         raise ExportFormatError(f"{path}: model file not found")
@@ -106,7 +128,7 @@ def read_model(path: str | os.PathLike, core=None):
     kind = "an OpenVINO IR" if is_ir else "an ONNX model"
     try:
         if is_ir:
-            model = (core or ov.Core()).read_model(path)
+            model = (core or shared_core()).read_model(path)
         else:
             from openvino.frontend import FrontEndManager
 
@@ -204,9 +226,8 @@ class OpenVinoBackend(ExportedGraphBackend):
             OpenVinoModelError: a preset that does not fit the graph, bf16 on a CPU without it, or a graph
                 OpenVINO cannot compile.
         """
-        ov = import_openvino()
         path = os.fspath(path)
-        core = ov.Core()
+        core = shared_core()
         model, info = read_model(path, core)
         preset = check_graph_preset(path, info, preset, OpenVinoModelError)
         return cls(
