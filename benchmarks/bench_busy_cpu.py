@@ -9,10 +9,9 @@ their ratio (loaded / alone).
 
 Modes (``--modes``):
 
-* ``torch-gomp-default``: the torch backend with GNU OpenMP's default waiting policy (threads spin at every
-  barrier before they sleep), which is how paadet ran before it chose one: torch is imported before paadet, so
-  paadet's choice (``paadet/__init__.py``) is not applied;
-* ``torch``: the torch backend as paadet runs it;
+* ``torch``: the torch backend as paadet runs it (GNU OpenMP's default waiting policy unless the environment
+  sets one: a thread that reaches the end of a parallel region spins before it sleeps);
+* ``torch-passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once);
 * ``torch-1-thread``: the torch backend with ``OMP_NUM_THREADS=1``;
 * ``onnxruntime``: the exported graph (exported once at the start) on ONNX Runtime.
 
@@ -33,19 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("torch-gomp-default", "torch", "torch-1-thread", "onnxruntime")
+MODES = ("torch", "torch-passive", "torch-1-thread", "onnxruntime")
 COMPETITORS = {
     "spin": "while True: pass",
-    "torch": (
-        "import torch\ntorch.set_num_threads(1)\na = torch.randn(256, 256)\nwhile True:\n    a = (a @ a).tanh()"
-    ),
+    "torch": ("import torch\ntorch.set_num_threads(1)\na = torch.randn(256, 256)\nwhile True:\n    a = (a @ a).tanh()"),
 }
 
 
 def worker(mode: str, folder: Path, seconds: float) -> dict:
     """Time ``Detector.predict`` on one image at a time for ``seconds`` in this process; ms per image."""
-    if mode == "torch-gomp-default":
-        import torch  # noqa: F401  (before paadet: OpenMP reads its settings once, when torch loads it)
     from paadet.data.synthetic import synthetic_image
     from paadet.detector import Detector
     from paadet.runtime.spec import DetectorSpec
@@ -77,6 +72,8 @@ def worker(mode: str, folder: Path, seconds: float) -> dict:
 def run_worker(mode: str, folder: Path, seconds: float, competitor: str | None) -> dict:
     """One figure in a fresh process, with ``competitor`` (a key of :data:`COMPETITORS`) running beside it."""
     env = dict(os.environ)
+    if mode == "torch-passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     if mode == "torch-1-thread":
         env["OMP_NUM_THREADS"] = "1"
     rival = None
