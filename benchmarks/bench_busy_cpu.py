@@ -9,9 +9,11 @@ their ratio (loaded / alone).
 
 Modes (``--modes``):
 
-* ``torch``: the torch backend as paadet runs it (GNU OpenMP's default waiting policy unless the environment
-  sets one: a thread that reaches the end of a parallel region spins before it sleeps);
-* ``torch-passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once);
+* ``torch``: the torch backend as ``paadet``'s commands run it: :func:`paadet.cpu.choose_openmp_wait_policy` looks
+  at the load when the process starts, before torch loads (passive when other processes keep half a core busy);
+* ``torch-spin``: GNU OpenMP's default waiting policy whatever the load (a thread that reaches the end of a
+  parallel region spins before it sleeps), as paadet ran before it chose;
+* ``torch-passive``: ``OMP_WAIT_POLICY=PASSIVE`` whatever the load (waiting threads sleep at once);
 * ``torch-1-thread``: the torch backend with ``OMP_NUM_THREADS=1``;
 * ``onnxruntime``: the exported graph (exported once at the start) on ONNX Runtime.
 
@@ -32,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("torch", "torch-passive", "torch-1-thread", "onnxruntime")
+MODES = ("torch", "torch-spin", "torch-passive", "torch-1-thread", "onnxruntime")
 COMPETITORS = {
     "spin": "while True: pass",
     "torch": ("import torch\ntorch.set_num_threads(1)\na = torch.randn(256, 256)\nwhile True:\n    a = (a @ a).tanh()"),
@@ -41,6 +43,10 @@ COMPETITORS = {
 
 def worker(mode: str, folder: Path, seconds: float) -> dict:
     """Time ``Detector.predict`` on one image at a time for ``seconds`` in this process; ms per image."""
+    if mode == "torch":
+        from paadet.cpu import choose_openmp_wait_policy
+
+        choose_openmp_wait_policy()  # as the command line does, before torch loads
     from paadet.data.synthetic import synthetic_image
     from paadet.detector import Detector
     from paadet.runtime.spec import DetectorSpec
@@ -72,6 +78,8 @@ def worker(mode: str, folder: Path, seconds: float) -> dict:
 def run_worker(mode: str, folder: Path, seconds: float, competitor: str | None) -> dict:
     """One figure in a fresh process, with ``competitor`` (a key of :data:`COMPETITORS`) running beside it."""
     env = dict(os.environ)
+    if mode in ("torch", "torch-spin"):
+        env.pop("OMP_WAIT_POLICY", None)
     if mode == "torch-passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     if mode == "torch-1-thread":
@@ -79,6 +87,7 @@ def run_worker(mode: str, folder: Path, seconds: float, competitor: str | None) 
     rival = None
     if competitor is not None:
         rival = subprocess.Popen([sys.executable, "-c", COMPETITORS[competitor]])
+        time.sleep(0.5)  # running before the measured process starts, as a job already on the machine
     try:
         cmd = [sys.executable, __file__, "--worker", mode, "--folder", str(folder), "--seconds", str(seconds)]
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout

@@ -29,6 +29,10 @@ COMMANDS: dict[str, str] = {
 }
 """Every sub-command and its one-line help (the module ``paadet.commands.<name>`` implements it)."""
 
+NO_TORCH_THREADS = frozenset({"data", "models"})
+"""The commands that run no torch: the others look at the CPU's load before torch loads
+(:func:`paadet.cpu.choose_openmp_wait_policy`)."""
+
 
 def _command_in(argv: list[str]) -> str | None:
     """The sub-command named by ``argv`` (its first argument that is not an option), if it is one of ours."""
@@ -86,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command not in NO_TORCH_THREADS:
+        from paadet.cpu import choose_openmp_wait_policy
+
+        choose_openmp_wait_policy()  # a tenth of a second; on a busy CPU, torch's threads then wait passively
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "paadet"
-BASE_LAYER = ("errors", "console", "fileio", "classes", "preprocess", "detections", "version", "zoo")
+BASE_LAYER = ("errors", "console", "fileio", "classes", "preprocess", "detections", "version", "zoo", "cpu")
 
 
 def modules() -> list[Path]:

@@ -34,6 +34,7 @@ def hardware_info(device: str) -> dict[str, Any]:
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": usable,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "OpenMP's default (spin, then sleep)",
         "platform": platform.platform(),
         "gpu": None,
     }
