@@ -4,9 +4,9 @@ policy the command line chooses from that before torch loads.
 torch's CPU threads are GNU OpenMP's. By default a thread that reaches the end of a parallel region spins (about
 300,000 rounds) before it sleeps, waiting for the others. On an idle machine that is the fastest choice. When
 another process shares the cores, the thread it waits for is often descheduled, and the spinning one holds the
-core that thread needs: on the 2-core EPYC beside one busy process, a 160 px image took 3.9x as long as alone
+core that thread needs: on the 2-core EPYC beside one busy process, a 160 px image took 3.6x as long as alone
 (``benchmarks/bench_busy_cpu.py``; docs/benchmarks.md "A busy CPU"). ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once)
-keeps that at 1.3x but costs about a fifth of the idle speed, so ``paadet`` chooses it only when other processes
+keeps that at 1.2x but costs about a fifth of the idle speed, so ``paadet`` chooses it only when other processes
 already keep at least half a core busy when a command starts (:func:`choose_openmp_wait_policy`). OpenMP reads the
 setting once, when torch loads it; a user's own ``OMP_WAIT_POLICY`` always wins.
 """

@@ -12,6 +12,11 @@ import sys
 
 from paadet.data.synthetic import synthetic_image
 
+RAY_NO_METRICS = {"enable_metrics_collection": False}
+"""``_system_config`` for a Ray instance started inside the test process: its metrics are not what the tests check,
+and their export threads outlive ``ray.shutdown()``. (They were first suspected of the suite's SIGSEGV, which was
+OpenVINO's alternate signal stack: ``paadet.runtime.openvino_backend.shared_core``.)"""
+
 # The training fixture of :func:`write_train_fixture` (tools/make_train_golden.py, tests/test_train_golden.py).
 # Categories in file order; their ids are non-contiguous and not sorted, so label i is the i-th category listed.
 TRAIN_FIXTURE_CATEGORIES: tuple[tuple[int, str], ...] = ((7, "kite"), (3, "apple"), (11, "zebra"))

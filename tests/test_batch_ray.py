@@ -16,6 +16,7 @@ import cv2
 import pytest
 import ray
 import torch
+from fixtures import RAY_NO_METRICS
 
 from paadet import DetectorSpec
 from paadet.batch import BatchError, OutputFolder, ShardDone, expand_inputs, read_results, run_batch
@@ -47,17 +48,12 @@ class StopRun(Exception):
     """Raised by a progress callback to stop a run part-way, as a killed driver would."""
 
 
-NO_METRICS = {"enable_metrics_collection": False}
-"""Ray inside the test process without its metrics: their export threads outlive ``ray.shutdown()`` and the
-process died with SIGSEGV later in the suite, each time seconds after one of their export attempts."""
-
-
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray instance for the module: 2 CPUs, no dashboard; shut down at the end."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", _system_config=NO_METRICS)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", _system_config=RAY_NO_METRICS)
     yield ray
     ray.shutdown()
 

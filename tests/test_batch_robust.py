@@ -16,6 +16,7 @@ import cv2
 import pytest
 import ray
 import torch
+from fixtures import RAY_NO_METRICS
 
 import paadet.checkpoint
 from paadet import DetectorSpec, cli
@@ -26,11 +27,6 @@ from paadet.preprocess import Preset
 
 TINY = Preset("tiny", (128, 128), size_divisor=None, fixed_size=(128, 128))
 SIZES = [(100, 140), (128, 96), (90, 200), (150, 150), (64, 120), (200, 130)]
-
-
-NO_METRICS = {"enable_metrics_collection": False}
-"""Ray inside the test process without its metrics: their export threads outlive ``ray.shutdown()`` and the
-process died with SIGSEGV later in the suite, each time seconds after one of their export attempts."""
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +52,7 @@ def ray_local():
     """One local Ray instance for the module: 2 CPUs, no GPU, no dashboard."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR", _system_config=NO_METRICS)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR", _system_config=RAY_NO_METRICS)
     yield ray
     ray.shutdown()
 

@@ -180,8 +180,8 @@ def test_batch_on_a_full_disk_stops_before_ray(data: dict, tmp_path: Path, capsy
 
 
 def test_batch_prints_a_few_unreadable_inputs_then_a_count(data: dict, tmp_path: Path) -> None:
-    """In a process of its own, with the local Ray instance it starts: a Ray driver shut down inside the test
-    process leaves Ray's metrics threads behind, which crashed the process about a minute later (SIGSEGV)."""
+    """In a process of its own, with the local Ray instance that `paadet batch` starts, as a user runs it (no Ray
+    driver's threads left behind in the test process)."""
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"missing/{i:02d}.png\n" for i in range(12)))
     out = tmp_path / "out"

@@ -167,8 +167,8 @@ def test_batch(r101: dict, tmp_path: Path) -> None:
 
     out = tmp_path / "batch"
     argv = ["batch", str(r101["folder"]), "--output-dir", str(out), "--checkpoint", str(r101["checkpoint"])]
-    # in a process of its own: a Ray driver shut down inside the test process leaves Ray's metrics threads
-    # behind, which crashed the process about a minute later (SIGSEGV)
+    # in a process of its own, with the local Ray instance that `paadet batch` starts, as a user runs it (no Ray
+    # driver's threads left behind in the test process)
     done = subprocess.run(
         [sys.executable, "-m", "paadet", *argv, "--num-workers", "1", "--no-progress"],
         capture_output=True,
