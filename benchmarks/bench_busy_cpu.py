@@ -130,7 +130,7 @@ def main() -> None:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    from paadet.bench.system import cpu_model
+    from paadet.cpu import cpu_model
 
     report: dict = {"cpu": cpu_model(), "cores": os.cpu_count(), "competitor": args.competitor, "modes": {}}
     print(f"{report['cpu']}, {report['cores']} cores; competitor: one {args.competitor} process", flush=True)

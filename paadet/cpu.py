@@ -14,11 +14,30 @@ setting once, when torch loads it; a user's own ``OMP_WAIT_POLICY`` always wins.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import time
 
 BUSY_CORES = 0.5
 """Other processes' load, in cores, from which the command line makes OpenMP's threads wait passively."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else :func:`platform.processor`."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def usable_cores() -> int:
+    """How many cores this process may run on (its affinity mask), else the machine's count."""
+    cpus = _usable_cpus()
+    return len(cpus) if cpus else (os.cpu_count() or 1)
 
 
 def _usable_cpus() -> set[int] | None:

@@ -28,7 +28,7 @@ from paadet.batch.weights import weights_identity, weights_stat
 from paadet.errors import one_line
 from paadet.fileio import OutputPathError, atomic_write_json, atomic_write_text, check_output_dir, check_output_file
 from paadet.runtime.registry import with_checkpoint_file, with_explicit_preset
-from paadet.runtime.spec import DetectorSpec
+from paadet.runtime.spec import AUTO, DetectorSpec
 
 ERRORS_PRINTED = 5
 """Unreadable inputs printed as a run finds them; the rest are counted at the end (errors.jsonl lists all)."""
@@ -153,6 +153,12 @@ def run_batch(
     if coco_output is not None and os.path.abspath(coco_output) in {input_key(s) for s in sources}:
         raise OutputPathError(f"{coco_output}: --coco is one of the inputs; refusing to overwrite it")
     spec = with_checkpoint_file(spec.validate())  # a model name: its cached file, downloaded once, on this node
+    if spec.backend == AUTO:  # the export and the choice are made here, on the driver; the workers run the result
+        from paadet.export.auto import resolve_auto
+
+        choice = resolve_auto(spec)
+        _warn(choice.line())
+        spec = choice.spec
     spec = with_explicit_preset(spec)  # a re-run with or without --preset is the same run
     stat = weights_stat(spec.weights_file) if spec.weights_file is not None else None
     weights = weights_identity(spec)

@@ -9,8 +9,6 @@ report (``auto``), and the command prints which backend it chose and why.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,18 +36,12 @@ def available_cpu_candidates(model: str | None = None) -> list[str]:
 
 
 def probe(backends: dict[str, Backend], path: Path, preset: Preset, rounds: int = 2) -> dict[str, float]:
-    """Median milliseconds of ``infer`` on ``path`` (resized by ``preset``) for each backend, after a warm-up."""
+    """Median milliseconds of ``infer`` on ``path`` (resized by ``preset``) for each backend, after a warm-up (the
+    probe of :func:`paadet.export.auto.probe`, on the benchmark's own image)."""
+    from paadet.export.auto import probe as probe_image
+
     image, meta = resize(read_image(path), preset)
-    out = {}
-    for name, backend in backends.items():
-        backend.infer([image], [meta])
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            backend.infer([image], [meta])
-            times.append(1000.0 * (time.perf_counter() - start))
-        out[name] = statistics.median(times)
-    return out
+    return probe_image(backends, image, meta, rounds)
 
 
 def choose_fastest(

@@ -6,19 +6,8 @@ import os
 import platform
 from typing import Any
 
+from paadet.cpu import cpu_model
 from paadet.version import __version__
-
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else :func:`platform.processor`."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def hardware_info(device: str) -> dict[str, Any]:

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paadet.classes import COCO_CLASSES
-from paadet.commands.options import ModelOptions, positive_int, probability
+from paadet.commands.options import ModelOptions, positive_int, probability, resolve_backend
 from paadet.data.coco import LOADERS, VAL2017_ANNOTATIONS, CocoDataset, DatasetError, resolve_layout
 from paadet.errors import PaadetError
 from paadet.fileio import OutputPathError, atomic_write_json, check_output_dir
+from paadet.runtime.spec import AUTO
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -214,6 +215,9 @@ def run_model(
     from paadet.runtime.registry import open_model
 
     dataset = CocoDataset.load(ann_file, image_dir, limit=limit, check_model_categories=False)
+    if spec.backend == AUTO:  # the dataset's own problems first: the first auto run exports and measures
+        dataset.check_images_present()
+        spec = resolve_backend(spec)
     opened, unusable = None, None
     if spec.weights_file is not None:  # read the file once, now; the official checkpoint (COCO's 80) is read later
         try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paadet.preprocess import PRESETS
-from paadet.runtime.spec import BACKEND_NAMES, TORCH, DetectorSpec, TorchOptions
+from paadet.runtime.spec import AUTO, BACKEND_NAMES, TORCH, DetectorSpec, TorchOptions
 from paadet.runtime.tta import DEFAULT_SCALES, TTAOptions, format_scales, parse_scales
 
 
@@ -40,9 +40,11 @@ class ModelOptions:
         g = parser.add_argument_group("model")
         g.add_argument(
             "--backend",
-            choices=BACKEND_NAMES,
+            choices=(*BACKEND_NAMES, AUTO),
             default=TORCH,
-            help='runtime (default: torch; openvino needs `pip install "paadet[openvino]"`)',
+            help="runtime (default: torch, the one that matches mmdetection exactly; openvino needs `pip install "
+            '"paadet[openvino]"`); auto: the fastest here at fp32, measured once: the checkpoint is exported to the '
+            "cache folder (keyed by its SHA-256) and checked, the choice remembered (docs/predict.md)",
         )
         g.add_argument(
             "--checkpoint",
@@ -119,6 +121,19 @@ class ModelOptions:
         return spec_from_args(
             args, default_preset=self.default_preset, default_batch=self.default_batch, **overrides
         ).validate()
+
+
+def resolve_backend(spec: DetectorSpec) -> DetectorSpec:
+    """``--backend auto`` resolved to a backend (:func:`paadet.export.auto.resolve_auto`: the first run exports and
+    measures), its one line printed on stderr; any other spec unchanged."""
+    if spec.backend != AUTO:
+        return spec
+    from paadet.console import stderr
+    from paadet.export.auto import resolve_auto
+
+    choice = resolve_auto(spec)
+    stderr(choice.line())
+    return choice.spec
 
 
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(DetectorSpec) if f.name not in ("cuda", "score_voting", "tta"))

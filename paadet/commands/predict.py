@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from paadet.commands.options import ModelOptions, positive_int, probability
+from paadet.commands.options import ModelOptions, positive_int, probability, resolve_backend
 
 MODEL = ModelOptions()
 
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = MODEL.spec(args)
     plan = plan_inputs(args.paths, args.output, args.save_vis)
+    spec = resolve_backend(spec)  # --backend auto: after the inputs and outputs are checked
     if plan.jsonl:
         return _run_jsonl(args, plan, Detector.from_spec(spec))
     sources, targets = plan.images, plan.image_targets

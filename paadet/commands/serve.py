@@ -10,7 +10,7 @@ import signal
 import starlette  # noqa: F401  (a missing [serve] extra is reported by `paadet serve` in one line)
 import uvicorn  # noqa: F401
 
-from paadet.commands.options import ModelOptions, nonnegative_float, positive_float, positive_int
+from paadet.commands.options import ModelOptions, nonnegative_float, positive_float, positive_int, resolve_backend
 
 API_KEY_ENV = "PAADET_API_KEY"
 MODEL = ModelOptions()
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         access_log=args.access_log,
     )
-    spec = MODEL.spec(args, batch_size=args.batch_size or args.max_batch)
+    spec = resolve_backend(MODEL.spec(args, batch_size=args.batch_size or args.max_batch))
     if args.ray is not None:
         from paadet.serve.ray_serve import run_on_ray
 

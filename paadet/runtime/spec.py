@@ -25,7 +25,8 @@ BACKEND_NAMES: tuple[str, ...] = (TORCH, ONNXRUNTIME, OPENVINO)
 GRAPH_BACKENDS: tuple[str, ...] = (ONNXRUNTIME, OPENVINO)
 """The backends that run a graph made by ``paadet export`` (``--model``) rather than a checkpoint."""
 AUTO = "auto"
-"""``paadet bench --backend auto``: the fastest backend here, chosen by measuring."""
+"""``--backend auto``: the fastest backend here that keeps fp32 detections, chosen by measuring
+(:func:`auto_rule`; the measuring is :mod:`paadet.export.auto`'s, and ``paadet bench``'s own)."""
 TITLES: dict[str, str] = {TORCH: "PyTorch", ONNXRUNTIME: "ONNX Runtime", OPENVINO: "OpenVINO"}
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -135,6 +136,27 @@ OPTIONS: tuple[Option, ...] = (
 """The options only some backends take: one table, read by :meth:`DetectorSpec.validate`."""
 
 
+def auto_rule(spec: DetectorSpec) -> tuple[str | None, str]:
+    """What ``--backend auto`` is left to choose from ``spec``'s other options: ``(backend, why)`` when an option
+    decides it (``--tta`` and ``--bf16`` are the torch backend's, ``--precision`` OpenVINO's...), else ``(None,
+    "")``: the fastest candidate is measured. No file is read.
+    """
+    model = (spec.model or "").lower()
+    if spec.tta is not None:
+        return TORCH, "--tta runs on the torch backend"
+    if spec.bf16 or spec.optimize or spec.cuda.asked():
+        return TORCH, "the options given are the torch backend's"
+    if device_type(spec.device or "cpu") != "cpu":
+        return TORCH, f"--device {spec.device}: the torch backend (the graph runtimes here run on the CPU)"
+    if spec.precision is not None or spec.streams is not None or model.endswith(".xml"):
+        return OPENVINO, "--precision, --streams and an IR .xml are OpenVINO's"
+    if spec.providers is not None:
+        return ONNXRUNTIME, "--providers is ONNX Runtime's"
+    if spec.fp16:
+        return (ONNXRUNTIME, "an fp16 graph: ONNX Runtime") if spec.model else (TORCH, "--fp16: the torch backend")
+    return None, ""
+
+
 def device_type(device: str) -> str:
     """``cuda`` for ``cuda`` / ``cuda:N``, else the text before any ``:`` (no torch needed)."""
     return str(device).split(":")[0].strip().lower()
@@ -191,7 +213,8 @@ class DetectorSpec:
     """Every option of a detector.
 
     Attributes:
-        backend: one of :data:`BACKEND_NAMES`.
+        backend: one of :data:`BACKEND_NAMES`, or :data:`AUTO` until a command resolves it
+            (:func:`paadet.export.auto.resolve_auto`).
         checkpoint: the torch backend's mmdetection checkpoint (None: the official file, from the cache).
         model: the graph from ``paadet export`` that ONNX Runtime or OpenVINO runs (OpenVINO also reads an IR ``.xml``).
         providers: ONNX Runtime's execution providers, comma-separated (None: the best installed).
@@ -263,8 +286,13 @@ class DetectorSpec:
             ValueError: an unknown backend or value, an option of another backend, a combination the backend
                 cannot run.
         """
+        if self.backend == AUTO:  # checked as the backend it will be, or the one a checkpoint / graph first gets
+            forced, _ = auto_rule(self)
+            first = forced or (ONNXRUNTIME if self.model is not None else TORCH)
+            self.replace(backend=first).validate(need_model=False)
+            return self
         if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"unknown backend {self.backend!r}; use {', '.join(BACKEND_NAMES)}")
+            raise ValueError(f"unknown backend {self.backend!r}; use {', '.join((*BACKEND_NAMES, AUTO))}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.streams is not None and self.streams < 1:
