@@ -200,14 +200,25 @@ def test_sigkill_then_resume_is_bit_identical(dataset, reference, tmp_path):
     assert_same_run(reference, out)
 
 
-def test_loss_goes_down_on_a_repeated_batch(tmp_path):
+def test_loss_goes_down_on_a_repeated_batch(tmp_path, capsys):
     ann, images = write_tiny_set(tmp_path / "same", num_images=3, file_names=["one.png"] * 3)
     out = tmp_path / "out"
     summary = train(
         tiny_config(
-            ann, images, out, epochs=1, warmup_iters=0, flip_prob=0.0, shuffle=False, val_ann=ann, val_images=images
+            ann,
+            images,
+            out,
+            epochs=1,
+            warmup_iters=0,
+            flip_prob=0.0,
+            shuffle=False,
+            val_ann=ann,
+            val_images=images,
+            progress=True,
         )
     )
+    bar = capsys.readouterr().err  # the time left is the recent iterations' (paadet.train.eta), not tqdm's
+    assert "epoch 1/1" in bar and "left=" in bar and "<" not in bar.split("epoch 1/1")[-1].split("\n")[0]
     rows = read_rows(out / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and summary.images == 3

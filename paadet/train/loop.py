@@ -50,6 +50,7 @@ from paadet.train.checkpointer import (
 from paadet.train.config import TrainConfig, TrainingError
 from paadet.train.dataset import CocoTrainDataset
 from paadet.train.ddp import DistEnv, Distributed, NullMetrics
+from paadet.train.eta import RecentEta
 from paadet.train.hooks import Hooks, TrainHook
 from paadet.train.loader import TrainBatch, build_train_loader
 from paadet.train.loss import PAALoss
@@ -58,6 +59,9 @@ from paadet.train.plots import PLOT_NAME, plot_metrics
 from paadet.train.schedule import LRSchedule, set_lr
 from paadet.train.signals import StopRequest
 from paadet.train.summary import TrainSummary
+
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+"""The epoch's bar: tqdm's default without its own time left (``left=`` in the postfix is :class:`RecentEta`'s)."""
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -233,7 +237,9 @@ class Trainer:
             disable=not (config.progress and self.dist.is_main),
             dynamic_ncols=True,
             file=sys.stderr,
+            bar_format=BAR_FORMAT,  # tqdm's own time left averages in the slow first iterations: ours is recent
         )
+        eta = RecentEta()
         reached_max = False
         start_batch, start_iteration = state.batch_in_epoch, state.iteration
         self.net.train()
@@ -251,7 +257,9 @@ class Trainer:
                     self._append_row(row)
                     self.summary.seconds += now - tick
                     self.hooks.after_step(self, row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+                    eta.add(row["time"])
+                    left = eta.text(loader.total_batches - state.batch_in_epoch)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", left=left, refresh=False)
                 bar.update(1)
                 last_batch = state.batch_in_epoch == loader.total_batches
                 reached_max = config.max_iters is not None and state.iteration >= config.max_iters
