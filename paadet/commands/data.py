@@ -2,8 +2,9 @@
 
 ``DIR/train/`` and ``DIR/val/`` each get ``annotations.json`` (COCO ``instances``) and ``images/*.jpg``, written by
 :func:`paadet.data.synthetic.generate_split` (every file atomically, the annotation file last). The defaults are
-the data of the quick recipe (docs/standin.md): 128x128 images, 4 classes, objects of 32 to 112 px, few
-distractors. The command prints the ``paadet train`` line that trains the quick recipe on what it wrote.
+the data of the quick recipe (docs/standin.md): 128x128 images, 1 class (circles), objects of 40 to 112 px, up
+to 3 per image, at most 1 distractor. The command prints the ``paadet train`` line that trains the quick recipe on
+what it wrote.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ QUICK_TRAIN_FLAGS = (
     "--weight-decay",
     "0.05",
     "--epochs",
-    "4",
-    "--lr-steps",
     "3",
+    "--lr-steps",
+    "2",
     "--warmup-iters",
     "100",
     "--val-interval",
@@ -94,26 +95,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--classes",
         metavar="K",
         type=class_count,
-        default=4,
-        help=f"classes, the first K shapes, 1 to {SHAPE_COUNT} (default: 4: circle, square, triangle, star)",
+        default=1,
+        help=f"classes, the first K shapes (circle, square, triangle, star, ...), 1 to {SHAPE_COUNT} (default: 1, "
+        "circles)",
     )
     s.add_argument(
         "--object-sizes",
         metavar="MIN,MAX",
         type=size_range,
-        default=(32, 112),
+        default=(40, 112),
         help="object sizes in pixels, log-uniform; MAX at most --size; objects under ~20 px get no anchor "
-        "(default: 32,112)",
+        "(default: 40,112)",
     )
     s.add_argument(
-        "--max-objects", metavar="N", type=positive_int, default=4, help="objects per image: 1 to N (default: 4)"
+        "--max-objects", metavar="N", type=positive_int, default=3, help="objects per image: 1 to N (default: 3)"
     )
     s.add_argument(
         "--clutter",
         metavar="N",
         type=nonnegative_int,
-        default=3,
-        help="distractors per image (lines, dots, arcs, blobs): 0 to N (default: 3)",
+        default=1,
+        help="distractors per image (lines, dots, arcs, blobs): 0 to N (default: 1)",
     )
     s.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every image (default: 0)")
     s.set_defaults(func=run)
