@@ -45,7 +45,7 @@ def test_same_seed_same_files(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--size", "64"], "--object-sizes 32,112: MAX must be at most --size (64)"),
+        (["--size", "64"], "--object-sizes 40,112: MAX must be at most --size (64)"),
         (["--size", "16", "--object-sizes", "8,16"], "--size 16: images must be at least 32 px"),
     ],
 )
