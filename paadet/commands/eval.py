@@ -215,7 +215,8 @@ def run_model(
     from paadet.runtime.registry import open_model
 
     dataset = CocoDataset.load(ann_file, image_dir, limit=limit, check_model_categories=False)
-    if spec.backend == AUTO:  # the dataset's own problems first: the first auto run exports and measures
+    images_checked = spec.backend == AUTO
+    if images_checked:  # the dataset's own problems first: the first auto run exports and measures
         dataset.check_images_present()
         spec = resolve_backend(spec)
     opened, unusable = None, None
@@ -225,7 +226,8 @@ def run_model(
         except PaadetError as exc:  # reported after the dataset's own problems, as the model is built
             unusable = exc
     dataset.check_model_categories(opened.classes if opened is not None else COCO_CLASSES)
-    dataset.check_images_present()
+    if not images_checked:
+        dataset.check_images_present()
     if unusable is not None:
         raise unusable
     if opened is None:

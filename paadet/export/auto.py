@@ -131,6 +131,11 @@ def _read_choices(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _remembered(known: dict[str, Any]) -> tuple[str, dict[str, float]]:
+    """The reason and the candidates' milliseconds of a remembered choice."""
+    return str(known.get("reason", "remembered")), {k: float(v) for k, v in known.get("candidates_ms", {}).items()}
+
+
 def _remember(folder: Path, key: str, choice: AutoChoice) -> None:
     """Add ``choice`` to ``folder/choices.json`` under ``key`` (written atomically; a cache that cannot be written
     costs the next run a measurement, nothing else)."""
@@ -202,8 +207,7 @@ def _choose_runtime(spec: DetectorSpec, cache: Path | None, rounds: int) -> Auto
     key = f"{_graph_key(info.preset, info.batch, info.score_voting)} | {machine_key()}"
     known = _read_choices(folder / CHOICES).get(key)
     if known and known.get("chosen") in candidates:
-        times = {k: float(v) for k, v in known.get("candidates_ms", {}).items()}
-        return AutoChoice(spec.replace(backend=known["chosen"]), str(known.get("reason", "remembered")), times)
+        return AutoChoice(spec.replace(backend=known["chosen"]), *_remembered(known))
     preset = get_preset(spec.preset) if spec.preset is not None else info.preset
     backends = {name: build_backend(spec.replace(backend=name)) for name in candidates}
     image, meta = _probe_image(preset, backends[candidates[0]])
@@ -265,8 +269,7 @@ def _choose_for_checkpoint(spec: DetectorSpec, cache: Path | None, rounds: int) 
     if known and known.get("chosen") in candidates and (known["chosen"] == TORCH or graph.is_file()):
         chosen = known["chosen"]
         run = torch_spec if chosen == TORCH else _graph_spec(spec, chosen, graph)
-        times = {k: float(v) for k, v in known.get("candidates_ms", {}).items()}
-        return AutoChoice(run, str(known.get("reason", "remembered")), times, graph=graph if graph.is_file() else None)
+        return AutoChoice(run, *_remembered(known), graph=graph if graph.is_file() else None)
     return _measure(spec, torch_spec, checkpoint, preset, graph, key, graphs, rounds)
 
 
