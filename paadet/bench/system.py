@@ -6,7 +6,7 @@ import os
 import platform
 from typing import Any
 
-from paadet.cpu import cpu_model
+from paadet.cpu import cpu_model, usable_cores
 from paadet.version import __version__
 
 
@@ -14,14 +14,10 @@ def hardware_info(device: str) -> dict[str, Any]:
     """CPU model and cores, PyTorch's thread count, and the GPU's name when the device is CUDA."""
     import torch
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": usable,
+        "cpu_cores_usable": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "OpenMP's default (spin, then sleep)",
         "platform": platform.platform(),
